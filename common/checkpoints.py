@@ -1,0 +1,98 @@
+"""Saving and loading model files and training checkpoints through the storage layer.
+
+Atomic protocol (a crash never leaves a half-written file that a later run would load):
+serialise to a local temporary file, upload it under a unique key
+(``checkpoints/ckpt-e0005-<uuid>.pt``), then write the small pointer ``checkpoints/latest.json`` last.
+A reader follows the pointer, so it sees either the previous complete checkpoint or the new one.
+
+Everything is read back with ``torch.load(..., weights_only=True)``: only tensors and plain Python
+containers are accepted, so a checkpoint taken from a bucket cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import uuid
+
+from common.errors import BadInputError
+from common.storage import NotFoundError, Storage, open_storage
+
+LATEST = "checkpoints/latest.json"
+
+
+def save_torch(storage: Storage, key: str, obj) -> None:
+    """``torch.save(obj)`` to a local temporary file, then upload it to ``key`` (atomic per key)."""
+    import torch
+
+    fd, tmp = tempfile.mkstemp(suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        storage.upload_file(tmp, key)
+    finally:
+        os.unlink(tmp)
+
+
+def load_torch_bytes(data: bytes, where: str, map_location="cpu"):
+    """Load a torch file from bytes with ``weights_only=True``.
+
+    Raises:
+        BadInputError: the file is not a torch file, or it holds pickled objects other than tensors and
+            plain containers (refused: loading them could execute code).
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BadInputError(
+            f"refused to load {where}: it holds objects that weights_only loading does not allow "
+            f"(only tensors and plain containers are accepted). {first}"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise BadInputError(f"{where} is not a readable torch file ({type(exc).__name__})") from None
+
+
+def load_torch(location: str, map_location="cpu"):
+    """Load the torch file at ``location`` (a local path or ``s3://bucket/key``) with weights_only=True.
+
+    Raises:
+        BadInputError: missing file, unreadable file, or a file holding arbitrary pickled objects.
+    """
+    location = str(location)
+    if location.startswith("s3://"):
+        parent, _, name = location.rstrip("/").rpartition("/")
+        storage, key = open_storage(parent), name
+    else:
+        storage, key = open_storage(os.path.dirname(os.path.abspath(location))), os.path.basename(location)
+    return load_torch_bytes(storage.read_bytes(key), location, map_location)
+
+
+def save_checkpoint(storage: Storage, state: dict, epoch: int) -> str:
+    """Upload ``state`` under a unique key, then point ``checkpoints/latest.json`` at it.
+
+    Returns:
+        The key of the new checkpoint.
+    """
+    key = f"checkpoints/ckpt-e{epoch:04d}-{uuid.uuid4().hex[:12]}.pt"
+    save_torch(storage, key, state)
+    storage.write_text(LATEST, json.dumps({"key": key, "epoch": epoch}))
+    return key
+
+
+def load_latest_checkpoint(storage: Storage, map_location="cpu") -> dict | None:
+    """The checkpoint ``checkpoints/latest.json`` points at, or None when there is none."""
+    try:
+        pointer = json.loads(storage.read_text(LATEST))
+    except NotFoundError:
+        return None
+    except json.JSONDecodeError:
+        raise BadInputError(f"{storage.url(LATEST)} is not valid JSON") from None
+    key = pointer["key"]
+    return load_torch_bytes(storage.read_bytes(key), storage.url(key), map_location)

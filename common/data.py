@@ -1,0 +1,168 @@
+"""The prepared dataset: WebDataset-layout tar shards plus ``manifest.json``.
+
+Layout under a prepared-dataset location::
+
+    manifest.json                  classes, parameters, counts, one record per raw file (written last)
+    train/shard-000000.tar         samples ``<key>.jpg`` (RGB JPEG crop) + ``<key>.cls`` (class index, ASCII)
+    val/shard-000000.tar
+    test/shard-000000.tar
+    unlabeled/shard-000000.tar     optional, ``<key>.jpg`` only (identities not selected as classes)
+
+The tar layout is WebDataset's (https://github.com/webdataset/webdataset): files of one sample share a
+key and sit next to each other, so a split is read with one GET per shard however many images it holds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+
+from common.errors import BadInputError
+from common.storage import NotFoundError, Storage
+
+SPLITS = ("train", "val", "test")
+UNLABELED = "unlabeled"
+MANIFEST = "manifest.json"
+
+
+class ShardWriter:
+    """Writes samples of one split into tar shards of at most ``max_samples`` samples each.
+
+    Each shard is built in a local temporary file and uploaded whole, so a shard in storage is always
+    complete. Use as a context manager.
+    """
+
+    def __init__(self, storage: Storage, split: str, max_samples: int = 5000):
+        if max_samples < 1:
+            raise ValueError("max_samples must be >= 1")
+        self.storage, self.split, self.max_samples = storage, split, max_samples
+        self.shards: list[str] = []
+        self._tar = None
+        self._tmp = None
+        self._count = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._close_shard()
+
+    def _close_shard(self):
+        if self._tar is None:
+            return
+        self._tar.close()
+        key = f"{self.split}/shard-{len(self.shards):06d}.tar"
+        try:
+            self.storage.upload_file(self._tmp, key)
+        finally:
+            os.unlink(self._tmp)
+        self.shards.append(key)
+        self._tar, self._tmp, self._count = None, None, 0
+
+    def write(self, key: str, jpeg: bytes, label: int | None) -> None:
+        """Add one sample: ``key`` (no dots or slashes), JPEG bytes, class index (None: unlabelled)."""
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        if self._tar is None:
+            fd, self._tmp = tempfile.mkstemp(suffix=".tar")
+            os.close(fd)
+            self._tar = tarfile.open(self._tmp, "w")
+        members = [(f"{key}.jpg", jpeg)]
+        if label is not None:
+            members.append((f"{key}.cls", str(int(label)).encode()))
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            info.mode = 0o644
+            self._tar.addfile(info, io.BytesIO(payload))
+        self._count += 1
+        if self._count >= self.max_samples:
+            self._close_shard()
+
+
+def read_manifest(storage: Storage) -> dict:
+    """The prepared dataset's manifest.
+
+    Raises:
+        BadInputError: no manifest (not a prepared dataset, or prepare-data did not finish).
+    """
+    try:
+        return json.loads(storage.read_text(MANIFEST))
+    except NotFoundError:
+        raise BadInputError(
+            f"{storage.url(MANIFEST)} not found: --data must be the output of prepare-data"
+        ) from None
+    except json.JSONDecodeError:
+        raise BadInputError(f"{storage.url(MANIFEST)} is not valid JSON") from None
+
+
+def iter_shard_samples(path: str | os.PathLike):
+    """Yield ``(key, jpeg_bytes, label_or_None)`` from one local tar shard, in file order."""
+    current, jpeg, label = None, None, None
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition(".")
+            if key != current:
+                if current is not None and jpeg is not None:
+                    yield current, jpeg, label
+                current, jpeg, label = key, None, None
+            payload = tar.extractfile(member).read()
+            if ext == "jpg":
+                jpeg = payload
+            elif ext == "cls":
+                label = int(payload.decode().strip())
+        if current is not None and jpeg is not None:
+            yield current, jpeg, label
+
+
+def load_split(storage: Storage, split: str, cache_dir: str | os.PathLike, image_size: int | None = None):
+    """Decode a whole split into memory.
+
+    Shards are copied to ``cache_dir`` first (S3) or read in place (local folders).
+
+    Returns:
+        images: uint8 tensor of shape (N, 3, H, W) (RGB), resized to ``image_size`` when given.
+        labels: int64 tensor of shape (N,), -1 for unlabelled samples.
+
+    Raises:
+        BadInputError: the split has no shards, or a shard cannot be read.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2.functional import resize
+
+    local = Path(storage.sync_to_local(split, Path(cache_dir)))
+    shards = sorted(local.glob("shard-*.tar")) if local.is_dir() else []
+    if not shards:
+        raise BadInputError(f"split {split!r} has no shards under {storage.url(split)}")
+    images, labels = [], []
+    for shard in shards:
+        try:
+            samples = list(iter_shard_samples(shard))
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise BadInputError(f"cannot read shard {shard.name} of split {split!r}: {exc}") from None
+        if not samples:
+            continue
+        data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for _, jpeg, _ in samples]
+        for img in decode_jpeg(data, mode=ImageReadMode.RGB):
+            if image_size is not None and img.shape[-2:] != (image_size, image_size):
+                img = resize(img, [image_size, image_size], antialias=True)
+            images.append(img)
+        labels.extend(-1 if lab is None else lab for _, _, lab in samples)
+    if not images:
+        raise BadInputError(f"split {split!r} under {storage.url(split)} is empty")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def default_cache_dir(location: str) -> Path:
+    """Per-location cache folder under ``$FACESSL_CACHE`` (default ``~/.cache/facessl``)."""
+    import hashlib
+
+    base = Path(os.environ.get("FACESSL_CACHE", Path.home() / ".cache" / "facessl"))
+    return base / hashlib.sha256(location.encode()).hexdigest()[:16]

@@ -1,0 +1,179 @@
+"""Decoding raw photos and finding the face in them (OpenCV Haar cascade).
+
+Stages, each a function:
+    decode_image(data)          bytes -> 8-bit RGB PIL image, or SkipImage(reason)
+    detect_largest_face(img)    RGB image -> (x, y, w, h) of the largest Haar detection, or None
+    crop_face(img, box)         square crop with a margin around the box, resized to ``size`` x ``size``
+    process_photo(data, cfg)    the three above plus the no-face policy; returns a FaceResult
+
+Method: Viola & Jones, "Rapid Object Detection using a Boosted Cascade of Simple Features" (CVPR 2001),
+with OpenCV's pretrained ``haarcascade_frontalface_default.xml``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Let Pillow itself refuse nothing: our own pixel limit below applies before decoding.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class SkipImage(Exception):
+    """A raw file that cannot become a crop; ``str(exc)`` is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Face detection and crop parameters.
+
+    Attributes:
+        scale_factor: Haar pyramid step (>1).
+        min_neighbors: detections a candidate needs to be kept (higher: fewer false positives).
+        min_face: smallest face side in pixels.
+        margin: crop margin around the box, as a fraction of the box side on each side.
+        image_size: side in pixels of the square output crop.
+        on_no_face: "skip" (record a skip) or "keep-full" (use the whole photo, centre-cropped square).
+        max_pixels: photos with more pixels are refused before decoding (bounded memory).
+    """
+
+    scale_factor: float = 1.1
+    min_neighbors: int = 5
+    min_face: int = 30
+    margin: float = 0.2
+    image_size: int = 224
+    on_no_face: str = "skip"
+    max_pixels: int = 50_000_000
+
+
+@dataclass
+class FaceResult:
+    """One processed photo: a JPEG crop and its box, or a skip reason."""
+
+    crop_jpeg: bytes | None
+    box: tuple[int, int, int, int] | None
+    reason: str | None = None
+
+
+def decode_image(data: bytes, max_pixels: int = DetectConfig.max_pixels) -> Image.Image:
+    """Decode ``data`` to an 8-bit RGB image with EXIF orientation applied.
+
+    Handles CMYK, alpha (composited on white), palette, grayscale, 16-bit and float images, and takes the
+    first frame of animations.
+
+    Raises:
+        SkipImage: empty file, not an image, too many pixels, truncated or corrupt data.
+    """
+    if not data:
+        raise SkipImage("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise SkipImage("not an image (unrecognised format)") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on garbage
+        raise SkipImage(f"unreadable image ({type(exc).__name__})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise SkipImage(f"too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+    if width < 1 or height < 1:
+        raise SkipImage("image has no pixels")
+    try:
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb8(img)
+    except SkipImage:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        detail = "truncated" if "truncated" in str(exc).lower() else type(exc).__name__
+        raise SkipImage(f"corrupt or truncated image ({detail})") from None
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB":
+        return img
+    rgb = img.convert("RGB")
+    if rgb.mode != "RGB":
+        raise SkipImage(f"unsupported colour mode {mode}")
+    return rgb
+
+
+_CASCADES: dict[str, object] = {}
+
+
+def _cascade(name: str = "haarcascade_frontalface_default.xml"):
+    import cv2
+
+    if name not in _CASCADES:
+        cascade = cv2.CascadeClassifier(cv2.data.haarcascades + name)
+        if cascade.empty():
+            raise RuntimeError(f"OpenCV cascade {name} could not be loaded from {cv2.data.haarcascades}")
+        _CASCADES[name] = cascade
+    return _CASCADES[name]
+
+
+def detect_largest_face(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> tuple[int, int, int, int] | None:
+    """The largest face found by the frontal-face Haar cascade, as ``(x, y, w, h)`` in pixels, or None.
+
+    Only the largest detection is kept: the other faces in a photo are usually other people.
+    """
+    import cv2
+
+    gray = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2GRAY)
+    faces = _cascade().detectMultiScale(
+        gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(cfg.min_face, cfg.min_face)
+    )
+    if len(faces) == 0:
+        return None
+    x, y, w, h = max((tuple(int(v) for v in f) for f in faces), key=lambda b: b[2] * b[3])
+    return x, y, w, h
+
+
+def crop_face(img: Image.Image, box: tuple[int, int, int, int] | None, margin: float, size: int) -> Image.Image:
+    """Square crop centred on ``box`` with ``margin`` (fraction of the box side) added on each side,
+    resized to ``size`` x ``size``. Parts outside the photo are filled with black. ``box=None`` takes
+    the largest centred square of the whole photo."""
+    if box is None:
+        side = min(img.size)
+        cx, cy = img.size[0] / 2, img.size[1] / 2
+    else:
+        x, y, w, h = box
+        side = max(w, h) * (1 + 2 * margin)
+        cx, cy = x + w / 2, y + h / 2
+    left, top = round(cx - side / 2), round(cy - side / 2)
+    square = img.crop((left, top, left + round(side), top + round(side)))
+    return square.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def process_photo(data: bytes, cfg: DetectConfig) -> FaceResult:
+    """Decode, detect, crop: a JPEG crop of the largest face, or a skip reason."""
+    try:
+        img = decode_image(data, cfg.max_pixels)
+    except SkipImage as exc:
+        return FaceResult(None, None, str(exc))
+    box = detect_largest_face(img, cfg)
+    if box is None and cfg.on_no_face != "keep-full":
+        return FaceResult(None, None, "no face detected")
+    return FaceResult(encode_jpeg(crop_face(img, box, cfg.margin, cfg.image_size)), box)

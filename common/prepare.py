@@ -1,0 +1,258 @@
+"""prepare-data: raw photo folders (one per identity) -> face crops -> stratified split -> shards + manifest.
+
+Stages, in order (``prepare_dataset`` runs them):
+    1. list_raw_files       every file under the input, hidden/system files ignored, sizes checked
+    2. detect (workers)     decode + Haar detection + crop, one worker per core, progress bar
+    3. deduplicate          byte-identical files kept once (the first by path), before splitting
+    4. select_classes       ``--classes`` and/or ``--min-images`` on the number of usable crops
+    5. stratified_split     per identity, per source photo, seeded: 80/10/10 by default
+    6. write                tar shards per split, then ``manifest.json`` last (its presence marks completion)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+
+from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter
+from common.errors import BadInputError
+from common.faces import DetectConfig, process_photo
+from common.storage import Storage, open_storage
+
+IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
+
+
+@dataclass
+class PrepareConfig:
+    """Parameters of prepare-data (recorded in the manifest).
+
+    Attributes:
+        classes: identities to keep (empty: all that pass ``min_images``).
+        min_images: keep identities with at least this many usable (cropped, de-duplicated) photos.
+        ratios: train/val/test fractions, summing to 1.
+        seed: seed of the split.
+        unlabeled_pool: also write crops of the identities not selected as an ``unlabeled`` split.
+        max_file_bytes: raw files larger than this are skipped without being read.
+        shard_size: samples per tar shard.
+        workers: detection processes (0: one per core).
+    """
+
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    classes: tuple[str, ...] = ()
+    min_images: int = 10
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 1337
+    unlabeled_pool: bool = False
+    max_file_bytes: int = 100 * 1024 * 1024
+    shard_size: int = 5000
+    workers: int = 0
+
+
+def is_ignored(rel: str) -> bool:
+    """Hidden files/folders (a segment starting with '.'), AppleDouble ``._*`` and OS thumbnails."""
+    parts = rel.split("/")
+    return any(p.startswith(".") for p in parts) or parts[-1].lower() in IGNORED_NAMES
+
+
+def list_raw_files(storage: Storage) -> tuple[list[tuple[str, int]], list[dict]]:
+    """Files of the raw input as ``(relative path, size)``, and records for files that are not in an
+    identity folder (skipped). Raises BadInputError when the input holds nothing."""
+    listing = storage.list()
+    if not listing:
+        raise BadInputError(f"the input {storage.uri} is empty or does not exist")
+    files, skipped = [], []
+    for rel, size in listing.items():
+        if is_ignored(rel):
+            continue
+        if "/" not in rel:
+            skipped.append({"source": rel, "status": "skipped", "reason": "not inside an identity folder"})
+            continue
+        files.append((rel, size))
+    return files, skipped
+
+
+# --- stage 2: workers -------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(location: str, cfg: DetectConfig, max_file_bytes: int):
+    import cv2
+
+    cv2.setNumThreads(1)
+    _WORKER.update(storage=open_storage(location), cfg=cfg, max_file_bytes=max_file_bytes)
+
+
+def _process_one(item: tuple[str, int]) -> dict:
+    rel, size = item
+    record = {"source": rel, "identity": rel.split("/", 1)[0]}
+    if size > _WORKER["max_file_bytes"]:
+        return {**record, "status": "skipped", "reason": f"file too large ({size} bytes)"}
+    try:
+        data = _WORKER["storage"].read_bytes(rel)
+    except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the job
+        return {**record, "status": "skipped", "reason": f"could not read file ({type(exc).__name__})"}
+    record["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
+        result = process_photo(data, _WORKER["cfg"])
+    except Exception as exc:  # noqa: BLE001 - a decoder crash on one file is a skip, not a failed job
+        return {**record, "status": "skipped", "reason": f"could not process image ({type(exc).__name__})"}
+    if result.crop_jpeg is None:
+        return {**record, "status": "skipped", "reason": result.reason}
+    return {**record, "status": "ok", "box": list(result.box) if result.box else None, "crop": result.crop_jpeg}
+
+
+def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) -> list[dict]:
+    """Run decode + detection + crop over ``files`` with a worker per core; records in input order."""
+    from tqdm import tqdm
+
+    workers = cfg.workers or os.cpu_count() or 1
+    initargs = (location, cfg.detect, cfg.max_file_bytes)
+    if workers == 1:
+        _init_worker(*initargs)
+        return [_process_one(f) for f in tqdm(files, desc="detect faces", unit="img")]
+    with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+        it = pool.imap(_process_one, files, chunksize=16)
+        return list(tqdm(it, total=len(files), desc="detect faces", unit="img"))
+
+
+# --- stages 3-5 -------------------------------------------------------------------------------------
+
+def deduplicate(records: list[dict]) -> None:
+    """Mark byte-identical repeats as skipped (in place); the first by path is kept."""
+    first_of: dict[str, str] = {}
+    for rec in sorted(records, key=lambda r: r["source"]):
+        digest = rec.get("sha256")
+        if digest is None:
+            continue
+        if digest in first_of:
+            rec.update(status="skipped", reason=f"duplicate of {first_of[digest]}")
+            rec.pop("crop", None)
+        else:
+            first_of[digest] = rec["source"]
+
+
+def select_classes(records: list[dict], classes: tuple[str, ...], min_images: int) -> list[str]:
+    """Identities kept as classes, sorted: in ``classes`` (when given) and with >= ``min_images`` crops.
+
+    Raises:
+        BadInputError: a requested class has no folder, or no identity qualifies.
+    """
+    counts: dict[str, int] = {}
+    for rec in records:
+        counts.setdefault(rec["identity"], 0)
+        counts[rec["identity"]] += rec["status"] == "ok"
+    if classes:
+        missing = [c for c in classes if c not in counts]
+        if missing:
+            raise BadInputError(f"--classes names identities with no folder in the input: {missing}")
+    wanted = set(classes) if classes else set(counts)
+    kept = sorted(c for c in wanted if counts[c] >= min_images)
+    if not kept:
+        raise BadInputError(
+            f"no identity has at least {min_images} usable images "
+            f"(best: {max(counts.values(), default=0)}); lower --min-images"
+        )
+    return kept
+
+
+def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Train/val/test sizes for ``n`` photos: val and test get ``round(n * ratio)``, at least one each
+    when the ratio is positive and ``n >= 3``; train gets the rest."""
+    _, r_val, r_test = ratios
+    n_val = round(n * r_val)
+    n_test = round(n * r_test)
+    if n >= 3:
+        n_val = max(n_val, 1 if r_val > 0 else 0)
+        n_test = max(n_test, 1 if r_test > 0 else 0)
+    n_val = min(n_val, n)
+    n_test = min(n_test, n - n_val)
+    return n - n_val - n_test, n_val, n_test
+
+
+def stratified_split(records: list[dict], classes: list[str], ratios, seed: int) -> None:
+    """Assign ``record["split"]`` (in place) per identity, per source photo, reproducibly from ``seed``."""
+    by_class: dict[str, list[dict]] = {c: [] for c in classes}
+    for rec in records:
+        if rec["status"] == "ok" and rec["identity"] in by_class:
+            by_class[rec["identity"]].append(rec)
+    for name, recs in by_class.items():
+        recs.sort(key=lambda r: r["source"])
+        random.Random(f"{seed}/{name}").shuffle(recs)
+        n_train, n_val, _ = split_counts(len(recs), ratios)
+        for i, rec in enumerate(recs):
+            rec["split"] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+
+
+# --- orchestration ----------------------------------------------------------------------------------
+
+def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfig, log=print) -> dict:
+    """Run all stages; returns the manifest (also written to ``<output>/manifest.json``)."""
+    if abs(sum(cfg.ratios) - 1.0) > 1e-6 or min(cfg.ratios) < 0:
+        raise BadInputError(f"split ratios must be >= 0 and sum to 1, got {cfg.ratios}")
+    started = time.time()
+    src, dst = open_storage(input_location), open_storage(output_location)
+    files, records_outside = list_raw_files(src)
+    log(f"{len(files)} raw files in {len({f.split('/', 1)[0] for f, _ in files})} identity folders")
+    records = detect_all(src.uri, files, cfg)
+    deduplicate(records)
+    classes = select_classes(records, cfg.classes, cfg.min_images)
+    stratified_split(records, classes, cfg.ratios, cfg.seed)
+    class_index = {c: i for i, c in enumerate(classes)}
+    if cfg.unlabeled_pool:
+        for rec in records:
+            if rec["status"] == "ok" and rec["identity"] not in class_index:
+                rec["split"] = UNLABELED
+
+    counts: dict[str, dict[str, int]] = {}
+    splits = [*SPLITS, UNLABELED] if cfg.unlabeled_pool else list(SPLITS)
+    shards = {}
+    for split in splits:
+        members = [r for r in records if r.get("split") == split]
+        with ShardWriter(dst, split, cfg.shard_size) as writer:
+            for i, rec in enumerate(members):
+                rec["key"] = f"{split}-{i:07d}"
+                writer.write(rec["key"], rec["crop"], class_index.get(rec["identity"]) if split != UNLABELED else None)
+        shards[split] = writer.shards
+        per_class = counts.setdefault(split, {})
+        for rec in members:
+            per_class[rec["identity"]] = per_class.get(rec["identity"], 0) + 1
+
+    for rec in records:
+        rec.pop("crop", None)
+        if rec["status"] == "ok" and "split" not in rec:
+            rec["status"], rec["reason"] = "skipped", "identity not selected"
+    reasons: dict[str, int] = {}
+    for rec in records + records_outside:
+        if rec["status"] == "skipped":
+            reason = "duplicate" if rec["reason"].startswith("duplicate of") else rec["reason"]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    params = asdict(cfg)
+    manifest = {
+        "format": "facessl-prepared/1",
+        "dataset_id": uuid.uuid4().hex,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "input": src.uri if not src.uri.startswith("s3://") else src.uri,
+        "classes": classes,
+        "image_size": cfg.detect.image_size,
+        "params": params,
+        "shards": shards,
+        "counts": {
+            "raw_files": len(files) + len(records_outside),
+            "ok": sum(r.get("split") is not None for r in records),
+            "skipped": sum(reasons.values()),
+            "skip_reasons": reasons,
+            "splits": {s: sum(c.values()) for s, c in counts.items()},
+            "per_class": counts,
+        },
+        "records": sorted(records + records_outside, key=lambda r: r["source"]),
+        "seconds": round(time.time() - started, 1),
+    }
+    dst.write_text(MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
+    return manifest

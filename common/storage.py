@@ -1,0 +1,293 @@
+"""One storage layer for local folders and S3-compatible object stores.
+
+Every job names its input and output as a *location*: a local path (``./runs/x``, ``/data/raw``) or an
+``s3://bucket/prefix`` URI. :func:`open_storage` returns an object with the same calls for both:
+
+    read_bytes / write_bytes / upload_file / download_file / list / exists / sync_to_local
+
+Keys are ``/``-separated paths relative to the location's root. :func:`safe_key` refuses keys that
+would escape the root (``..``, absolute paths, backslashes, NUL), so names taken from user data (identity
+folder names) can never write outside the output prefix.
+
+S3 settings come from the standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``); with a custom endpoint
+(MinIO, moto, Ceph...) path-style addressing is used. Retries use botocore's ``standard`` mode and
+files above 8 MiB go up as multipart uploads (boto3's transfer manager). Error messages carry the
+URI and the S3 error code, never credentials.
+
+Writes are atomic: a local file is written to a temporary name in the same folder and renamed; an S3
+object becomes visible only when its PUT (or multipart upload) completes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path, PurePosixPath
+
+from common.errors import BadInputError, StorageError
+
+
+class NotFoundError(BadInputError):
+    """The key does not exist at the location."""
+
+
+def is_s3(location: str) -> bool:
+    """True when ``location`` is an ``s3://`` URI."""
+    return str(location).startswith("s3://")
+
+
+def safe_key(*parts: str) -> str:
+    """Join key parts with ``/`` and refuse anything that could leave the root.
+
+    Raises:
+        ValueError: a part is empty, absolute, contains ``..``, a backslash or a NUL byte.
+    """
+    out = []
+    for part in parts:
+        for seg in str(part).split("/"):
+            if seg in ("", "."):
+                continue
+            if seg == ".." or "\\" in seg or "\x00" in seg:
+                raise ValueError(f"unsafe key segment {seg!r} in {'/'.join(map(str, parts))!r}")
+            out.append(seg)
+    if not out:
+        raise ValueError("empty key")
+    if str(parts[0]).startswith("/"):
+        raise ValueError(f"absolute key {parts[0]!r}")
+    return "/".join(out)
+
+
+def join_location(location: str, *parts: str) -> str:
+    """``location`` with ``parts`` appended (works for local paths and ``s3://`` URIs)."""
+    key = safe_key(*parts)
+    if is_s3(location):
+        return location.rstrip("/") + "/" + key
+    return str(Path(location) / key)
+
+
+class Storage:
+    """Common interface; use :func:`open_storage` to get one."""
+
+    uri: str
+
+    def read_bytes(self, key: str) -> bytes: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def upload_file(self, local_path: str | os.PathLike, key: str) -> None: ...
+    def download_file(self, key: str, local_path: str | os.PathLike) -> None: ...
+    def list(self, prefix: str = "") -> dict[str, int]: ...
+    def exists(self, key: str) -> bool: ...
+    def sync_to_local(self, prefix: str, cache_dir: str | os.PathLike) -> Path: ...
+
+    def url(self, key: str) -> str:
+        """Human-readable address of ``key`` (for messages)."""
+        return join_location(self.uri, key)
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+
+class LocalStorage(Storage):
+    """A local folder (created on first write)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / safe_key(key)).resolve()
+        if path != self.root.resolve() and self.root.resolve() not in path.parents:
+            raise ValueError(f"key {key!r} resolves outside {self.root}")
+        return path
+
+    def read_bytes(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"not found: {self.url(key)}") from None
+        except IsADirectoryError:
+            raise NotFoundError(f"is a folder, not a file: {self.url(key)}") from None
+
+    def _atomic_target(self, key):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        return path, fd, tmp
+
+    def write_bytes(self, key, data):
+        path, fd, tmp = self._atomic_target(key)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def upload_file(self, local_path, key):
+        path, fd, tmp = self._atomic_target(key)
+        os.close(fd)
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def download_file(self, key, local_path):
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFoundError(f"not found: {self.url(key)}")
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, local_path)
+
+    def list(self, prefix=""):
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return {}
+        out = {}
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.startswith(".tmp-"):
+                    continue
+                full = Path(dirpath) / name
+                out[full.relative_to(self.root).as_posix()] = full.stat().st_size
+        return out
+
+    def exists(self, key):
+        return self._path(key).is_file()
+
+    def sync_to_local(self, prefix, cache_dir):
+        """A local folder already is local: returns the folder itself, copies nothing."""
+        return self._path(prefix) if prefix else self.root
+
+
+_CLIENT_LOCK = threading.Lock()
+_CLIENTS: dict[int, object] = {}
+
+
+def _s3_client():
+    """One boto3 S3 client per process (clients are not fork-safe), configured from the environment."""
+    pid = os.getpid()
+    with _CLIENT_LOCK:
+        if pid not in _CLIENTS:
+            import boto3
+            from botocore.config import Config
+
+            custom_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            config = Config(
+                retries={"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))},
+                s3={"addressing_style": "path" if custom_endpoint else "auto"},
+                connect_timeout=10,
+                read_timeout=120,
+            )
+            _CLIENTS[pid] = boto3.session.Session().client("s3", config=config)
+        return _CLIENTS[pid]
+
+
+class S3Storage(Storage):
+    """An ``s3://bucket/prefix`` location on AWS S3 or any S3-compatible server."""
+
+    def __init__(self, uri: str):
+        rest = uri[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise BadInputError(f"no bucket in {uri!r}: expected s3://bucket/prefix")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+
+    def _key(self, key: str) -> str:
+        key = safe_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _fail(self, exc: Exception, key: str) -> Exception:
+        """Turn a botocore exception into a credential-free NotFoundError / StorageError."""
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        where = self.url(key) if key else self.uri
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", "error"))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return NotFoundError(f"not found: {where}")
+            if code in ("NoSuchBucket",):
+                return BadInputError(f"bucket {self.bucket!r} does not exist ({where})")
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return BadInputError(f"access denied ({code}) for {where}: check the AWS credentials")
+            return StorageError(f"S3 error {code} for {where}")
+        if isinstance(exc, NoCredentialsError):
+            return BadInputError(f"no AWS credentials found for {where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        return StorageError(f"S3 request failed for {where}: {type(exc).__name__}")
+
+    def _call(self, key, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(exc, key) from None
+
+    def read_bytes(self, key):
+        client = _s3_client()
+        resp = self._call(key, client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return self._call(key, resp["Body"].read)
+
+    def write_bytes(self, key, data):
+        client = _s3_client()
+        self._call(key, client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def upload_file(self, local_path, key):
+        self._call(key, _s3_client().upload_file, str(local_path), self.bucket, self._key(key))
+
+    def download_file(self, key, local_path):
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{local_path}.part"
+        self._call(key, _s3_client().download_file, self.bucket, self._key(key), tmp)
+        os.replace(tmp, local_path)
+
+    def list(self, prefix=""):
+        client = _s3_client()
+        full = self._key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        out = {}
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        for page in self._call(prefix, lambda: list(pages)):
+            for obj in page.get("Contents", []):
+                out[obj["Key"][strip:]] = int(obj["Size"])
+        return dict(sorted(out.items()))
+
+    def exists(self, key):
+        try:
+            self._call(key, _s3_client().head_object, Bucket=self.bucket, Key=self._key(key))
+            return True
+        except NotFoundError:
+            return False
+
+    def sync_to_local(self, prefix, cache_dir):
+        """Copy every object under ``prefix`` into ``cache_dir`` (skipping files already there with the
+        same size) and return the local folder that mirrors ``prefix``."""
+        root = Path(cache_dir)
+        for key, size in self.list(prefix).items():
+            dest = root / safe_key(key)
+            if dest.is_file() and dest.stat().st_size == size:
+                continue
+            self.download_file(key, dest)
+        return root / safe_key(prefix) if prefix else root
+
+
+def open_storage(location: str | os.PathLike) -> Storage:
+    """Storage for a local path or an ``s3://bucket/prefix`` URI."""
+    location = str(location)
+    if is_s3(location):
+        return S3Storage(location)
+    if "://" in location:
+        raise BadInputError(f"unsupported location {location!r}: use a local path or s3://bucket/prefix")
+    return LocalStorage(location)

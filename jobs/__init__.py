@@ -1,0 +1,1 @@
+"""The three click jobs: prepare-data, pretrain-simclr, train-classifier (thin wrappers over ``common``)."""
