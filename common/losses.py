@@ -1,0 +1,46 @@
+"""NT-Xent, the normalised temperature-scaled cross-entropy loss of SimCLR.
+
+Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
+Representations", ICML 2020, https://arxiv.org/abs/2002.05709 (equation 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class NTXentLoss(nn.Module):
+    """NT-Xent over a batch of N positive pairs (2N views).
+
+    For view i with positive j: ``l(i, j) = -log( exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau) )``,
+    ``sim`` the cosine similarity; the loss is the mean of ``l`` over all 2N views, so each view has
+    its other view as positive and the remaining 2N-2 views as negatives.
+
+    Attributes:
+        temperature: tau > 0 (0.1-0.5 typical; lower suits small batches).
+
+    Raises:
+        ValueError: temperature <= 0 (constructor); inputs of different shapes or not 2-D (forward).
+
+    Example:
+        >>> loss = NTXentLoss(0.2)(z1, z2)   # z1, z2: float (N, D) projections of the two views
+    """
+
+    def __init__(self, temperature: float = 0.2):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}; try 0.1-0.5")
+        self.temperature = float(temperature)
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """z1, z2: float (N, D), row i of both the two views of image i. Returns a scalar float32 tensor."""
+        if z1.shape != z2.shape or z1.dim() != 2:
+            raise ValueError(f"expected two (N, D) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        n = z1.shape[0]
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        logits = z @ z.t() / self.temperature
+        logits.fill_diagonal_(float("-inf"))
+        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        return F.cross_entropy(logits, targets)

@@ -1,0 +1,91 @@
+"""Classification metrics: top-k accuracy, per-class report, confusion matrix and plots."""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 3)) -> dict[int, float]:
+    """Fraction of rows whose target is among the k highest scores, for each k.
+
+    Args:
+        logits: float (N, C) scores. targets: int64 (N,) class indices.
+    Returns:
+        {k: accuracy in [0, 1]}; k larger than C counts every row as correct.
+    Raises:
+        ValueError: shapes do not match or N == 0.
+    """
+    if logits.dim() != 2 or targets.dim() != 1 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("no samples")
+    out = {}
+    for k in ks:
+        top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+        out[k] = (top == targets.view(-1, 1)).any(dim=1).float().mean().item()
+    return out
+
+
+def classification_summary(logits: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> dict:
+    """Top-1/top-3, macro-F1, per-class precision/recall/F1/support (scikit-learn) and the confusion
+    matrix (rows: true class, columns: predicted), as JSON-ready values."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    topk = topk_accuracy(logits, targets, (1, 3))
+    pred = logits.argmax(dim=1).numpy()
+    true = targets.numpy()
+    labels = list(range(len(class_names)))
+    report = classification_report(true, pred, labels=labels, target_names=class_names, output_dict=True,
+                                   zero_division=0)
+    text = classification_report(true, pred, labels=labels, target_names=class_names, zero_division=0, digits=3)
+    return {
+        "top1": topk[1],
+        "top3": topk[3],
+        "macro_f1": report["macro avg"]["f1-score"],
+        "n": int(len(true)),
+        "per_class": {name: {"precision": report[name]["precision"], "recall": report[name]["recall"],
+                             "f1": report[name]["f1-score"], "support": int(report[name]["support"])}
+                      for name in class_names},
+        "confusion_matrix": confusion_matrix(true, pred, labels=labels).tolist(),
+        "report_text": text,
+    }
+
+
+def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: str, title: str) -> None:
+    """Write the confusion matrix as a PNG (scikit-learn's display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * n + 3), max(4, 0.45 * n + 2)))
+    ConfusionMatrixDisplay(np.array(matrix), display_labels=class_names).plot(
+        ax=ax, xticks_rotation="vertical", colorbar=False, include_values=n <= 30)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(history: list[dict], keys: list[str], path: str, title: str) -> None:
+    """Line plot of ``keys`` of per-epoch records (x: ``epoch``) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

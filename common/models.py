@@ -1,0 +1,87 @@
+"""ResNet18 encoder, SimCLR projection head and the classifier built on them.
+
+Backbone: torchvision ``resnet18`` (He et al., "Deep Residual Learning for Image Recognition", CVPR
+2016, arXiv:1512.03385) with its classification layer replaced by the identity, so it maps float
+images (B, 3, H, W) to 512-d representations (B, 512). Projection head: SimCLR's 2-layer MLP
+(Chen et al. 2020, arXiv:2002.05709, section 2.1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FEATURE_DIM = 512
+
+
+def build_encoder() -> nn.Module:
+    """A randomly initialised ResNet18 with ``fc`` = Identity: float (B, 3, H, W) -> (B, 512)."""
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None)
+    net.fc = nn.Identity()
+    return net
+
+
+def encoder_state_from_file(state: dict, where: str) -> dict:
+    """Backbone weights from a loaded state dict: a facessl ``encoder.pt``, a classifier ``model.pt``
+    (``encoder.`` prefix) or torchvision's ImageNet ``resnet18`` file (``fc.*`` dropped).
+
+    Raises:
+        ValueError: the dict does not hold ResNet18 backbone weights.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} does not hold a state dict")
+    if "encoder" in state and isinstance(state["encoder"], dict):
+        state = state["encoder"]
+    if any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = set(build_encoder().state_dict())
+    if set(state) != expected:
+        missing = sorted(expected - set(state))[:3]
+        extra = sorted(set(state) - expected)[:3]
+        raise ValueError(f"{where} is not a ResNet18 backbone (missing {missing}, unexpected {extra})")
+    return state
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR projection head g(.): Linear(in, hidden) -> BatchNorm -> ReLU -> Linear(hidden, out).
+
+    Input (B, in_dim) float; output (B, out_dim) float (not normalised; NT-Xent normalises).
+    """
+
+    def __init__(self, in_dim: int = FEATURE_DIM, hidden_dim: int = 512, out_dim: int = 128):
+        super().__init__()
+        if min(in_dim, hidden_dim, out_dim) < 1:
+            raise ValueError("projection head dimensions must be positive")
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SimCLRModel(nn.Module):
+    """Encoder f(.) + projection head g(.): images (B, 3, H, W) -> projections z (B, out_dim)."""
+
+    def __init__(self, encoder: nn.Module, head: ProjectionHead):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+class Classifier(nn.Module):
+    """Encoder + linear layer: images (B, 3, H, W) float -> logits (B, num_classes)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.fc = nn.Linear(FEATURE_DIM, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.encoder(x))

@@ -1,0 +1,141 @@
+"""Pieces both training jobs use: device and seeding, batches, LR schedule, embeddings, kNN monitor,
+and the run-output writer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common.augment import eval_transform
+from common.storage import Storage
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool) -> list[torch.Tensor]:
+    """Shuffled index batches (int64 tensors) for one epoch.
+
+    The batch size is capped at ``n`` (a batch size larger than the dataset means one batch). With
+    ``drop_last`` an incomplete last batch is dropped; without it, a last batch of one sample is
+    dropped anyway (batch norm cannot train on one sample).
+    """
+    batch_size = max(1, min(batch_size, n))
+    order = torch.randperm(n, generator=generator)
+    batches = list(order.split(batch_size))
+    if batches and len(batches[-1]) < batch_size and (drop_last or len(batches[-1]) == 1) and len(batches) > 1:
+        batches.pop()
+    return batches
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
+    """LR multiplier: linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine decay to 0
+    (Loshchilov & Hutter, "SGDR", arXiv:1608.03983; Goyal et al. 2017 for the warm-up)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, a no-op context elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def to_device_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return images.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def embed(encoder: torch.nn.Module, images: torch.Tensor, size: int, device: torch.device,
+          batch_size: int = 256) -> torch.Tensor:
+    """Encoder outputs for uint8 images (N, 3, H, W): float32 (N, 512) on the CPU, eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for chunk in images.split(batch_size):
+        x = eval_transform(chunk.to(device), size)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            out.append(encoder(x).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(out)
+
+
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
+                num_classes: int, k: int = 20, temperature: float = 0.07) -> torch.Tensor:
+    """Weighted kNN class scores (N_query, C): cosine similarity, the k nearest training embeddings
+    vote with weight exp(sim / temperature). Wu et al., "Unsupervised Feature Learning via
+    Non-Parametric Instance Discrimination", CVPR 2018, arXiv:1805.01978."""
+    train = F.normalize(train_feats, dim=1)
+    query = F.normalize(query_feats, dim=1)
+    k = max(1, min(k, train.shape[0]))
+    sims, idx = (query @ train.t()).topk(k, dim=1)
+    weights = (sims / temperature).exp()
+    scores = torch.zeros(query.shape[0], num_classes)
+    scores.scatter_add_(1, train_labels[idx], weights)
+    return scores
+
+
+class RunWriter:
+    """Writes a run's outputs to its storage: JSON files, the per-epoch ``metrics.jsonl``, PNGs."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.history: list[dict] = []
+
+    def write_json(self, key: str, obj) -> None:
+        self.storage.write_text(key, json.dumps(obj, indent=1, ensure_ascii=False, default=str))
+
+    def log_epoch(self, record: dict) -> None:
+        """Append a record and rewrite ``metrics.jsonl`` (one JSON object per line)."""
+        self.history.append(record)
+        self.storage.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def write_plot(self, key: str, draw) -> None:
+        """``draw(path)`` into a local temporary PNG, then upload it to ``key``."""
+        fd, tmp = tempfile.mkstemp(suffix=".png")
+        os.close(fd)
+        try:
+            draw(tmp)
+            self.storage.upload_file(tmp, key)
+        finally:
+            os.unlink(tmp)
+
+
+class Throughput:
+    """Images per second over a span of steps (synchronising CUDA before reading the clock)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = time.perf_counter()
+        self.images = 0
+
+    def add(self, n: int) -> None:
+        self.images += n
+
+    def rate(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return self.images / max(1e-9, time.perf_counter() - self.start)
