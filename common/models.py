@@ -32,8 +32,9 @@ def encoder_state_from_file(state: dict, where: str) -> dict:
     """
     if not isinstance(state, dict):
         raise ValueError(f"{where} does not hold a state dict")
-    if "encoder" in state and isinstance(state["encoder"], dict):
-        state = state["encoder"]
+    for wrapper in ("model", "encoder"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}

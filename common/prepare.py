@@ -199,6 +199,12 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
     started = time.time()
     src, dst = open_storage(input_location), open_storage(output_location)
     files, records_outside = list_raw_files(src)
+    if cfg.classes and not cfg.unlabeled_pool:  # nothing outside --classes can be used: do not decode it
+        wanted = set(cfg.classes)
+        present = {rel.split("/", 1)[0] for rel, _ in files}
+        if missing := sorted(wanted - present):
+            raise BadInputError(f"--classes names identities with no folder in the input: {missing}")
+        files = [(rel, size) for rel, size in files if rel.split("/", 1)[0] in wanted]
     log(f"{len(files)} raw files in {len({f.split('/', 1)[0] for f, _ in files})} identity folders")
     records = detect_all(src.uri, files, cfg)
     deduplicate(records)

@@ -1,0 +1,221 @@
+"""train-classifier: a ResNet18 identity classifier, fine-tuned or linear-probed.
+
+Starting points: a SimCLR ``encoder.pt`` (``encoder``), given ResNet18 weights such as torchvision's
+ImageNet file (``init``), or random weights. Modes:
+    finetune       the whole network trains (encoder LR scaled by ``encoder_lr_scale``)
+    linear-probe   the encoder is frozen (eval mode, no gradients); only the linear layer trains, on
+                   embeddings computed once (the standard linear evaluation protocol, Chen et al. 2020)
+
+Each epoch reports train top-1 and val top-1/top-3; the best-by-val weights are evaluated on the test
+split. Outputs under the run's location: ``model.pt``, ``metrics.json``, ``metrics.jsonl``,
+``classification_report.txt``, ``confusion_matrix.png``, ``training_curves.png``, ``config.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.augment import BatchAugment, eval_transform, supervised_preset
+from common.checkpoints import load_torch, save_torch
+from common.data import default_cache_dir, load_split, read_manifest
+from common.errors import BadInputError, DivergedError
+from common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
+from common.models import Classifier, build_encoder, encoder_state_from_file
+from common.storage import open_storage
+from common.training import RunWriter, autocast, embed, epoch_batches, pick_device, seed_everything, warmup_cosine
+
+
+@dataclass
+class ClassifierConfig:
+    """Options of train-classifier (written to ``config.json``)."""
+
+    mode: str = "finetune"
+    encoder: str | None = None
+    init: str = "scratch"
+    epochs: int = 10
+    batch_size: int = 64
+    image_size: int = 112
+    optimizer: str = "adam"
+    lr: float = 3e-4
+    weight_decay: float = 8e-4
+    encoder_lr_scale: float = 1.0
+    warmup_epochs: int = 0
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    labels_per_class: int | None = None
+    seed: int = 1337
+    device: str = "auto"
+
+
+def subsample_per_class(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Indices of at most ``per_class`` samples of every class, chosen reproducibly from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        keep.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    return torch.cat(keep).sort().values
+
+
+def initial_encoder(cfg: ClassifierConfig) -> tuple[torch.nn.Module, str]:
+    """The encoder to start from and a description of where its weights came from."""
+    encoder = build_encoder()
+    source = cfg.encoder or (cfg.init if cfg.init != "scratch" else None)
+    if source is None:
+        return encoder, "random init"
+    location = source
+    if cfg.encoder and not cfg.encoder.endswith(".pt"):
+        location = cfg.encoder.rstrip("/") + "/encoder.pt"  # a pretrain-simclr run location
+    try:
+        encoder.load_state_dict(encoder_state_from_file(load_torch(location), location))
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from None
+    return encoder, location
+
+
+def _optimizer(cfg: ClassifierConfig, model: Classifier, lr: float):
+    groups = [{"params": model.fc.parameters(), "lr": lr}]
+    if cfg.mode == "finetune":
+        groups.append({"params": model.encoder.parameters(), "lr": lr * cfg.encoder_lr_scale})
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    raise BadInputError(f"unknown optimizer {cfg.optimizer!r}: use adam, adamw or sgd")
+
+
+def train_classifier(data_location: str, output_location: str, cfg: ClassifierConfig, log=print) -> dict:
+    """Train, select by val top-1, evaluate on test; returns the metrics written to ``metrics.json``.
+
+    Raises:
+        BadInputError: unusable dataset or weights. DivergedError: the loss became NaN/inf.
+    """
+    if cfg.mode not in ("finetune", "linear-probe"):
+        raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune or linear-probe")
+    storage = open_storage(data_location)
+    manifest = read_manifest(storage)
+    classes = manifest["classes"]
+    cache = default_cache_dir(f"{storage.uri}#{manifest.get('dataset_id', '')}")
+    size = cfg.image_size if manifest.get("image_size", cfg.image_size) > cfg.image_size else None
+    splits = {s: load_split(storage, s, cache, size) for s in ("train", "val", "test")}
+    train_x, train_y = splits["train"]
+    if cfg.labels_per_class:
+        keep = subsample_per_class(train_y, cfg.labels_per_class, cfg.seed)
+        train_x, train_y = train_x[keep], train_y[keep]
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    encoder, source = initial_encoder(cfg)
+    model = Classifier(encoder, len(classes)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    out = open_storage(output_location)
+    writer = RunWriter(out)
+    writer.write_json("config.json", {**asdict(cfg), "data": data_location, "output": out.uri, "weights": source,
+                                      "train_images": len(train_y), "classes": classes, "device": str(device),
+                                      "torch": torch.__version__})
+    log(f"{cfg.mode} from {source}: {len(train_y)} labelled train images, {len(classes)} classes, {device}")
+
+    if cfg.mode == "linear-probe":
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        feats = {s: embed(model.encoder, x, cfg.image_size, device) for s, (x, _) in splits.items()}
+        if cfg.labels_per_class:
+            feats["train"] = feats["train"][keep]
+        forward = {s: (lambda idx, s=s, train=False: model.fc(feats[s][idx].to(device))) for s in splits}
+    else:
+        augment = BatchAugment(supervised_preset())
+        aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        data = {"train": train_x, "val": splits["val"][0], "test": splits["test"][0]}
+
+        def make_forward(s):
+            def run(idx, train=False):
+                x = data[s][idx].to(device, non_blocking=True)
+                x = augment(x, cfg.image_size, aug_gen) if train else eval_transform(x, cfg.image_size)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(device):
+                    return model(x).float()
+            return run
+
+        forward = {s: make_forward(s) for s in splits}
+    labels = {"train": train_y, "val": splits["val"][1], "test": splits["test"][1]}
+
+    batch = max(1, min(cfg.batch_size, len(train_y)))
+    lr = cfg.lr
+    optimizer = _optimizer(cfg, model, lr)
+    steps_per_epoch = len(epoch_batches(len(train_y), batch, torch.Generator().manual_seed(0), drop_last=False))
+    total = cfg.epochs * steps_per_epoch
+    schedule = (lambda step: warmup_cosine(step, total, cfg.warmup_epochs * steps_per_epoch)) \
+        if cfg.schedule == "cosine" else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+
+    def evaluate(split):
+        model.eval()
+        with torch.no_grad():
+            logits = torch.cat([forward[split](idx).float().cpu()
+                                for idx in torch.arange(len(labels[split])).split(256)])
+        return logits
+
+    best, best_key, started = None, None, time.time()
+    for epoch in range(cfg.epochs):
+        model.train()
+        if cfg.mode == "linear-probe":
+            model.encoder.eval()
+        correct, seen, loss_sum = 0, 0, 0.0
+        for idx in epoch_batches(len(train_y), batch, order_gen, drop_last=False):
+            logits = forward["train"](idx, train=True)
+            target = train_y[idx].to(device)
+            loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise DivergedError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            correct += (logits.argmax(1) == target).sum().item()
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+        val_logits = evaluate("val")
+        val_acc = topk_accuracy(val_logits, labels["val"], (1, 3))
+        val_loss = F.cross_entropy(val_logits, labels["val"]).item()
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
+                  "val_loss": val_loss, "val_top1": val_acc[1], "val_top3": val_acc[3],
+                  "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - started, 1)}
+        writer.log_epoch(record)
+        log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        key = (val_acc[1], -val_loss)
+        if best_key is None or key > best_key:
+            best_key, best = key, {"epoch": epoch + 1, "state": copy.deepcopy(model.state_dict())}
+
+    model.load_state_dict(best["state"])
+    test = classification_summary(evaluate("test"), labels["test"], classes)
+    val = classification_summary(evaluate("val"), labels["val"], classes)
+    metrics = {
+        "test": {k: test[k] for k in ("top1", "top3", "macro_f1", "n")},
+        "val": {k: val[k] for k in ("top1", "top3", "macro_f1", "n")},
+        "best_epoch": best["epoch"],
+        "mode": cfg.mode,
+        "weights": source,
+        "train_images": len(train_y),
+        "classes": classes,
+        "per_class": test["per_class"],
+        "confusion_matrix": test["confusion_matrix"],
+        "seconds": round(time.time() - started, 1),
+    }
+    save_torch(out, "model.pt", {"model": {k: v.cpu() for k, v in model.state_dict().items()},
+                                 "classes": classes, "image_size": cfg.image_size})
+    writer.write_json("metrics.json", metrics)
+    out.write_text("classification_report.txt", test["report_text"])
+    writer.write_plot("confusion_matrix.png", lambda p: plot_confusion_matrix(
+        test["confusion_matrix"], classes, p, f"test confusion matrix (top-1 {test['top1']:.3f})"))
+    writer.write_plot("training_curves.png", lambda p: plot_curves(
+        writer.history, ["train_top1", "val_top1", "val_top3"], p, f"train-classifier ({cfg.mode})"))
+    return metrics
