@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 import uuid
 
@@ -47,13 +48,16 @@ def load_torch_bytes(data: bytes, where: str, map_location="cpu"):
 
     import torch
 
+    if not data.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
+        raise BadInputError(f"{where} is not a readable torch file (not a torch.save archive)")
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
         raise BadInputError(
-            f"refused to load {where}: it holds objects that weights_only loading does not allow "
-            f"(only tensors and plain containers are accepted). {first}"
+            f"refused to load {where}: it holds pickled objects{what} that weights_only loading does not "
+            "allow; only tensors and plain containers are accepted from checkpoints"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise BadInputError(f"{where} is not a readable torch file ({type(exc).__name__})") from None

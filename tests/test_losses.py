@@ -1,0 +1,55 @@
+import math
+
+import pytest
+import torch
+
+from common.losses import NTXentLoss
+
+
+def direct_nt_xent(z1, z2, tau):
+    """Equation 1 of Chen et al. 2020 computed pair by pair with Python loops."""
+    z = torch.cat([z1, z2]).double()
+    z = z / z.norm(dim=1, keepdim=True)
+    n2 = z.shape[0]
+    n = n2 // 2
+    total = 0.0
+    for i in range(n2):
+        j = (i + n) % n2
+        sim = lambda a, b: float(z[a] @ z[b]) / tau  # noqa: E731
+        denom = sum(math.exp(sim(i, k)) for k in range(n2) if k != i)
+        total += -math.log(math.exp(sim(i, j)) / denom)
+    return total / n2
+
+
+@pytest.mark.parametrize("n,d,tau", [(1, 4, 0.5), (4, 8, 0.2), (16, 32, 0.07), (7, 128, 1.0)])
+def test_nt_xent_matches_direct_formula(n, d, tau):
+    gen = torch.Generator().manual_seed(n * 100 + d)
+    z1, z2 = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    assert NTXentLoss(tau)(z1, z2).item() == pytest.approx(direct_nt_xent(z1, z2, tau), rel=1e-5, abs=1e-6)
+
+
+def test_nt_xent_rewards_aligned_views():
+    gen = torch.Generator().manual_seed(0)
+    z1 = torch.randn(32, 16, generator=gen)
+    aligned = NTXentLoss(0.2)(z1, z1 + 0.01 * torch.randn(32, 16, generator=gen))
+    unrelated = NTXentLoss(0.2)(z1, torch.randn(32, 16, generator=gen))
+    assert aligned < unrelated
+    assert aligned.item() < math.log(63) < unrelated.item() + 1.0
+
+
+def test_nt_xent_gradient_flows_to_both_views():
+    z1 = torch.randn(5, 8, requires_grad=True)
+    z2 = torch.randn(5, 8, requires_grad=True)
+    NTXentLoss(0.5)(z1, z2).backward()
+    assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.1])
+def test_nt_xent_rejects_bad_temperature(tau):
+    with pytest.raises(ValueError, match="temperature"):
+        NTXentLoss(tau)
+
+
+def test_nt_xent_rejects_mismatched_views():
+    with pytest.raises(ValueError, match="equal shape"):
+        NTXentLoss()(torch.randn(4, 8), torch.randn(5, 8))

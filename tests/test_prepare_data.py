@@ -1,0 +1,142 @@
+"""prepare-data on the tricky raw inputs of ../shared/cases/prepare-data and on real face photos."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from common.data import iter_shard_samples
+from conftest import CASES
+from jobs.prepare_data import main as prepare_main
+
+
+@pytest.fixture(scope="module")
+def cases_run(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("raw") / "raw"
+    shutil.copytree(CASES / "raw", raw)
+    (raw / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (raw / "Tom Hanks" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (raw / "Tom Hanks" / "._plain.jpg").write_bytes(b"\x00\x05\x16\x07")
+    out = tmp_path_factory.mktemp("out") / "prepared"
+    result = CliRunner().invoke(prepare_main, ["--input", str(raw), "--output", str(out), "--min-images", "1",
+                                               "--image-size", "96", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def crops_by_source(out, manifest):
+    by_key = {}
+    for split in ("train", "val", "test"):
+        for shard in sorted((out / split).glob("shard-*.tar")):
+            for key, jpeg, label in iter_shard_samples(shard):
+                by_key[key] = (jpeg, label)
+    return {r["source"]: by_key[r["key"]] for r in manifest["records"] if r["status"] == "ok"}
+
+
+def test_every_case_has_its_expected_outcome(cases_run):
+    out, manifest = cases_run
+    expected = json.loads((CASES / "expected.json").read_text())
+    records = {r["source"]: r for r in manifest["records"]}
+    crops = crops_by_source(out, manifest)
+    assert set(records) == set(expected), "every raw file is recorded, hidden/system files are not"
+    for source, outcome in expected.items():
+        rec = records[source]
+        if outcome in ("face", "one"):
+            assert rec["status"] == "ok", (source, rec)
+            assert rec["split"] in ("train", "val", "test")
+            assert source in crops
+        else:
+            assert rec["status"] == "skipped", (source, rec)
+            assert rec["reason"], source
+            assert source not in crops
+    assert sum(src == "Keanu Reeves/two_faces.jpg" for src in crops) == 1
+
+
+def test_crops_are_colour_at_the_requested_size(cases_run, tmp_path):
+    out, manifest = cases_run
+    for source, (jpeg, label) in crops_by_source(out, manifest).items():
+        path = tmp_path / "c.jpg"
+        path.write_bytes(jpeg)
+        img = Image.open(path)
+        assert img.size == (96, 96) and img.mode == "RGB", source
+        assert manifest["classes"][label] == source.split("/")[0]
+    gray = crops_by_source(out, manifest)["Tom Hanks/plain.jpg"][0]
+    path.write_bytes(gray)
+    r, g, b = Image.open(path).split()
+    assert r.tobytes() != b.tobytes(), "colour photos stay in colour"
+
+
+def test_skip_reasons_say_why(cases_run):
+    _, manifest = cases_run
+    reasons = {r["source"]: r["reason"] for r in manifest["records"] if r["status"] == "skipped"}
+    assert reasons["Tom Hanks/empty.jpg"] == "empty file"
+    assert "not an image" in reasons["Tom Hanks/notes.jpg"]
+    assert "truncated" in reasons["Tom Hanks/truncated.jpg"]
+    assert reasons["Tom Hanks/no_face_noise.jpg"] == "no face detected"
+    assert reasons["Keanu Reeves/dup_b.jpg"] == "duplicate of Keanu Reeves/dup_a.jpg"
+
+
+def test_oversized_image_refused_before_decoding(tmp_path):
+    raw = tmp_path / "raw" / "Someone"
+    raw.mkdir(parents=True)
+    Image.new("RGB", (4000, 3000)).save(raw / "huge.png")
+    shutil.copyfile(CASES / "raw" / "Tom Hanks" / "plain.jpg", raw / "ok.jpg")
+    result = CliRunner().invoke(prepare_main, ["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "o"),
+                                               "--min-images", "1", "--max-pixels", "1000000", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    reasons = {r["source"]: r.get("reason") for r in json.loads((tmp_path / "o" / "manifest.json").read_text())["records"]}
+    assert reasons["Someone/huge.png"].startswith("too large")
+    assert reasons["Someone/ok.jpg"] is None
+
+
+def test_unknown_class_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(prepare_main, ["--input", str(CASES / "raw"), "--output", str(tmp_path / "o"),
+                                               "--classes", "Tom Hanks,Nobody At All"])
+    assert result.exit_code == 3
+    assert "Nobody At All" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_empty_input_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(prepare_main, ["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 3 and "empty" in result.output
+
+
+def test_real_photos_split_stratified_without_overlap(prepared_subset):
+    manifest = json.loads((prepared_subset / "manifest.json").read_text())
+    ok = [r for r in manifest["records"] if r["status"] == "ok"]
+    assert len(ok) == 240 and len({r["source"] for r in ok}) == 240
+    for name, n in manifest["counts"]["per_class"]["test"].items():
+        assert n == 8, name
+        assert manifest["counts"]["per_class"]["val"][name] == 8
+        assert manifest["counts"]["per_class"]["train"][name] == 64
+
+
+def test_split_is_reproducible_and_seeded(glint_subset, tmp_path):
+    from common.faces import DetectConfig
+    from common.prepare import PrepareConfig, prepare_dataset
+
+    def splits(seed, name):
+        cfg = PrepareConfig(detect=DetectConfig(image_size=32, on_no_face="keep-full"), seed=seed, workers=1,
+                            classes=("Tom Hanks",), min_images=1)
+        m = prepare_dataset(str(glint_subset), str(tmp_path / name), cfg, log=lambda *_: None)
+        return {r["source"]: r.get("split") for r in m["records"]}
+
+    assert splits(7, "a") == splits(7, "b")
+    assert splits(7, "a") != splits(8, "c")
+
+
+def test_unlabeled_pool_keeps_other_identities(glint_subset, tmp_path):
+    from common.faces import DetectConfig
+    from common.prepare import PrepareConfig, prepare_dataset
+
+    cfg = PrepareConfig(detect=DetectConfig(image_size=32, on_no_face="keep-full"), workers=1,
+                        classes=("Tom Hanks", "Barack Obama"), unlabeled_pool=True)
+    m = prepare_dataset(str(glint_subset), str(tmp_path / "p"), cfg, log=lambda *_: None)
+    assert m["classes"] == ["Barack Obama", "Tom Hanks"]
+    assert m["counts"]["splits"]["unlabeled"] == 80
+    assert set(m["counts"]["per_class"]["unlabeled"]) == {"Keira Knightley"}
+    assert (tmp_path / "p" / "unlabeled" / "shard-000000.tar").is_file()

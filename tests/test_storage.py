@@ -1,0 +1,73 @@
+"""The storage layer on a local folder and on a real S3 server (moto over HTTP): same calls, same results."""
+
+import os
+
+import pytest
+
+from common.errors import BadInputError
+from common.storage import NotFoundError, open_storage, safe_key
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return open_storage(str(tmp_path / "root"))
+    bucket = request.getfixturevalue("s3_env")
+    return open_storage(f"s3://{bucket}/some/prefix")
+
+
+def test_bytes_round_trip_list_and_exists(store):
+    store.write_bytes("a/b.bin", b"\x00\x01payload")
+    store.write_text("Jos\u00e9 Mar\u00eda/notes 1.txt", "hello")
+    assert store.read_bytes("a/b.bin") == b"\x00\x01payload"
+    assert store.read_text("Jos\u00e9 Mar\u00eda/notes 1.txt") == "hello"
+    assert store.list() == {"a/b.bin": 9, "Jos\u00e9 Mar\u00eda/notes 1.txt": 5}
+    assert store.list("a") == {"a/b.bin": 9}
+    assert store.exists("a/b.bin") and not store.exists("a/missing.bin")
+
+
+def test_overwrite_replaces_content(store):
+    store.write_bytes("k", b"first")
+    store.write_bytes("k", b"second")
+    assert store.read_bytes("k") == b"second"
+
+
+def test_missing_key_is_a_clear_error(store):
+    with pytest.raises(NotFoundError, match="not found: .*nothing/here"):
+        store.read_bytes("nothing/here")
+
+
+def test_files_and_sync_to_local(store, tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(9 * 1024 * 1024))  # above boto3's 8 MiB multipart threshold
+    store.upload_file(big, "shards/big.bin")
+    store.write_bytes("shards/small.bin", b"x" * 10)
+    store.download_file("shards/big.bin", tmp_path / "back" / "big.bin")
+    assert (tmp_path / "back" / "big.bin").read_bytes() == big.read_bytes()
+    local = store.sync_to_local("shards", tmp_path / "cache")
+    assert sorted(p.name for p in local.iterdir()) == ["big.bin", "small.bin"]
+    assert (local / "big.bin").read_bytes() == big.read_bytes()
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/../../b", "/etc/passwd", "a\\..\\b", ""])
+def test_keys_cannot_escape_the_root(store, bad):
+    with pytest.raises(ValueError):
+        store.write_bytes(bad, b"x")
+
+
+def test_safe_key_keeps_odd_but_harmless_names():
+    assert safe_key("Ren\u00e9e O'Neil", "x y.jpg") == "Ren\u00e9e O'Neil/x y.jpg"
+    assert safe_key("..hidden..", "a") == "..hidden../a"
+
+
+def test_s3_errors_name_the_uri_and_never_the_secret(s3_env, monkeypatch):
+    missing_bucket = open_storage("s3://no-such-bucket-facessl/x")
+    with pytest.raises(BadInputError) as info:
+        missing_bucket.read_bytes("k")
+    assert "no-such-bucket-facessl" in str(info.value)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(info.value)
+
+
+def test_unsupported_scheme_is_refused():
+    with pytest.raises(BadInputError, match="unsupported location"):
+        open_storage("gs://bucket/x")
