@@ -1,0 +1,71 @@
+"""Batched SimCLR augmentation: shapes, the two views differ, crops follow the configured ranges."""
+
+import math
+
+import pytest
+import torch
+
+from common.augment import AugmentConfig, BatchAugment, eval_transform, sample_crop_boxes, simclr_preset
+
+
+def real_images(n=8, size=64):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+
+
+def test_views_have_the_requested_shape_and_differ():
+    x = real_images()
+    aug = BatchAugment(simclr_preset())
+    gen = torch.Generator().manual_seed(1)
+    v1, v2 = aug(x, 32, gen), aug(x, 32, gen)
+    assert v1.shape == (8, 3, 32, 32) and v1.dtype == torch.float32
+    per_image_diff = (v1 - v2).abs().flatten(1).mean(1)
+    assert (per_image_diff > 1e-3).all(), "every image's two views must differ"
+
+
+def test_same_seed_same_views():
+    x = real_images()
+    aug = BatchAugment(simclr_preset())
+    a = aug(x, 32, torch.Generator().manual_seed(5))
+    b = aug(x, 32, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_crop_boxes_follow_scale_and_ratio_ranges():
+    gen = torch.Generator().manual_seed(0)
+    boxes = sample_crop_boxes(20000, 100, 100, (0.2, 1.0), (3 / 4, 4 / 3), gen, "cpu")
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 100).all() and (boxes[:, 3] <= 100).all()
+    area = w * h / 10000
+    assert area.min() >= 0.19 and area.max() <= 1.0
+    ratio = w / h
+    assert ratio.min() >= 0.70 and ratio.max() <= 1.43  # 3/4..4/3, up to integer rounding of small boxes
+    assert (ratio < 0.76).any() and (ratio > 1.3).any()
+    assert 0.5 < area.mean() < 0.7  # uniform in [0.2, 1] gives 0.6, minus some rejected draws
+
+
+def test_flip_and_grayscale_rates():
+    x = torch.zeros(4000, 3, 8, 8, dtype=torch.uint8)
+    x[:, 0, :, :4] = 255  # red left half: flipped images have red on the right
+    cfg = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, gray_p=0.2, blur_p=0.0)
+    out = BatchAugment(cfg)(x, 8, torch.Generator().manual_seed(3))
+    out = out * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    flipped = out[:, :, :, 6:].mean(dim=(1, 2, 3)) > out[:, :, :, :2].mean(dim=(1, 2, 3))
+    gray = (out[:, 0] - out[:, 1]).abs().amax(dim=(1, 2)) < 1e-4
+    assert flipped.float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert gray.float().mean().item() == pytest.approx(0.2, abs=0.03)
+
+
+def test_eval_transform_is_deterministic_resize():
+    x = real_images(2, 64)
+    out = eval_transform(x, 32)
+    assert out.shape == (2, 3, 32, 32)
+    assert torch.equal(out, eval_transform(x, 32))
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="crop_scale"):
+        AugmentConfig(crop_scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="probability"):
+        AugmentConfig(gray_p=1.5)
+    assert math.isclose(simclr_preset(1.0).brightness, 0.8)
