@@ -78,8 +78,9 @@ def load_torch(location: str, map_location="cpu"):
     return load_torch_bytes(storage.read_bytes(key), location, map_location)
 
 
-def save_checkpoint(storage: Storage, state: dict, epoch: int) -> str:
-    """Upload ``state`` under a unique key, then point ``checkpoints/latest.json`` at it.
+def save_checkpoint(storage: Storage, state: dict, epoch: int, keep: int = 2) -> str:
+    """Upload ``state`` under a unique key, then point ``checkpoints/latest.json`` at it, then delete
+    all but the ``keep`` newest checkpoints (the pointer never names a deleted one).
 
     Returns:
         The key of the new checkpoint.
@@ -87,6 +88,15 @@ def save_checkpoint(storage: Storage, state: dict, epoch: int) -> str:
     key = f"checkpoints/ckpt-e{epoch:04d}-{uuid.uuid4().hex[:12]}.pt"
     save_torch(storage, key, state)
     storage.write_text(LATEST, json.dumps({"key": key, "epoch": epoch}))
+    history_key = "checkpoints/history.json"
+    try:
+        history = json.loads(storage.read_text(history_key))
+    except (NotFoundError, json.JSONDecodeError):
+        history = []
+    history.append(key)
+    for old in history[:-keep]:
+        storage.delete(old)
+    storage.write_text(history_key, json.dumps(history[-keep:]))
     return key
 
 

@@ -133,9 +133,9 @@ def load_split(storage: Storage, split: str, cache_dir: str | os.PathLike, image
     Raises:
         BadInputError: the split has no shards, or a shard cannot be read.
     """
+    import numpy as np
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2.functional import resize
+    from PIL import Image
 
     local = Path(storage.sync_to_local(split, Path(cache_dir)))
     shards = sorted(local.glob("shard-*.tar")) if local.is_dir() else []
@@ -149,11 +149,14 @@ def load_split(storage: Storage, split: str, cache_dir: str | os.PathLike, image
             raise BadInputError(f"cannot read shard {shard.name} of split {split!r}: {exc}") from None
         if not samples:
             continue
-        data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for _, jpeg, _ in samples]
-        for img in decode_jpeg(data, mode=ImageReadMode.RGB):
-            if image_size is not None and img.shape[-2:] != (image_size, image_size):
-                img = resize(img, [image_size, image_size], antialias=True)
-            images.append(img)
+        for _, jpeg, _ in samples:
+            try:
+                img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+                if image_size is not None and img.size != (image_size, image_size):
+                    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
+            except OSError as exc:
+                raise BadInputError(f"corrupt image in shard {shard.name} of split {split!r}: {exc}") from None
+            images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
         labels.extend(-1 if lab is None else lab for _, _, lab in samples)
     if not images:
         raise BadInputError(f"split {split!r} under {storage.url(split)} is empty")

@@ -35,3 +35,9 @@ class DivergedError(FacesslError):
     """The training loss became NaN or infinite."""
 
     exit_code = EXIT_DIVERGED
+
+
+class PreemptedError(FacesslError):
+    """SIGTERM arrived; a checkpoint was written before exiting. Rerunning resumes."""
+
+    exit_code = EXIT_RETRY

@@ -20,6 +20,10 @@ class NTXentLoss(nn.Module):
 
     Attributes:
         temperature: tau > 0 (0.1-0.5 typical; lower suits small batches).
+        gather_distributed: under torch.distributed, use the views of every rank as negatives
+            (gathered with gradients flowing back), so the loss and its gradients equal those of one
+            process holding the global batch. Without this a per-rank loss sees only its local batch,
+            a known SimCLR pitfall. No effect in a single process.
 
     Raises:
         ValueError: temperature <= 0 (constructor); inputs of different shapes or not 2-D (forward).
@@ -28,19 +32,30 @@ class NTXentLoss(nn.Module):
         >>> loss = NTXentLoss(0.2)(z1, z2)   # z1, z2: float (N, D) projections of the two views
     """
 
-    def __init__(self, temperature: float = 0.2):
+    def __init__(self, temperature: float = 0.2, gather_distributed: bool = True):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}; try 0.1-0.5")
         self.temperature = float(temperature)
+        self.gather_distributed = gather_distributed
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         """z1, z2: float (N, D), row i of both the two views of image i. Returns a scalar float32 tensor."""
         if z1.shape != z2.shape or z1.dim() != 2:
             raise ValueError(f"expected two (N, D) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        from common.distributed import gather_with_grad, rank_and_world
+
         n = z1.shape[0]
-        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-        logits = z @ z.t() / self.temperature
-        logits.fill_diagonal_(float("-inf"))
-        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-        return F.cross_entropy(logits, targets)
+        rank, world = rank_and_world() if self.gather_distributed else (0, 1)
+        z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+        if world > 1:
+            z1_all, z2_all = gather_with_grad(z1), gather_with_grad(z2)
+        else:
+            z1_all, z2_all = z1, z2
+        total = z1_all.shape[0]  # N over all ranks
+        local = torch.arange(rank * n, rank * n + n, device=z1.device)
+        rows = torch.cat([local, local + total])           # this rank's views in the global 2N
+        positives = torch.cat([local + total, local])      # each view's other view
+        logits = torch.cat([z1, z2]) @ torch.cat([z1_all, z2_all]).t() / self.temperature
+        logits[torch.arange(2 * n, device=z1.device), rows] = float("-inf")  # a view is not its own negative
+        return F.cross_entropy(logits, positives)

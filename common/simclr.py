@@ -20,7 +20,8 @@ import torch
 from common.augment import BatchAugment, simclr_preset
 from common.checkpoints import load_latest_checkpoint, load_torch, save_checkpoint, save_torch
 from common.data import UNLABELED, default_cache_dir, load_split, read_manifest
-from common.errors import BadInputError, DivergedError
+from common.distributed import barrier, cleanup, init_distributed, mean_across_ranks, sync_batchnorm
+from common.errors import BadInputError, DivergedError, PreemptedError
 from common.losses import NTXentLoss
 from common.metrics import plot_curves, topk_accuracy
 from common.models import ProjectionHead, SimCLRModel, build_encoder, encoder_state_from_file
@@ -55,6 +56,7 @@ class PretrainConfig:
     checkpoint_every: int = 1
     resume: str = "auto"
     compile: bool = False
+    log_every: int = 50
 
 
 def load_pretraining_images(data_location: str, cfg: PretrainConfig, log=print):
@@ -97,106 +99,211 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.
     raise BadInputError(f"unknown optimizer {name!r}: use adamw or sgd")
 
 
+class StopRequest:
+    """Records SIGTERM (what Kubernetes and spot reclaims send) so training can checkpoint at the next
+    step boundary and exit with the retry code instead of dying mid-write."""
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        import signal
+
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def simclr_loss(forward, view1: torch.Tensor, view2: torch.Tensor, loss_fn: NTXentLoss) -> torch.Tensor:
+    """One SimCLR forward: both views (B, 3, S, S) float through encoder + head in one batch (so batch
+    norm sees both), NT-Xent on the two halves. Returns the scalar loss (float32)."""
+    z = forward(torch.cat([view1, view2]))
+    return loss_fn(*z.float().chunk(2))
+
+
 def pretrain(data_location: str, output_location: str, cfg: PretrainConfig, log=print) -> dict:
-    """Run SimCLR pretraining; returns the summary written to ``summary.json``.
+    """Run SimCLR pretraining (one process, or every rank under torchrun); returns the summary
+    written to ``summary.json``.
 
     Raises:
         BadInputError: unusable dataset or init weights. DivergedError: the loss became NaN/inf.
+        PreemptedError: SIGTERM arrived; a checkpoint was written first (rerun to resume).
     """
+    info, device = init_distributed(pick_device(cfg.device))
+    stop = StopRequest()
+    try:
+        return _pretrain(data_location, output_location, cfg, info, device, stop,
+                         log if info.is_main else (lambda *a, **k: None))
+    finally:
+        stop.restore()
+        cleanup()
+
+
+def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> dict:
     pool, train_labels, val, val_labels, classes = load_pretraining_images(data_location, cfg, log)
     n = pool.shape[0]
-    if n < 2:
-        raise BadInputError(f"SimCLR needs at least 2 images, the dataset has {n}")
-    device = pick_device(cfg.device)
+    world = info.world_size
+    batch = max(1, min(cfg.batch_size, n)) // world * world
+    if batch < world or n < 2:
+        raise BadInputError(f"SimCLR needs at least 2 images and one per process; the dataset has {n}, "
+                            f"{world} processes")
+    per_rank = batch // world
     seed_everything(cfg.seed)
     out = open_storage(output_location)
     writer = RunWriter(out)
 
-    encoder = load_init_encoder(cfg.init)
-    model = SimCLRModel(encoder, ProjectionHead(512, cfg.proj_hidden_dim, cfg.proj_dim)).to(device)
+    model = SimCLRModel(load_init_encoder(cfg.init), ProjectionHead(512, cfg.proj_hidden_dim, cfg.proj_dim))
+    if info.enabled:
+        model = sync_batchnorm(model, device)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    batch = max(1, min(cfg.batch_size, n))
     lr = cfg.lr * batch / 256
     optimizer = build_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay)
     steps_per_epoch = max(1, n // batch)
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps, cfg.warmup_epochs * steps_per_epoch))
-    loss_fn = NTXentLoss(cfg.temperature)
+    loss_fn = NTXentLoss(cfg.temperature, gather_distributed=True)
     augment = BatchAugment(simclr_preset(cfg.jitter_strength, cfg.crop_min, cfg.blur_p))
     order_gen = torch.Generator().manual_seed(cfg.seed)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    forward = torch.compile(model) if cfg.compile else model
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1000 * info.rank)
+    forward = model
+    if info.enabled:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
 
-    start_epoch = 0
+    start_epoch, start_step, partial = 0, 0, []
+    epoch_order_state = order_gen.get_state()
     state = load_latest_checkpoint(out) if cfg.resume == "auto" else None
     if state is not None:
+        if state.get("finished"):
+            log(f"this run already finished ({out.url('checkpoints/latest.json')}): nothing to do")
+            return state.get("summary", {})
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        order_gen.set_state(state["order_rng"])
-        aug_gen.set_state(state["aug_rng"].to("cpu"))
+        epoch_order_state = state["epoch_order_rng"]
+        aug_gen.set_state(state["aug_rng"])
+        restore_rng_states(state["rng"])
         writer.history = list(state["history"])
-        start_epoch = int(state["epoch"])
-        log(f"resuming from epoch {start_epoch} ({out.url('checkpoints/latest.json')})")
-        if start_epoch >= cfg.epochs:
-            log("this run already finished: nothing to do")
-            return state["summary"] if "summary" in state else {}
+        start_epoch, start_step, partial = int(state["epoch"]), int(state["step"]), list(state["partial_losses"])
+        log(f"resuming at epoch {start_epoch + 1}, step {start_step} from {out.url('checkpoints/latest.json')}")
 
-    config = {**asdict(cfg), "data": data_location, "output": out.uri, "images": n, "effective_batch_size": batch,
-              "effective_lr": lr, "device": str(device), "torch": torch.__version__}
-    writer.write_json("config.json", config)
-    log(f"SimCLR on {n} images, batch {batch}, {steps_per_epoch} steps/epoch, {cfg.epochs} epochs, {device}")
+    def checkpoint(epoch, step, losses, finished=False, summary=None):
+        if info.is_main:
+            save_checkpoint(out, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch_order_rng": epoch_order_state,
+                "aug_rng": aug_gen.get_state().cpu(), "rng": capture_rng_states(), "epoch": epoch, "step": step,
+                "partial_losses": losses, "history": list(writer.history), "finished": finished,
+                "summary": summary or {}}, epoch)
+        barrier()
+
+    if info.is_main:
+        writer.write_json("config.json", {**asdict(cfg), "data": data_location, "output": out.uri, "images": n,
+                                          "global_batch_size": batch, "world_size": world, "effective_lr": lr,
+                                          "device": str(device), "torch": torch.__version__})
+    log(f"SimCLR on {n} images, global batch {batch} ({world} process(es)), {steps_per_epoch} steps/epoch, "
+        f"{cfg.epochs} epochs, {device}")
 
     started = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         meter = Throughput(device)
-        losses = []
-        for idx in epoch_batches(n, batch, order_gen, drop_last=True):
+        order_gen.set_state(epoch_order_state)
+        batches = epoch_batches(n, batch, order_gen, drop_last=True)
+        losses = partial if epoch == start_epoch else []
+        for step in range(start_step if epoch == start_epoch else 0, len(batches)):
+            idx = batches[step][info.rank * per_rank:(info.rank + 1) * per_rank]
             x = pool[idx].to(device, non_blocking=True)
-            views = torch.cat([augment(x, cfg.image_size, aug_gen), augment(x, cfg.image_size, aug_gen)])
+            v1, v2 = augment(x, cfg.image_size, aug_gen), augment(x, cfg.image_size, aug_gen)
             if device.type == "cuda":
-                views = views.contiguous(memory_format=torch.channels_last)
+                v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
             with autocast(device):
-                z = forward(views)
-            loss = loss_fn(*z.float().chunk(2))
+                loss = simclr_loss(forward, v1, v2, loss_fn)
             if not torch.isfinite(loss):
-                raise DivergedError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or raise "
-                                    "--temperature. The last good checkpoint is kept.")
+                raise DivergedError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower --lr "
+                                    "or raise --temperature. The last good checkpoint is kept.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(loss.detach())
-            meter.add(2 * len(idx))
-        record = {"epoch": epoch + 1, "loss": torch.stack(losses).mean().item(),
+            losses.append(mean_across_ranks(loss.item()))
+            meter.add(2 * batch)
+            if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                log(f"epoch {epoch + 1} step {step + 1}/{len(batches)} loss {losses[-1]:.4f}")
+            if stop_requested(stop):
+                checkpoint(epoch, step + 1, losses)
+                raise PreemptedError(f"stopped by SIGTERM at epoch {epoch + 1}, step {step + 1}; checkpoint written "
+                                     f"to {out.url('checkpoints/latest.json')}: run again to resume")
+        epoch_order_state = order_gen.get_state()
+        record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": round(meter.rate(), 1),
                   "elapsed_s": round(time.time() - started, 1)}
         last = epoch + 1 == cfg.epochs
-        if val is not None and cfg.knn_every > 0 and ((epoch + 1) % cfg.knn_every == 0 or last):
+        if info.is_main and val is not None and cfg.knn_every > 0 and ((epoch + 1) % cfg.knn_every == 0 or last):
             record["knn_top1"] = knn_monitor(model.encoder, pool[: len(train_labels)], train_labels, val,
                                              val_labels, len(classes), cfg, device)
-        writer.log_epoch(record)
+        if info.is_main:
+            writer.log_epoch(record)
         log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if cfg.checkpoint_every > 0 and ((epoch + 1) % cfg.checkpoint_every == 0) and not last:
-            save_checkpoint(out, _checkpoint_state(model, optimizer, scheduler, order_gen, aug_gen, writer, epoch + 1), epoch + 1)
+        if cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0 and not last:
+            checkpoint(epoch + 1, 0, [])
 
-    summary = {"epochs": cfg.epochs, "images": n, "final_loss": writer.history[-1]["loss"] if writer.history else None,
+    summary = {"epochs": cfg.epochs, "images": n, "world_size": world,
+               "final_loss": writer.history[-1]["loss"] if writer.history else None,
                "knn_top1": next((h["knn_top1"] for h in reversed(writer.history) if "knn_top1" in h), None),
                "seconds": round(time.time() - started, 1)}
-    save_torch(out, "encoder.pt", {k: v.cpu() for k, v in model.encoder.state_dict().items()})
-    save_torch(out, "projection_head.pt", {k: v.cpu() for k, v in model.head.state_dict().items()})
-    writer.write_plot("loss_curve.png", lambda p: plot_curves(writer.history, ["loss"], p, "SimCLR NT-Xent loss"))
-    if any("knn_top1" in h for h in writer.history):
-        writer.write_plot("knn_monitor.png",
-                          lambda p: plot_curves(writer.history, ["knn_top1"], p, "kNN monitor: val top-1"))
-    writer.write_json("summary.json", summary)
-    final = _checkpoint_state(model, optimizer, scheduler, order_gen, aug_gen, writer, cfg.epochs)
-    final["summary"] = summary
-    save_checkpoint(out, final, cfg.epochs)
+    if info.is_main:
+        save_torch(out, "encoder.pt", {k: v.cpu() for k, v in model.encoder.state_dict().items()})
+        save_torch(out, "projection_head.pt", {k: v.cpu() for k, v in model.head.state_dict().items()})
+        writer.write_plot("loss_curve.png", lambda p: plot_curves(writer.history, ["loss"], p, "SimCLR NT-Xent loss"))
+        if any("knn_top1" in h for h in writer.history):
+            writer.write_plot("knn_monitor.png",
+                              lambda p: plot_curves(writer.history, ["knn_top1"], p, "kNN monitor: val top-1"))
+        writer.write_json("summary.json", summary)
+    checkpoint(cfg.epochs, 0, [], finished=True, summary=summary)
     return summary
+
+
+def stop_requested(stop: StopRequest) -> bool:
+    """True on every rank as soon as any rank got SIGTERM (so all checkpoint at the same step)."""
+    return mean_across_ranks(float(stop.requested)) > 0
+
+
+def capture_rng_states() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) RNG states as tensors (loadable with weights_only)."""
+    import random
+
+    import numpy as np
+
+    py = random.getstate()
+    np_state = np.random.get_state()
+    states = {"python_version": py[0], "python": torch.tensor(py[1], dtype=torch.int64),
+              "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate((states["python_version"], tuple(states["python"].tolist()), None))
+    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), states["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def knn_monitor(encoder, train_images, train_labels, val_images, val_labels, num_classes, cfg, device) -> float:
@@ -205,9 +312,3 @@ def knn_monitor(encoder, train_images, train_labels, val_images, val_labels, num
     query = embed(encoder, val_images, cfg.image_size, device)
     scores = knn_predict(bank, train_labels, query, num_classes, cfg.knn_k)
     return topk_accuracy(scores, val_labels, (1,))[1]
-
-
-def _checkpoint_state(model, optimizer, scheduler, order_gen, aug_gen, writer, epoch) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "order_rng": order_gen.get_state(), "aug_rng": aug_gen.get_state().cpu(), "epoch": epoch,
-            "history": list(writer.history)}

@@ -79,6 +79,7 @@ class Storage:
     def download_file(self, key: str, local_path: str | os.PathLike) -> None: ...
     def list(self, prefix: str = "") -> dict[str, int]: ...
     def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
     def sync_to_local(self, prefix: str, cache_dir: str | os.PathLike) -> Path: ...
 
     def url(self, key: str) -> str:
@@ -164,6 +165,9 @@ class LocalStorage(Storage):
 
     def exists(self, key):
         return self._path(key).is_file()
+
+    def delete(self, key):
+        self._path(key).unlink(missing_ok=True)
 
     def sync_to_local(self, prefix, cache_dir):
         """A local folder already is local: returns the folder itself, copies nothing."""
@@ -270,6 +274,9 @@ class S3Storage(Storage):
             return True
         except NotFoundError:
             return False
+
+    def delete(self, key):
+        self._call(key, _s3_client().delete_object, Bucket=self.bucket, Key=self._key(key))
 
     def sync_to_local(self, prefix, cache_dir):
         """Copy every object under ``prefix`` into ``cache_dir`` (skipping files already there with the

@@ -30,6 +30,7 @@ from common.cli import report_errors
 @click.option("--device", default="auto", envvar="FACESSL_DEVICE", help="auto, cpu, cuda or cuda:N.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=1, help="Write a resumable checkpoint every N epochs (0: never).")
 @click.option("--resume", type=click.Choice(["auto", "never"]), default="auto", help="auto: continue from the output's latest checkpoint when there is one.")
+@click.option("--log-every", type=click.IntRange(min=0), default=50, help="Print the loss every N steps (0: per epoch only).")
 @click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the model.")
 @report_errors
 def main(data_location, output_location, compile_, **options):

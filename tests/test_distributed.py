@@ -1,0 +1,85 @@
+"""Two gloo processes equal one process on the same global batch; torchrun runs the real job."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from common.distributed import sync_batchnorm
+from common.losses import NTXentLoss
+from common.models import ProjectionHead, SimCLRModel, build_encoder
+from common.simclr import simclr_loss
+
+N, SIZE = 8, 32
+
+
+def make_model_and_views():
+    """A SimCLR model and two views of N images, in float64: a freshly initialised ResNet is badly
+    conditioned, and float32 rounding alone moves its first layers' gradients by ~0.5%."""
+    torch.manual_seed(0)
+    model = SimCLRModel(build_encoder(), ProjectionHead(512, 64, 32))
+    gen = torch.Generator().manual_seed(1)
+    return model.double(), torch.randn(N, 3, SIZE, SIZE, generator=gen).double(), torch.randn(N, 3, SIZE, SIZE, generator=gen).double()
+
+
+def _rank(rank, world, init_file, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, v1, v2 = make_model_and_views()
+    model = sync_batchnorm(model, torch.device("cpu"))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    n = N // world
+    loss = simclr_loss(ddp, v1[rank * n:(rank + 1) * n], v2[rank * n:(rank + 1) * n], NTXentLoss(0.5))
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    if rank == 0:
+        torch.save({"loss": total / world, "grads": {k: p.grad for k, p in model.named_parameters()}}, result_file)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    torch.set_num_threads(1)
+    model, v1, v2 = make_model_and_views()
+    loss = simclr_loss(model, v1, v2, NTXentLoss(0.5))
+    loss.backward()
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "r.pt")), nprocs=2)
+    result = torch.load(tmp_path / "r.pt", weights_only=True)
+    assert torch.allclose(result["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(result["grads"][name], p.grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_local_only_loss_would_differ(tmp_path):
+    """The check above can fail: without gathered negatives the loss is not the global one."""
+    model, v1, v2 = make_model_and_views()
+    with torch.no_grad():
+        z = model(torch.cat([v1, v2]))
+        z1, z2 = z.chunk(2)
+        full = NTXentLoss(0.5)(z1, z2)
+        half = (NTXentLoss(0.5)(z1[:4], z2[:4]) + NTXentLoss(0.5)(z1[4:], z2[4:])) / 2
+    assert not torch.allclose(full, half, rtol=1e-3)
+
+
+def test_torchrun_two_processes_write_the_same_outputs(prepared_subset, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    args = ["--data", str(prepared_subset), "--epochs", "2", "--batch-size", "32", "--image-size", "32",
+            "--knn-every", "1", "--log-every", "0"]
+    one = subprocess.run([str(bin_dir / "pretrain-simclr"), *args, "--output", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                          str(bin_dir / "pretrain-simclr"), *args, "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stdout + two.stderr
+    files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and "checkpoints/ckpt" not in p.as_posix())  # noqa: E731
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch_size"] == 32
+    history = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(h["loss"] > 0 for h in history) and "knn_top1" in history[-1]

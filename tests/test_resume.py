@@ -1,0 +1,78 @@
+"""Preemption: SIGTERM mid-epoch writes a checkpoint and exits with the retry code; a rerun resumes and
+ends with exactly the weights of an uninterrupted run (CPU, same seed), locally and on S3."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoints import load_latest_checkpoint, load_torch
+from common.storage import open_storage
+
+ARGS = ["--epochs", "3", "--batch-size", "32", "--image-size", "32", "--warmup-epochs", "2", "--knn-every", "0",
+        "--log-every", "1", "--checkpoint-every", "1"]
+SCRIPT = str(Path(sys.executable).parent / "pretrain-simclr")
+
+
+def pretrain(data, out, extra=(), env=None):
+    return subprocess.run([SCRIPT, "--data", str(data), "--output", out, *ARGS, *extra], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, **(env or {})})
+
+
+def interrupt_mid_epoch(data, out, env, when="epoch 2 step 2/"):
+    """Start pretraining, send SIGTERM once it logs ``when``, return the finished process."""
+    proc = subprocess.Popen([SCRIPT, "--data", str(data), "--output", out, *ARGS], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    for line in proc.stdout:
+        if line.startswith(when):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=900)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared_subset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    r = pretrain(prepared_subset, str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return load_torch(str(out / "encoder.pt")), [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_sigterm_then_resume_matches_uninterrupted_run(where, prepared_subset, uninterrupted, tmp_path, request):
+    out = str(tmp_path / "run") if where == "local" else f"s3://{request.getfixturevalue('s3_env')}/run"
+    env = {"FACESSL_CACHE": str(tmp_path / "cache")}
+    code, stdout, stderr = interrupt_mid_epoch(prepared_subset, out, env)
+    assert code == 4, stdout + stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    state = load_latest_checkpoint(open_storage(out))
+    assert state["epoch"] == 1 and 2 <= state["step"] < 6, "checkpoint taken inside epoch 2"
+    assert not open_storage(out).exists("encoder.pt")
+
+    resumed = pretrain(prepared_subset, out, env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming at epoch 2, step {state['step']}" in resumed.stdout
+    encoder, history = uninterrupted
+    final = load_torch(f"{out}/encoder.pt")
+    for key, value in encoder.items():
+        assert torch.equal(final[key], value), key
+    resumed_history = [json.loads(x) for x in open_storage(out).read_text("metrics.jsonl").splitlines()]
+    assert [h["lr"] for h in resumed_history] == [h["lr"] for h in history], "LR schedule continues, no new warm-up"
+    assert [h["loss"] for h in resumed_history] == pytest.approx([h["loss"] for h in history], rel=1e-6)
+
+    again = pretrain(prepared_subset, out, env=env)
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_nan_loss_stops_with_exit_code_5_and_keeps_checkpoint(prepared_subset, tmp_path):
+    out = tmp_path / "run"
+    r = pretrain(prepared_subset, str(out), extra=["--lr", "1e30", "--warmup-epochs", "0"])
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "loss became" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "encoder.pt").exists()
