@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from common.augment import BatchAugment, eval_transform, supervised_preset
 from common.checkpoints import load_torch, save_torch
 from common.data import default_cache_dir, load_split, read_manifest
+from common.distributed import barrier, cleanup, init_distributed, mean_across_ranks, sync_batchnorm
 from common.errors import BadInputError, DivergedError
 from common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
 from common.models import Classifier, build_encoder, encoder_state_from_file
@@ -94,9 +95,22 @@ def _optimizer(cfg: ClassifierConfig, model: Classifier, lr: float):
 def train_classifier(data_location: str, output_location: str, cfg: ClassifierConfig, log=print) -> dict:
     """Train, select by val top-1, evaluate on test; returns the metrics written to ``metrics.json``.
 
+    Under torchrun, fine-tuning runs DistributedDataParallel (each rank its slice of every global batch,
+    global batch norm); a linear probe, cheap on precomputed embeddings, runs identically on every rank.
+    Only rank 0 writes.
+
     Raises:
         BadInputError: unusable dataset or weights. DivergedError: the loss became NaN/inf.
     """
+    info, device = init_distributed(pick_device(cfg.device))
+    try:
+        return _train_classifier(data_location, output_location, cfg, info, device,
+                                 log if info.is_main else (lambda *a, **k: None))
+    finally:
+        cleanup()
+
+
+def _train_classifier(data_location, output_location, cfg, info, device, log) -> dict:
     if cfg.mode not in ("finetune", "linear-probe"):
         raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune or linear-probe")
     storage = open_storage(data_location)
@@ -109,17 +123,22 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
     if cfg.labels_per_class:
         keep = subsample_per_class(train_y, cfg.labels_per_class, cfg.seed)
         train_x, train_y = train_x[keep], train_y[keep]
-    device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     encoder, source = initial_encoder(cfg)
-    model = Classifier(encoder, len(classes)).to(device)
+    model = Classifier(encoder, len(classes))
+    distributed = info.enabled and cfg.mode == "finetune"
+    if distributed:
+        model = sync_batchnorm(model, device)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     out = open_storage(output_location)
     writer = RunWriter(out)
-    writer.write_json("config.json", {**asdict(cfg), "data": data_location, "output": out.uri, "weights": source,
-                                      "train_images": len(train_y), "classes": classes, "device": str(device),
-                                      "torch": torch.__version__})
+    if info.is_main:
+        writer.write_json("config.json", {**asdict(cfg), "data": data_location, "output": out.uri,
+                                          "weights": source, "train_images": len(train_y), "classes": classes,
+                                          "device": str(device), "world_size": info.world_size,
+                                          "torch": torch.__version__})
     log(f"{cfg.mode} from {source}: {len(train_y)} labelled train images, {len(classes)} classes, {device}")
 
     if cfg.mode == "linear-probe":
@@ -141,16 +160,24 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device):
-                    return model(x).float()
+                    return (train_model if train else model)(x).float()
             return run
 
         forward = {s: make_forward(s) for s in splits}
+        train_model = model
+        if distributed:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
     labels = {"train": train_y, "val": splits["val"][1], "test": splits["test"][1]}
 
-    batch = max(1, min(cfg.batch_size, len(train_y)))
+    world = info.world_size if distributed else 1
+    batch = max(1, min(cfg.batch_size, len(train_y))) // world * world
+    if batch < world:
+        raise BadInputError(f"{len(train_y)} training images cannot feed {world} processes")
+    per_rank, rank = batch // world, info.rank if distributed else 0
     lr = cfg.lr
     optimizer = _optimizer(cfg, model, lr)
-    steps_per_epoch = len(epoch_batches(len(train_y), batch, torch.Generator().manual_seed(0), drop_last=False))
+    steps_per_epoch = len(epoch_batches(len(train_y), batch, torch.Generator().manual_seed(0), drop_last=distributed))
     total = cfg.epochs * steps_per_epoch
     schedule = (lambda step: warmup_cosine(step, total, cfg.warmup_epochs * steps_per_epoch)) \
         if cfg.schedule == "cosine" else (lambda step: 1.0)
@@ -170,7 +197,8 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
         if cfg.mode == "linear-probe":
             model.encoder.eval()
         correct, seen, loss_sum = 0, 0, 0.0
-        for idx in epoch_batches(len(train_y), batch, order_gen, drop_last=False):
+        for idx in epoch_batches(len(train_y), batch, order_gen, drop_last=distributed):
+            idx = idx[rank * per_rank:(rank + 1) * per_rank] if distributed else idx
             logits = forward["train"](idx, train=True)
             target = train_y[idx].to(device)
             loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
@@ -183,13 +211,16 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
             correct += (logits.argmax(1) == target).sum().item()
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
+        if distributed:
+            correct, seen, loss_sum = (mean_across_ranks(v) * world for v in (correct, seen, loss_sum))
         val_logits = evaluate("val")
         val_acc = topk_accuracy(val_logits, labels["val"], (1, 3))
         val_loss = F.cross_entropy(val_logits, labels["val"]).item()
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                   "val_loss": val_loss, "val_top1": val_acc[1], "val_top3": val_acc[3],
                   "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - started, 1)}
-        writer.log_epoch(record)
+        if info.is_main:
+            writer.log_epoch(record)
         log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         key = (val_acc[1], -val_loss)
         if best_key is None or key > best_key:
@@ -210,12 +241,14 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
         "confusion_matrix": test["confusion_matrix"],
         "seconds": round(time.time() - started, 1),
     }
-    save_torch(out, "model.pt", {"model": {k: v.cpu() for k, v in model.state_dict().items()},
-                                 "classes": classes, "image_size": cfg.image_size})
-    writer.write_json("metrics.json", metrics)
-    out.write_text("classification_report.txt", test["report_text"])
-    writer.write_plot("confusion_matrix.png", lambda p: plot_confusion_matrix(
-        test["confusion_matrix"], classes, p, f"test confusion matrix (top-1 {test['top1']:.3f})"))
-    writer.write_plot("training_curves.png", lambda p: plot_curves(
-        writer.history, ["train_top1", "val_top1", "val_top3"], p, f"train-classifier ({cfg.mode})"))
+    if info.is_main:
+        save_torch(out, "model.pt", {"model": {k: v.cpu() for k, v in model.state_dict().items()},
+                                     "classes": classes, "image_size": cfg.image_size})
+        writer.write_json("metrics.json", metrics)
+        out.write_text("classification_report.txt", test["report_text"])
+        writer.write_plot("confusion_matrix.png", lambda p: plot_confusion_matrix(
+            test["confusion_matrix"], classes, p, f"test confusion matrix (top-1 {test['top1']:.3f})"))
+        writer.write_plot("training_curves.png", lambda p: plot_curves(
+            writer.history, ["train_top1", "val_top1", "val_top3"], p, f"train-classifier ({cfg.mode})"))
+    barrier()
     return metrics

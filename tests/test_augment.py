@@ -69,3 +69,50 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="probability"):
         AugmentConfig(gray_p=1.5)
     assert math.isclose(simclr_preset(1.0).brightness, 0.8)
+
+
+def test_crop_distribution_matches_torchvision_reference():
+    """Area fraction and aspect ratio of our batched crops vs torchvision's per-image RandomResizedCrop."""
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    img = torch.zeros(3, 60, 80)
+    ref = torch.tensor([RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)],
+                       dtype=torch.float)  # (top, left, h, w)
+    ref_area, ref_ratio = ref[:, 2] * ref[:, 3] / 4800, ref[:, 3] / ref[:, 2]
+    boxes = sample_crop_boxes(4000, 60, 80, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0), "cpu")
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    area, ratio = w * h / 4800, w / h
+    q = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(area.quantile(q), ref_area.quantile(q), atol=0.03)
+    assert torch.allclose(ratio.quantile(q), ref_ratio.quantile(q), atol=0.03)
+    assert torch.allclose((boxes[:, 0] / (80 - w).clamp(min=1)).mean(), torch.tensor(0.5), atol=0.03)
+
+
+def test_brightness_and_saturation_ranges_match_torchvision_reference():
+    """Per-image ColorJitter of torchvision vs our batched jitter on the same image: same value ranges."""
+    from torchvision.transforms import ColorJitter
+
+    torch.manual_seed(0)
+    base = torch.tensor([0.6, 0.4, 0.2]).view(3, 1, 1).expand(3, 4, 4)
+    ref = torch.stack([ColorJitter(brightness=0.4, saturation=0.4)(base) for _ in range(2000)])
+    x = (base * 255).round().to(torch.uint8).expand(2000, 3, 4, 4).contiguous()
+    cfg = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=1.0, brightness=0.4,
+                        contrast=0.0, saturation=0.4, hue=0.0, gray_p=0.0, blur_p=0.0)
+    ours = BatchAugment(cfg)(x, 4, torch.Generator().manual_seed(0))
+    ours = ours * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    q = torch.tensor([0.02, 0.25, 0.5, 0.75, 0.98])
+    for channel in range(3):
+        assert torch.allclose(ours[:, channel, 0, 0].quantile(q), ref[:, channel, 0, 0].quantile(q), atol=0.03), channel
+
+
+def test_hue_shift_rotates_colour_like_torchvision():
+    from torchvision.transforms.v2.functional import adjust_hue
+
+    from common.augment import color_jitter
+
+    img = torch.rand(1, 3, 8, 8)
+    one = torch.ones(1)
+    for shift in (-0.1, 0.05, 0.25):
+        ours = color_jitter(img.clone(), one, one, one, torch.tensor([shift]), [3])
+        assert torch.allclose(ours, adjust_hue(img, shift), atol=1e-4), shift

@@ -83,3 +83,20 @@ def test_torchrun_two_processes_write_the_same_outputs(prepared_subset, tmp_path
     assert config["world_size"] == 2 and config["global_batch_size"] == 32
     history = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2 and all(h["loss"] > 0 for h in history) and "knn_top1" in history[-1]
+
+
+def test_torchrun_two_processes_train_a_classifier(prepared_subset, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    args = ["--data", str(prepared_subset), "--epochs", "2", "--batch-size", "32", "--image-size", "32"]
+    one = subprocess.run([str(bin_dir / "train-classifier"), *args, "--output", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                          str(bin_dir / "train-classifier"), *args, "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert two.stdout.count("test top-1") == 1, "only rank 0 reports"
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 24 and 0.0 <= metrics["test"]["top1"] <= 1.0
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
