@@ -118,7 +118,7 @@ def _train_classifier(data_location, output_location, cfg, info, device, log) ->
     classes = manifest["classes"]
     cache = default_cache_dir(f"{storage.uri}#{manifest.get('dataset_id', '')}")
     size = cfg.image_size if manifest.get("image_size", cfg.image_size) > cfg.image_size else None
-    splits = {s: load_split(storage, s, cache, size) for s in ("train", "val", "test")}
+    splits = {s: load_split(storage, manifest, s, cache, size) for s in ("train", "val", "test")}
     train_x, train_y = splits["train"]
     if cfg.labels_per_class:
         keep = subsample_per_class(train_y, cfg.labels_per_class, cfg.seed)

@@ -121,10 +121,12 @@ def iter_shard_samples(path: str | os.PathLike):
             yield current, jpeg, label
 
 
-def load_split(storage: Storage, split: str, cache_dir: str | os.PathLike, image_size: int | None = None):
+def load_split(storage: Storage, manifest: dict, split: str, cache_dir: str | os.PathLike,
+               image_size: int | None = None):
     """Decode a whole split into memory.
 
-    Shards are copied to ``cache_dir`` first (S3) or read in place (local folders).
+    The shards the manifest lists are copied to ``cache_dir`` first (S3) or read in place (local
+    folders); files the manifest does not list (left over from an earlier run) are ignored.
 
     Returns:
         images: uint8 tensor of shape (N, 3, H, W) (RGB), resized to ``image_size`` when given.
@@ -137,10 +139,10 @@ def load_split(storage: Storage, split: str, cache_dir: str | os.PathLike, image
     import torch
     from PIL import Image
 
-    local = Path(storage.sync_to_local(split, Path(cache_dir)))
-    shards = sorted(local.glob("shard-*.tar")) if local.is_dir() else []
-    if not shards:
-        raise BadInputError(f"split {split!r} has no shards under {storage.url(split)}")
+    keys = manifest.get("shards", {}).get(split) or []
+    if not keys:
+        raise BadInputError(f"split {split!r} of {storage.uri} is empty: the dataset has no {split} images")
+    shards = [storage.local_copy(key, cache_dir) for key in keys]
     images, labels = [], []
     for shard in shards:
         try:

@@ -244,7 +244,7 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
         "format": "facessl-prepared/1",
         "dataset_id": uuid.uuid4().hex,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "input": src.uri if not src.uri.startswith("s3://") else src.uri,
+        "input": src.uri,
         "classes": classes,
         "image_size": cfg.detect.image_size,
         "params": params,

@@ -66,16 +66,16 @@ def load_pretraining_images(data_location: str, cfg: PretrainConfig, log=print):
     manifest = read_manifest(storage)
     cache = default_cache_dir(f"{storage.uri}#{manifest.get('dataset_id', '')}")
     size = cfg.image_size if manifest.get("image_size", cfg.image_size) > cfg.image_size else None
-    train, train_labels = load_split(storage, "train", cache, size)
+    train, train_labels = load_split(storage, manifest, "train", cache, size)
     pool = [train]
     if cfg.use_unlabeled:
         if manifest.get("shards", {}).get(UNLABELED):
-            pool.append(load_split(storage, UNLABELED, cache, size)[0])
+            pool.append(load_split(storage, manifest, UNLABELED, cache, size)[0])
         else:
             log("no unlabeled pool in this dataset (prepare-data --unlabeled-pool): using the train split only")
     val, val_labels = None, None
     if manifest.get("shards", {}).get("val"):
-        val, val_labels = load_split(storage, "val", cache, size)
+        val, val_labels = load_split(storage, manifest, "val", cache, size)
     return torch.cat(pool), train_labels, val, val_labels, manifest["classes"]
 
 

@@ -81,6 +81,7 @@ class Storage:
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def sync_to_local(self, prefix: str, cache_dir: str | os.PathLike) -> Path: ...
+    def local_copy(self, key: str, cache_dir: str | os.PathLike) -> Path: ...
 
     def url(self, key: str) -> str:
         """Human-readable address of ``key`` (for messages)."""
@@ -172,6 +173,13 @@ class LocalStorage(Storage):
     def sync_to_local(self, prefix, cache_dir):
         """A local folder already is local: returns the folder itself, copies nothing."""
         return self._path(prefix) if prefix else self.root
+
+    def local_copy(self, key, cache_dir):
+        """The file itself (nothing is copied). Raises NotFoundError when missing."""
+        path = self._path(key)
+        if not path.is_file():
+            raise NotFoundError(f"not found: {self.url(key)}")
+        return path
 
 
 _CLIENT_LOCK = threading.Lock()
@@ -288,6 +296,13 @@ class S3Storage(Storage):
                 continue
             self.download_file(key, dest)
         return root / safe_key(prefix) if prefix else root
+
+    def local_copy(self, key, cache_dir):
+        """Download ``key`` into ``cache_dir`` once (kept while its size matches) and return the path."""
+        dest = Path(cache_dir) / safe_key(key)
+        if not dest.is_file():
+            self.download_file(key, dest)
+        return dest
 
 
 def open_storage(location: str | os.PathLike) -> Storage:

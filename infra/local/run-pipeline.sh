@@ -19,8 +19,8 @@ venv=$("$repo/infra/ci/setup-venv.sh")
 export PATH="$venv/bin:$PATH"
 
 CLASSES="Leonardo DiCaprio,Barack Obama,Keanu Reeves,Tom Hanks,Keira Knightley,Jennifer Aniston"
-EPOCHS_SIMCLR=${EPOCHS_SIMCLR:-8}
-EPOCHS_CLASSIFIER=${EPOCHS_CLASSIFIER:-8}
+EPOCHS_SIMCLR=${EPOCHS_SIMCLR:-12}
+EPOCHS_CLASSIFIER=${EPOCHS_CLASSIFIER:-10}
 SEED=${SEED:-1337}
 
 start=$(date +%s)
