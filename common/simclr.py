@@ -152,6 +152,8 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         raise BadInputError(f"SimCLR needs at least 2 images and one per process; the dataset has {n}, "
                             f"{world} processes")
     per_rank = batch // world
+    if device.type == "cuda" and pool.numel() < 0.5 * torch.cuda.mem_get_info(device)[0]:
+        pool = pool.to(device)  # uint8 crops live on the GPU: a step then never waits for host copies
     seed_everything(cfg.seed)
     out = open_storage(output_location)
     writer = RunWriter(out)
@@ -222,7 +224,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         losses = partial if epoch == start_epoch else []
         for step in range(start_step if epoch == start_epoch else 0, len(batches)):
             idx = batches[step][info.rank * per_rank:(info.rank + 1) * per_rank]
-            x = pool[idx].to(device, non_blocking=True)
+            x = pool[idx.to(pool.device)].to(device, non_blocking=True)
             v1, v2 = augment(x, cfg.image_size, aug_gen), augment(x, cfg.image_size, aug_gen)
             if device.type == "cuda":
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))

@@ -66,17 +66,22 @@ def test_local_only_loss_would_differ(tmp_path):
     assert not torch.allclose(full, half, rtol=1e-3)
 
 
-def test_torchrun_two_processes_write_the_same_outputs(prepared_subset, tmp_path):
+def one_and_two_processes(script, args, tmp_path):
+    """Run a job once as a plain process and once under torchrun with 2 gloo processes."""
     bin_dir = Path(sys.executable).parent
-    args = ["--data", str(prepared_subset), "--epochs", "2", "--batch-size", "32", "--image-size", "32",
-            "--knn-every", "1", "--log-every", "0"]
-    one = subprocess.run([str(bin_dir / "pretrain-simclr"), *args, "--output", str(tmp_path / "one")],
+    one = subprocess.run([str(bin_dir / script), *args, "--output", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=900)
     assert one.returncode == 0, one.stdout + one.stderr
-    two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2",
-                          str(bin_dir / "pretrain-simclr"), *args, "--output", str(tmp_path / "two")],
+    two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", str(bin_dir / script),
+                          *args, "--output", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stdout + two.stderr
+    return two
+
+
+def test_torchrun_two_processes_write_the_same_outputs(prepared_subset, tmp_path):
+    one_and_two_processes("pretrain-simclr", ["--data", str(prepared_subset), "--epochs", "2", "--batch-size", "32",
+                                              "--image-size", "32", "--knn-every", "1", "--log-every", "0"], tmp_path)
     files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and "checkpoints/ckpt" not in p.as_posix())  # noqa: E731
     assert files(tmp_path / "one") == files(tmp_path / "two")
     config = json.loads((tmp_path / "two" / "config.json").read_text())
@@ -86,15 +91,8 @@ def test_torchrun_two_processes_write_the_same_outputs(prepared_subset, tmp_path
 
 
 def test_torchrun_two_processes_train_a_classifier(prepared_subset, tmp_path):
-    bin_dir = Path(sys.executable).parent
-    args = ["--data", str(prepared_subset), "--epochs", "2", "--batch-size", "32", "--image-size", "32"]
-    one = subprocess.run([str(bin_dir / "train-classifier"), *args, "--output", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=900)
-    assert one.returncode == 0, one.stdout + one.stderr
-    two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2",
-                          str(bin_dir / "train-classifier"), *args, "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stdout + two.stderr
+    two = one_and_two_processes("train-classifier", ["--data", str(prepared_subset), "--epochs", "2",
+                                                     "--batch-size", "32", "--image-size", "32"], tmp_path)
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
     assert two.stdout.count("test top-1") == 1, "only rank 0 reports"
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())

@@ -9,7 +9,11 @@
 # (about 15 minutes); on a GPU raise EPOCHS_* and the image sizes (see README, "Measured results").
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-raw=${1:-$repo/../shared/data/faces/glint24}
+default_raw=$repo/../shared/data/faces/glint24
+for shared in "${FACESSL_SHARED:-}" /work/shared; do  # clones that do not sit beside ../shared
+  [ -d "$default_raw" ] || [ -z "$shared" ] || default_raw=$shared/data/faces/glint24
+done
+raw=${1:-$default_raw}
 out=${2:-$repo/runs/glint6}
 if [[ "$raw" != s3://* && ! -d "$raw" ]]; then
   echo "error: raw photo folder $raw not found (pass it as the first argument)" >&2
