@@ -48,7 +48,7 @@ def load_torch_bytes(data: bytes, where: str, map_location="cpu"):
 
     import torch
 
-    if not data.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
+    if not data.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle format
         raise BadInputError(f"{where} is not a readable torch file (not a torch.save archive)")
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
@@ -72,6 +72,8 @@ def load_torch(location: str, map_location="cpu"):
     location = str(location)
     if location.startswith("s3://"):
         parent, _, name = location.rstrip("/").rpartition("/")
+        if parent in ("s3:", "s3:/") or not name:
+            raise BadInputError(f"{location!r} names no file: expected s3://bucket/path/file.pt")
         storage, key = open_storage(parent), name
     else:
         storage, key = open_storage(os.path.dirname(os.path.abspath(location))), os.path.basename(location)
@@ -106,7 +108,12 @@ def load_latest_checkpoint(storage: Storage, map_location="cpu") -> dict | None:
         pointer = json.loads(storage.read_text(LATEST))
     except NotFoundError:
         return None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadInputError(f"{storage.url(LATEST)} is not valid JSON") from None
-    key = pointer["key"]
-    return load_torch_bytes(storage.read_bytes(key), storage.url(key), map_location)
+    key = pointer.get("key") if isinstance(pointer, dict) else None
+    if not isinstance(key, str) or not key.startswith("checkpoints/"):
+        raise BadInputError(f"{storage.url(LATEST)} does not point at a checkpoint under checkpoints/")
+    state = load_torch_bytes(storage.read_bytes(key), storage.url(key), map_location)
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise BadInputError(f"{storage.url(key)} is not a training checkpoint")
+    return state

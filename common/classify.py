@@ -24,9 +24,9 @@ from common.augment import BatchAugment, eval_transform, supervised_preset
 from common.checkpoints import load_torch, save_torch
 from common.data import default_cache_dir, load_split, read_manifest
 from common.distributed import barrier, cleanup, init_distributed, mean_across_ranks, sync_batchnorm
-from common.errors import BadInputError, DivergedError
+from common.errors import BadInputError, DivergedError, UsageError
 from common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
-from common.models import Classifier, build_encoder, encoder_state_from_file
+from common.models import Classifier, build_encoder, load_encoder_weights
 from common.storage import open_storage
 from common.training import RunWriter, autocast, embed, epoch_batches, pick_device, seed_everything, warmup_cosine
 
@@ -70,13 +70,22 @@ def initial_encoder(cfg: ClassifierConfig) -> tuple[torch.nn.Module, str]:
     if source is None:
         return encoder, "random init"
     location = source
-    if cfg.encoder and not cfg.encoder.endswith(".pt"):
+    if cfg.encoder and _is_run_location(cfg.encoder):
         location = cfg.encoder.rstrip("/") + "/encoder.pt"  # a pretrain-simclr run location
     try:
-        encoder.load_state_dict(encoder_state_from_file(load_torch(location), location))
+        load_encoder_weights(encoder, load_torch(location), location)
     except ValueError as exc:
         raise BadInputError(str(exc)) from None
     return encoder, location
+
+
+def _is_run_location(location: str) -> bool:
+    """A folder / prefix holding ``encoder.pt`` rather than a weights file itself."""
+    import os
+
+    if location.startswith("s3://"):
+        return not location.rstrip("/").endswith((".pt", ".pth"))
+    return os.path.isdir(location)
 
 
 def _optimizer(cfg: ClassifierConfig, model: Classifier, lr: float):
@@ -111,6 +120,8 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
 
 
 def _train_classifier(data_location, output_location, cfg, info, device, log) -> dict:
+    if cfg.encoder and cfg.init != "scratch":
+        raise UsageError("give either --encoder (a SimCLR encoder) or --init (other weights), not both")
     if cfg.mode not in ("finetune", "linear-probe"):
         raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune or linear-probe")
     storage = open_storage(data_location)

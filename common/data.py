@@ -90,14 +90,21 @@ def read_manifest(storage: Storage) -> dict:
     Raises:
         BadInputError: no manifest (not a prepared dataset, or prepare-data did not finish).
     """
+    where = storage.url(MANIFEST)
     try:
-        return json.loads(storage.read_text(MANIFEST))
+        manifest = json.loads(storage.read_text(MANIFEST))
     except NotFoundError:
-        raise BadInputError(
-            f"{storage.url(MANIFEST)} not found: --data must be the output of prepare-data"
-        ) from None
-    except json.JSONDecodeError:
-        raise BadInputError(f"{storage.url(MANIFEST)} is not valid JSON") from None
+        raise BadInputError(f"{where} not found: --data must be the output of prepare-data") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadInputError(f"{where} is not valid JSON") from None
+    valid = (isinstance(manifest, dict) and isinstance(manifest.get("classes"), list) and manifest["classes"]
+             and all(isinstance(c, str) for c in manifest["classes"])
+             and isinstance(manifest.get("shards"), dict)
+             and all(isinstance(v, list) and all(isinstance(k, str) for k in v) for v in manifest["shards"].values())
+             and isinstance(manifest.get("image_size", 0), int))
+    if not valid:
+        raise BadInputError(f"{where} is not a facessl manifest (classes, shards and image_size are required)")
+    return manifest
 
 
 def iter_shard_samples(path: str | os.PathLike):
@@ -160,6 +167,10 @@ def load_split(storage: Storage, manifest: dict, split: str, cache_dir: str | os
                 raise BadInputError(f"corrupt image in shard {shard.name} of split {split!r}: {exc}") from None
             images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
         labels.extend(-1 if lab is None else lab for _, _, lab in samples)
+    bad = [lab for lab in labels if lab >= len(manifest["classes"]) or lab < -1]
+    if bad:
+        raise BadInputError(f"split {split!r} has class index {bad[0]} but the manifest lists "
+                            f"{len(manifest['classes'])} classes")
     if not images:
         raise BadInputError(f"split {split!r} under {storage.url(split)} is empty")
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)

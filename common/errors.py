@@ -19,6 +19,12 @@ class FacesslError(Exception):
     exit_code = 1
 
 
+class UsageError(FacesslError):
+    """An option value that cannot work (unknown device, empty location...)."""
+
+    exit_code = 2
+
+
 class BadInputError(FacesslError):
     """The input data cannot be used (missing dataset, unknown class, unreadable checkpoint...)."""
 

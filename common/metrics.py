@@ -29,23 +29,23 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 3)) -> dic
 def classification_summary(logits: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> dict:
     """Top-1/top-3, macro-F1, per-class precision/recall/F1/support (scikit-learn) and the confusion
     matrix (rows: true class, columns: predicted), as JSON-ready values."""
-    from sklearn.metrics import classification_report, confusion_matrix
+    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
     topk = topk_accuracy(logits, targets, (1, 3))
     pred = logits.argmax(dim=1).numpy()
     true = targets.numpy()
     labels = list(range(len(class_names)))
-    report = classification_report(true, pred, labels=labels, target_names=class_names, output_dict=True,
-                                   zero_division=0)
+    # per-class arrays by index: identity names such as "accuracy" or "macro avg" cannot collide with keys
+    precision, recall, f1, support = precision_recall_fscore_support(true, pred, labels=labels, zero_division=0)
     text = classification_report(true, pred, labels=labels, target_names=class_names, zero_division=0, digits=3)
     return {
         "top1": topk[1],
         "top3": topk[3],
-        "macro_f1": report["macro avg"]["f1-score"],
+        "macro_f1": float(f1.mean()),
         "n": int(len(true)),
-        "per_class": {name: {"precision": report[name]["precision"], "recall": report[name]["recall"],
-                             "f1": report[name]["f1-score"], "support": int(report[name]["support"])}
-                      for name in class_names},
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])}
+                      for i, name in enumerate(class_names)},
         "confusion_matrix": confusion_matrix(true, pred, labels=labels).tolist(),
         "report_text": text,
     }
@@ -61,10 +61,11 @@ def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     n = len(class_names)
+    class_names = [name.replace("$", r"\$") for name in class_names]  # no matplotlib mathtext from names
     fig, ax = plt.subplots(figsize=(max(5, 0.45 * n + 3), max(4, 0.45 * n + 2)))
     ConfusionMatrixDisplay(np.array(matrix), display_labels=class_names).plot(
         ax=ax, xticks_rotation="vertical", colorbar=False, include_values=n <= 30)
-    ax.set_title(title)
+    ax.set_title(title.replace("$", r"\$"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

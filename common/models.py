@@ -23,6 +23,19 @@ def build_encoder() -> nn.Module:
     return net
 
 
+def load_encoder_weights(encoder: nn.Module, state, where: str) -> None:
+    """Load backbone weights (see :func:`encoder_state_from_file`) into ``encoder``.
+
+    Raises:
+        ValueError: not ResNet18 backbone weights (wrong keys, shapes or value types).
+    """
+    try:
+        encoder.load_state_dict(encoder_state_from_file(state, where))
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{where} does not fit a ResNet18 backbone: {first[:300]}") from None
+
+
 def encoder_state_from_file(state: dict, where: str) -> dict:
     """Backbone weights from a loaded state dict: a facessl ``encoder.pt``, a classifier ``model.pt``
     (``encoder.`` prefix) or torchvision's ImageNet ``resnet18`` file (``fc.*`` dropped).

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
 from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter
-from common.errors import BadInputError
+from common.errors import BadInputError, StorageError, UsageError
 from common.faces import DetectConfig, process_photo
 from common.storage import Storage, open_storage
 
@@ -70,6 +74,12 @@ def list_raw_files(storage: Storage) -> tuple[list[tuple[str, int]], list[dict]]
     for rel, size in listing.items():
         if is_ignored(rel):
             continue
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in a local file name
+            shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            skipped.append({"source": shown, "status": "skipped", "reason": "file name is not valid UTF-8"})
+            continue
         if "/" not in rel:
             skipped.append({"source": rel, "status": "skipped", "reason": "not inside an identity folder"})
             continue
@@ -96,8 +106,10 @@ def _process_one(item: tuple[str, int]) -> dict:
         return {**record, "status": "skipped", "reason": f"file too large ({size} bytes)"}
     try:
         data = _WORKER["storage"].read_bytes(rel)
+    except StorageError:
+        raise  # a storage outage is not a property of the file: fail the job (exit 4) instead of skipping
     except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the job
-        return {**record, "status": "skipped", "reason": f"could not read file ({type(exc).__name__})"}
+        return {**record, "status": "skipped", "reason": f"could not read file: {exc}"}
     record["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         result = process_photo(data, _WORKER["cfg"])
@@ -117,9 +129,14 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     if workers == 1:
         _init_worker(*initargs)
         return [_process_one(f) for f in tqdm(files, desc="detect faces", unit="img")]
-    with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-        it = pool.imap(_process_one, files, chunksize=16)
-        return list(tqdm(it, total=len(files), desc="detect faces", unit="img"))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=initargs) as pool:
+        try:
+            it = pool.map(_process_one, files, chunksize=16)
+            return list(tqdm(it, total=len(files), desc="detect faces", unit="img"))
+        except BrokenProcessPool:
+            raise StorageError("a face-detection worker process died (out of memory?); nothing was written, "
+                               "run again (fewer --workers needs less memory)") from None
 
 
 # --- stages 3-5 -------------------------------------------------------------------------------------
@@ -154,6 +171,10 @@ def select_classes(records: list[dict], classes: tuple[str, ...], min_images: in
             raise BadInputError(f"--classes names identities with no folder in the input: {missing}")
     wanted = set(classes) if classes else set(counts)
     kept = sorted(c for c in wanted if counts[c] >= min_images)
+    if classes and len(kept) < len(wanted):
+        dropped = {c: counts[c] for c in sorted(wanted - set(kept))}
+        print(f"warning: requested classes with fewer than --min-images {min_images} usable photos are left out: "
+              f"{dropped}", file=sys.stderr)
     if not kept:
         raise BadInputError(
             f"no identity has at least {min_images} usable images "
@@ -193,18 +214,23 @@ def stratified_split(records: list[dict], classes: list[str], ratios, seed: int)
 # --- orchestration ----------------------------------------------------------------------------------
 
 def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfig, log=print) -> dict:
-    """Run all stages; returns the manifest (also written to ``<output>/manifest.json``)."""
-    if abs(sum(cfg.ratios) - 1.0) > 1e-6 or min(cfg.ratios) < 0:
-        raise BadInputError(f"split ratios must be >= 0 and sum to 1, got {cfg.ratios}")
+    """Run all stages; returns the manifest (also written to ``<output>/manifest.json``).
+
+    An earlier manifest at the output is removed first, so a run that fails half-way never leaves an old
+    manifest describing new shards.
+    """
+    if not all(math.isfinite(r) and r >= 0 for r in cfg.ratios) or abs(sum(cfg.ratios) - 1.0) > 1e-6:
+        raise UsageError(f"split ratios must be finite, >= 0 and sum to 1, got {cfg.ratios}")
     started = time.time()
     src, dst = open_storage(input_location), open_storage(output_location)
     files, records_outside = list_raw_files(src)
-    if cfg.classes and not cfg.unlabeled_pool:  # nothing outside --classes can be used: do not decode it
-        wanted = set(cfg.classes)
+    if cfg.classes:
         present = {rel.split("/", 1)[0] for rel, _ in files}
-        if missing := sorted(wanted - present):
+        if missing := sorted(set(cfg.classes) - present):
             raise BadInputError(f"--classes names identities with no folder in the input: {missing}")
-        files = [(rel, size) for rel, size in files if rel.split("/", 1)[0] in wanted]
+        if not cfg.unlabeled_pool:  # nothing outside --classes can be used: do not decode it
+            files = [(rel, size) for rel, size in files if rel.split("/", 1)[0] in set(cfg.classes)]
+    dst.delete(MANIFEST)  # before any shard changes; also checks early that the output is usable
     log(f"{len(files)} raw files in {len({f.split('/', 1)[0] for f, _ in files})} identity folders")
     records = detect_all(src.uri, files, cfg)
     deduplicate(records)
@@ -233,7 +259,7 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
     for rec in records:
         rec.pop("crop", None)
         if rec["status"] == "ok" and "split" not in rec:
-            rec["status"], rec["reason"] = "skipped", "identity not selected"
+            rec["status"], rec["reason"] = "skipped", "identity not selected (not in --classes, or below --min-images)"
     reasons: dict[str, int] = {}
     for rec in records + records_outside:
         if rec["status"] == "skipped":

@@ -21,10 +21,10 @@ from common.augment import BatchAugment, simclr_preset
 from common.checkpoints import load_latest_checkpoint, load_torch, save_checkpoint, save_torch
 from common.data import UNLABELED, default_cache_dir, load_split, read_manifest
 from common.distributed import barrier, cleanup, init_distributed, mean_across_ranks, sync_batchnorm
-from common.errors import BadInputError, DivergedError, PreemptedError
+from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from common.losses import NTXentLoss
 from common.metrics import plot_curves, topk_accuracy
-from common.models import ProjectionHead, SimCLRModel, build_encoder, encoder_state_from_file
+from common.models import ProjectionHead, SimCLRModel, build_encoder, load_encoder_weights
 from common.storage import open_storage
 from common.training import (RunWriter, Throughput, autocast, embed, epoch_batches, knn_predict, pick_device,
                              seed_everything, warmup_cosine)
@@ -84,7 +84,7 @@ def load_init_encoder(init: str) -> torch.nn.Module:
     encoder = build_encoder()
     if init != "scratch":
         try:
-            encoder.load_state_dict(encoder_state_from_file(load_torch(init), init))
+            load_encoder_weights(encoder, load_torch(init), init)
         except ValueError as exc:
             raise BadInputError(str(exc)) from None
     return encoder
@@ -185,6 +185,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
     epoch_order_state = order_gen.get_state()
     state = load_latest_checkpoint(out) if cfg.resume == "auto" else None
     if state is not None:
+        check_same_options(state.get("options", {}), asdict(cfg), out.uri)
         if state.get("finished"):
             log(f"this run already finished ({out.url('checkpoints/latest.json')}): nothing to do")
             return state.get("summary", {})
@@ -205,7 +206,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
                 "scheduler": scheduler.state_dict(), "epoch_order_rng": epoch_order_state,
                 "aug_rng": aug_gen.get_state().cpu(), "rng": capture_rng_states(), "epoch": epoch, "step": step,
                 "partial_losses": losses, "history": list(writer.history), "finished": finished,
-                "summary": summary or {}}, epoch)
+                "summary": summary or {}, "options": asdict(cfg)}, epoch)
         barrier()
 
     if info.is_main:
@@ -232,7 +233,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
                 loss = simclr_loss(forward, v1, v2, loss_fn)
             if not torch.isfinite(loss):
                 raise DivergedError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower --lr "
-                                    "or raise --temperature. The last good checkpoint is kept.")
+                                    "or raise --temperature in a new --output (earlier checkpoints are kept)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -273,6 +274,24 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         writer.write_json("summary.json", summary)
     checkpoint(cfg.epochs, 0, [], finished=True, summary=summary)
     return summary
+
+
+RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "knn_every", "resume", "compile"}
+
+
+def check_same_options(saved: dict, current: dict, where: str) -> None:
+    """Refuse to resume a run with options that change what is trained (a resumed optimizer would
+    silently keep the old learning rate, a different head would not load).
+
+    Raises:
+        UsageError: an option differs; names each one.
+    """
+    changed = {k: (saved[k], current.get(k)) for k in saved
+               if k not in RESUMABLE_CHANGES and saved[k] != current.get(k)}
+    if changed:
+        detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise UsageError(f"{where} holds a run started with other options ({detail}); use a new --output, "
+                         "or --resume never to start over there")
 
 
 def stop_requested(stop: StopRequest) -> bool:

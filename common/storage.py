@@ -27,11 +27,15 @@ import tempfile
 import threading
 from pathlib import Path, PurePosixPath
 
-from common.errors import BadInputError, StorageError
+from common.errors import BadInputError, StorageError, UsageError
 
 
 class NotFoundError(BadInputError):
     """The key does not exist at the location."""
+
+
+class UnsafeKeyError(BadInputError, ValueError):
+    """A key that would leave the location's root (``..``, absolute, backslash, NUL) or is empty."""
 
 
 def is_s3(location: str) -> bool:
@@ -43,7 +47,7 @@ def safe_key(*parts: str) -> str:
     """Join key parts with ``/`` and refuse anything that could leave the root.
 
     Raises:
-        ValueError: a part is empty, absolute, contains ``..``, a backslash or a NUL byte.
+        UnsafeKeyError (a ValueError): a part is empty, absolute, contains ``..``, a backslash or a NUL byte.
     """
     out = []
     for part in parts:
@@ -51,12 +55,12 @@ def safe_key(*parts: str) -> str:
             if seg in ("", "."):
                 continue
             if seg == ".." or "\\" in seg or "\x00" in seg:
-                raise ValueError(f"unsafe key segment {seg!r} in {'/'.join(map(str, parts))!r}")
+                raise UnsafeKeyError(f"unsafe key segment {seg!r} in {'/'.join(map(str, parts))!r}")
             out.append(seg)
     if not out:
-        raise ValueError("empty key")
+        raise UnsafeKeyError("empty key")
     if str(parts[0]).startswith("/"):
-        raise ValueError(f"absolute key {parts[0]!r}")
+        raise UnsafeKeyError(f"absolute key {parts[0]!r}")
     return "/".join(out)
 
 
@@ -94,6 +98,23 @@ class Storage:
         return self.read_bytes(key).decode("utf-8")
 
 
+def _local_errors(method):
+    """LocalStorage methods: a missing file -> NotFoundError, any other OSError (a file where a folder
+    should be, permissions, read-only file system...) -> BadInputError naming the location."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, key="", *args, **kwargs):
+        try:
+            return method(self, key, *args, **kwargs)
+        except FileNotFoundError:
+            raise NotFoundError(f"not found: {self.url(key) if key else self.uri}") from None
+        except OSError as exc:
+            raise BadInputError(f"cannot use {self.url(key) if key else self.uri}: {exc.strerror or exc}") from None
+
+    return wrapper
+
+
 class LocalStorage(Storage):
     """A local folder (created on first write)."""
 
@@ -104,9 +125,10 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         path = (self.root / safe_key(key)).resolve()
         if path != self.root.resolve() and self.root.resolve() not in path.parents:
-            raise ValueError(f"key {key!r} resolves outside {self.root}")
+            raise UnsafeKeyError(f"key {key!r} resolves outside {self.root}")
         return path
 
+    @_local_errors
     def read_bytes(self, key):
         try:
             return self._path(key).read_bytes()
@@ -121,6 +143,7 @@ class LocalStorage(Storage):
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         return path, fd, tmp
 
+    @_local_errors
     def write_bytes(self, key, data):
         path, fd, tmp = self._atomic_target(key)
         try:
@@ -134,7 +157,10 @@ class LocalStorage(Storage):
             raise
 
     def upload_file(self, local_path, key):
-        path, fd, tmp = self._atomic_target(key)
+        try:
+            path, fd, tmp = self._atomic_target(key)
+        except OSError as exc:
+            raise BadInputError(f"cannot write {self.url(key)}: {exc.strerror or exc}") from None
         os.close(fd)
         try:
             shutil.copyfile(local_path, tmp)
@@ -143,6 +169,7 @@ class LocalStorage(Storage):
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    @_local_errors
     def download_file(self, key, local_path):
         src = self._path(key)
         if not src.is_file():
@@ -150,7 +177,10 @@ class LocalStorage(Storage):
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, local_path)
 
+    @_local_errors
     def list(self, prefix=""):
+        """Regular files under ``prefix`` (symlinks followed; dangling links, loops, FIFOs and other
+        special files are left out)."""
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return {}
@@ -161,12 +191,16 @@ class LocalStorage(Storage):
                 if name.startswith(".tmp-"):
                     continue
                 full = Path(dirpath) / name
+                if not full.is_file():
+                    continue
                 out[full.relative_to(self.root).as_posix()] = full.stat().st_size
         return out
 
+    @_local_errors
     def exists(self, key):
         return self._path(key).is_file()
 
+    @_local_errors
     def delete(self, key):
         self._path(key).unlink(missing_ok=True)
 
@@ -174,6 +208,7 @@ class LocalStorage(Storage):
         """A local folder already is local: returns the folder itself, copies nothing."""
         return self._path(prefix) if prefix else self.root
 
+    @_local_errors
     def local_copy(self, key, cache_dir):
         """The file itself (nothing is copied). Raises NotFoundError when missing."""
         path = self._path(key)
@@ -214,7 +249,7 @@ class S3Storage(Storage):
         if not bucket:
             raise BadInputError(f"no bucket in {uri!r}: expected s3://bucket/prefix")
         self.bucket = bucket
-        self.prefix = prefix.strip("/")
+        self.prefix = safe_key(prefix) if prefix.strip("/") else ""
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
 
     def _key(self, key: str) -> str:
@@ -222,12 +257,20 @@ class S3Storage(Storage):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _fail(self, exc: Exception, key: str) -> Exception:
-        """Turn a botocore exception into a credential-free NotFoundError / StorageError."""
-        from botocore.exceptions import ClientError, NoCredentialsError
+        """Turn a boto3/botocore exception into a credential-free NotFoundError / BadInputError /
+        StorageError."""
+        from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError
 
         where = self.url(key) if key else self.uri
+        code = None
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", "error"))
+        elif type(exc).__name__ in ("S3UploadFailedError", "S3TransferFailedError"):
+            known = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchKey")
+            code = next((c for c in known if c in str(exc)), "UploadFailed")
+        if isinstance(exc, ParamValidationError):
+            return BadInputError(f"invalid S3 request for {where}: check the bucket name and key")
+        if code is not None:
             if code in ("NoSuchKey", "404", "NotFound"):
                 return NotFoundError(f"not found: {where}")
             if code in ("NoSuchBucket",):
@@ -240,11 +283,12 @@ class S3Storage(Storage):
         return StorageError(f"S3 request failed for {where}: {type(exc).__name__}")
 
     def _call(self, key, fn, *args, **kwargs):
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(*args, **kwargs)
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
             raise self._fail(exc, key) from None
 
     def read_bytes(self, key):
@@ -308,6 +352,8 @@ class S3Storage(Storage):
 def open_storage(location: str | os.PathLike) -> Storage:
     """Storage for a local path or an ``s3://bucket/prefix`` URI."""
     location = str(location)
+    if not location.strip():
+        raise UsageError("empty location: give a folder path or s3://bucket/prefix")
     if is_s3(location):
         return S3Storage(location)
     if "://" in location:

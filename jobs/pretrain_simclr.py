@@ -11,7 +11,7 @@ from common.cli import report_errors
 @click.option("--data", "data_location", required=True, help="Prepared dataset (output of prepare-data): path or s3:// URI.")
 @click.option("--output", "output_location", required=True, help="Run location for encoder.pt and logs: path or s3:// URI.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, help="Training epochs.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per step (2x views); capped at the dataset size.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=256, help="Images per step (2x views); capped at the dataset size.")
 @click.option("--image-size", type=click.IntRange(min=16, max=1024), default=112, help="Side of the views fed to the network, pixels.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", help="Optimizer.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Learning rate per 256 images (scaled linearly with the batch).")

@@ -14,7 +14,7 @@ from common.cli import report_errors
 @click.option("--init", default="scratch", help="Without --encoder: 'scratch' or a ResNet18 weights file such as torchvision's ImageNet file.")
 @click.option("--mode", type=click.Choice(["finetune", "linear-probe"]), default="finetune", help="Train everything, or only a linear layer on the frozen encoder.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, help="Training epochs.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per step; capped at the number of training images.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, help="Images per step; capped at the number of training images.")
 @click.option("--image-size", type=click.IntRange(min=16, max=1024), default=112, help="Side of the images fed to the network, pixels.")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", help="Optimizer.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, help="Learning rate (of the linear layer; the encoder's is scaled by --encoder-lr-scale).")

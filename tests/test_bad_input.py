@@ -1,0 +1,117 @@
+"""Messy input gets a clear error with the documented exit code, or a recorded skip; never a traceback."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import CASES, GLINT24
+from jobs.prepare_data import main as prepare_main
+from jobs.pretrain_simclr import main as pretrain_main
+from jobs.train_classifier import main as classifier_main
+
+
+def run(cmd, *args):
+    result = CliRunner().invoke(cmd, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result
+
+
+@pytest.fixture
+def odd_raw(tmp_path):
+    """Two identities with names that upset naive code, plus special files."""
+    raw = tmp_path / "raw"
+    for name in ("Bad $^^$ Name", "accuracy"):
+        (raw / name).mkdir(parents=True)
+        for src in sorted((GLINT24 / "Tom Hanks" if name == "accuracy" else GLINT24 / "Barack Obama").iterdir())[:12]:
+            shutil.copyfile(src, raw / name / src.name)
+    os.symlink("missing.jpg", raw / "accuracy" / "dangling.jpg")
+    os.symlink("loop.jpg", raw / "accuracy" / "loop.jpg")
+    os.mkfifo(raw / "accuracy" / "pipe.jpg")
+    (raw / "accuracy" / os.fsdecode(b"caf\xe9.jpg")).write_bytes((CASES / "raw" / "Tom Hanks" / "plain.jpg").read_bytes())
+    return raw
+
+
+def test_special_files_and_odd_names_do_not_stop_the_jobs(odd_raw, tmp_path):
+    out = tmp_path / "prepared"
+    r = run(prepare_main, "--input", odd_raw, "--output", out, "--image-size", 32, "--on-no-face", "keep-full",
+            "--workers", 1)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {rec["source"]: rec.get("reason") for rec in manifest["records"]}
+    assert reasons["accuracy/caf\ufffd.jpg"] == "file name is not valid UTF-8"
+    assert not any("pipe" in s or "loop" in s or "dangling" in s for s in reasons)
+    r = run(classifier_main, "--data", out, "--output", tmp_path / "cls", "--mode", "linear-probe", "--epochs", 2,
+            "--image-size", 32)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "cls" / "metrics.json").read_text())
+    assert metrics["per_class"]["accuracy"]["support"] == 1
+    assert (tmp_path / "cls" / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_failed_rerun_leaves_no_stale_manifest(tmp_path):
+    out = tmp_path / "prepared"
+    args = ["--input", CASES / "raw", "--output", out, "--min-images", 1, "--workers", 1, "--image-size", 32]
+    assert run(prepare_main, *args).exit_code == 0
+    r = run(prepare_main, *args, "--min-images", 50)
+    assert r.exit_code == 3 and "lower --min-images" in r.output
+    assert not (out / "manifest.json").exists(), "shards may have changed: the old manifest must not describe them"
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--split", "nan,0.5,0.5"], 2, "split ratios"),
+    (["--split", "0.9,0.2,-0.1"], 2, "split ratios"),
+    (["--output", ""], 2, "empty location"),
+])
+def test_prepare_usage_errors(args, code, message, tmp_path):
+    base = {"--input": str(CASES / "raw"), "--output": str(tmp_path / "o")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    r = run(prepare_main, *[x for kv in base.items() for x in kv], "--min-images", 1)
+    assert r.exit_code == code and message in r.output, r.output
+
+
+def test_output_that_is_a_file_is_a_clear_error(prepared_subset, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = run(pretrain_main, "--data", prepared_subset, "--output", tmp_path / "afile", "--epochs", 1,
+            "--image-size", 32)
+    assert r.exit_code == 3 and "cannot use" in r.output, r.output
+
+
+def test_unknown_or_missing_device_is_a_usage_error(prepared_subset, tmp_path):
+    for device in ("foo", "meta"):
+        r = run(pretrain_main, "--data", prepared_subset, "--output", tmp_path / "o", "--device", device)
+        assert r.exit_code == 2 and "device" in r.output, r.output
+
+
+def test_resume_with_other_options_is_refused(prepared_subset, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data", prepared_subset, "--output", out, "--epochs", 1, "--batch-size", 64, "--image-size", 32,
+              "--knn-every", 0]
+    assert run(pretrain_main, *common).exit_code == 0
+    r = run(pretrain_main, *common, "--lr", "0.1")
+    assert r.exit_code == 2 and "lr: 0.001 -> 0.1" in r.output, r.output
+
+
+def test_wrong_shape_weights_are_refused(prepared_subset, tmp_path):
+    import torch
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    torch.save(net.state_dict(), tmp_path / "gray.pth")
+    r = run(classifier_main, "--data", prepared_subset, "--output", tmp_path / "o", "--encoder", tmp_path / "gray.pth")
+    assert r.exit_code == 3 and "does not fit a ResNet18 backbone" in r.output, r.output
+
+
+def test_missing_output_bucket_fails_before_detection(s3_env, tmp_path):
+    r = subprocess.run([str(Path(sys.executable).parent / "prepare-data"), "--input", str(CASES / "raw"),
+                        "--output", "s3://no-such-bucket-here/prepared", "--min-images", "1"],
+                       capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert r.returncode == 3 and "does not exist" in r.stderr, r.stdout + r.stderr
+    assert "detect faces" not in r.stderr
