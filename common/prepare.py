@@ -125,15 +125,16 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     from tqdm import tqdm
 
     workers = cfg.workers or os.cpu_count() or 1
+    interval = 0.5 if sys.stderr.isatty() else 30  # a log file gets a progress line every 30 s, not hundreds
     initargs = (location, cfg.detect, cfg.max_file_bytes)
     if workers == 1:
         _init_worker(*initargs)
-        return [_process_one(f) for f in tqdm(files, desc="detect faces", unit="img")]
+        return [_process_one(f) for f in tqdm(files, desc="detect faces", unit="img", mininterval=interval)]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=initargs) as pool:
         try:
             it = pool.map(_process_one, files, chunksize=16)
-            return list(tqdm(it, total=len(files), desc="detect faces", unit="img"))
+            return list(tqdm(it, total=len(files), desc="detect faces", unit="img", mininterval=interval))
         except BrokenProcessPool:
             raise StorageError("a face-detection worker process died (out of memory?); nothing was written, "
                                "run again (fewer --workers needs less memory)") from None

@@ -115,6 +115,15 @@ def _local_errors(method):
     return wrapper
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 class LocalStorage(Storage):
     """A local folder (created on first write)."""
 
@@ -141,6 +150,7 @@ class LocalStorage(Storage):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         return path, fd, tmp
 
     @_local_errors
