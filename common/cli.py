@@ -28,6 +28,13 @@ def report_errors(fn):
     return wrapper
 
 
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a torchrun job (they stay quiet; rank 0 reports)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def parse_list(value: str | None) -> tuple[str, ...]:
     """Comma-separated option value -> tuple of stripped, non-empty names."""
     if not value:

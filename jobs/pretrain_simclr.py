@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import report_errors
+from common.cli import is_main_process, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -42,6 +42,8 @@ def main(data_location, output_location, compile_, **options):
 
     cfg = PretrainConfig(compile=compile_, **options)
     summary = pretrain(data_location, output_location, cfg, log=click.echo)
+    if not is_main_process():
+        return
     click.echo(f"summary: {summary}")
     click.echo(f"wrote {output_location.rstrip('/')}/encoder.pt")
 

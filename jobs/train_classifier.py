@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import report_errors
+from common.cli import is_main_process, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -35,6 +35,8 @@ def main(data_location, output_location, **options):
     from common.classify import ClassifierConfig, train_classifier
 
     metrics = train_classifier(data_location, output_location, ClassifierConfig(**options), log=click.echo)
+    if not is_main_process():
+        return
     test = metrics["test"]
     click.echo(f"test top-1 {test['top1']:.4f}  top-3 {test['top3']:.4f}  macro-F1 {test['macro_f1']:.4f}  "
                f"(n={test['n']}, best epoch {metrics['best_epoch']})")
