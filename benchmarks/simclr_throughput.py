@@ -90,8 +90,8 @@ def main():
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     top = ceiling(size, batch, device, args.steps, args.compile)
     real = real_job(args.data, size, batch, str(device), args.epochs, args.compile)
-    print(f"| device | image px | batch | compile | ceiling img/s | real job img/s | ratio |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| device | image px | batch | compile | ceiling img/s | real job img/s | ratio |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {hardware} ({device.type}) | {size} | {batch} | {args.compile} | {top:,.0f} | {real:,.0f} | {real / top:.2f} |")
 
 

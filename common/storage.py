@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import threading
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from common.errors import BadInputError, StorageError, UsageError
 

@@ -79,10 +79,6 @@ def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def to_device_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device, non_blocking=True)
-
-
 @torch.no_grad()
 def embed(encoder: torch.nn.Module, images: torch.Tensor, size: int, device: torch.device,
           batch_size: int = 256) -> torch.Tensor:
