@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from common.augment import BatchAugment, eval_transform, supervised_preset
 from common.checkpoints import load_torch, save_torch
-from common.data import default_cache_dir, load_split, read_manifest
+from common.data import PreparedDataset
 from common.distributed import barrier, cleanup, init_distributed, mean_across_ranks, sync_batchnorm
 from common.errors import BadInputError, DivergedError, UsageError
 from common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
@@ -124,12 +124,9 @@ def _train_classifier(data_location, output_location, cfg, info, device, log) ->
         raise UsageError("give either --encoder (a SimCLR encoder) or --init (other weights), not both")
     if cfg.mode not in ("finetune", "linear-probe"):
         raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune or linear-probe")
-    storage = open_storage(data_location)
-    manifest = read_manifest(storage)
-    classes = manifest["classes"]
-    cache = default_cache_dir(f"{storage.uri}#{manifest.get('dataset_id', '')}")
-    size = cfg.image_size if manifest.get("image_size", cfg.image_size) > cfg.image_size else None
-    splits = {s: load_split(storage, manifest, s, cache, size) for s in ("train", "val", "test")}
+    data = PreparedDataset(data_location, cfg.image_size)
+    classes = data.classes
+    splits = {s: data.load(s) for s in ("train", "val", "test")}
     train_x, train_y = splits["train"]
     if cfg.labels_per_class:
         keep = subsample_per_class(train_y, cfg.labels_per_class, cfg.seed)

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from common.errors import BadInputError
-from common.storage import NotFoundError, Storage
+from common.storage import NotFoundError, Storage, open_storage
 
 SPLITS = ("train", "val", "test")
 UNLABELED = "unlabeled"
@@ -174,6 +174,29 @@ def load_split(storage: Storage, manifest: dict, split: str, cache_dir: str | os
     if not images:
         raise BadInputError(f"split {split!r} under {storage.url(split)} is empty")
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+class PreparedDataset:
+    """A prepared dataset opened for training: its manifest, and ``load(split)`` decoding a split into
+    memory at ``image_size`` (crops stored larger are downscaled once; smaller ones are kept as stored).
+
+    Raises:
+        BadInputError: not a prepared dataset (see :func:`read_manifest`).
+    """
+
+    def __init__(self, location: str, image_size: int):
+        self.storage = open_storage(location)
+        self.manifest = read_manifest(self.storage)
+        self.classes: list[str] = self.manifest["classes"]
+        self.cache = default_cache_dir(f"{self.storage.uri}#{self.manifest.get('dataset_id', '')}")
+        self.size = image_size if self.manifest.get("image_size", image_size) > image_size else None
+
+    def has(self, split: str) -> bool:
+        return bool(self.manifest.get("shards", {}).get(split))
+
+    def load(self, split: str):
+        """``load_split`` of this dataset: uint8 (N, 3, H, W) images and int64 (N,) labels."""
+        return load_split(self.storage, self.manifest, split, self.cache, self.size)
 
 
 def default_cache_dir(location: str) -> Path:

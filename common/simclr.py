@@ -19,7 +19,7 @@ import torch
 
 from common.augment import BatchAugment, simclr_preset
 from common.checkpoints import load_latest_checkpoint, load_torch, save_checkpoint, save_torch
-from common.data import UNLABELED, default_cache_dir, load_split, read_manifest
+from common.data import UNLABELED, PreparedDataset
 from common.distributed import barrier, cleanup, init_distributed, mean_across_ranks, sync_batchnorm
 from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from common.losses import NTXentLoss
@@ -62,21 +62,16 @@ class PretrainConfig:
 def load_pretraining_images(data_location: str, cfg: PretrainConfig, log=print):
     """Train images (plus the unlabelled pool when asked), and the labelled train/val sets for the
     kNN monitor. Returns (pool uint8 (N,3,S,S), train labels (N_train,), val images, val labels, classes)."""
-    storage = open_storage(data_location)
-    manifest = read_manifest(storage)
-    cache = default_cache_dir(f"{storage.uri}#{manifest.get('dataset_id', '')}")
-    size = cfg.image_size if manifest.get("image_size", cfg.image_size) > cfg.image_size else None
-    train, train_labels = load_split(storage, manifest, "train", cache, size)
+    data = PreparedDataset(data_location, cfg.image_size)
+    train, train_labels = data.load("train")
     pool = [train]
     if cfg.use_unlabeled:
-        if manifest.get("shards", {}).get(UNLABELED):
-            pool.append(load_split(storage, manifest, UNLABELED, cache, size)[0])
+        if data.has(UNLABELED):
+            pool.append(data.load(UNLABELED)[0])
         else:
             log("no unlabeled pool in this dataset (prepare-data --unlabeled-pool): using the train split only")
-    val, val_labels = None, None
-    if manifest.get("shards", {}).get("val"):
-        val, val_labels = load_split(storage, manifest, "val", cache, size)
-    return torch.cat(pool), train_labels, val, val_labels, manifest["classes"]
+    val, val_labels = data.load("val") if data.has("val") else (None, None)
+    return torch.cat(pool), train_labels, val, val_labels, data.classes
 
 
 def load_init_encoder(init: str) -> torch.nn.Module:
