@@ -3,13 +3,14 @@
 Measures in one run, on one device:
   1. ceiling: SimCLR steps (two views, ResNet18 + projection head, NT-Xent, backward, optimizer step) on
      random tensors already on the device, so no data loading or augmentation at all;
-  2. real: the pretrain-simclr training loop on a prepared dataset (uint8 crops in memory, batched
-     augmentation on the device), as the job runs it, with the kNN monitor and checkpoints off;
+  2. real: the pretrain-simclr training loop on a prepared dataset (uint8 crops in memory, memory-mapped
+     or streamed from the shards, batched augmentation on the device), as the job runs it, with the kNN
+     monitor and checkpoints off;
 and prints images/s for both (both views counted) and their ratio.
 
 Usage:
   python benchmarks/simclr_throughput.py --data runs/glint6/prepared [--image-size 112] [--batch-size 256]
-      [--device auto] [--compile]
+      [--device auto] [--compile] [--data-modes memory,mmap,stream]
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ def ceiling(image_size: int, batch_size: int, device: torch.device, steps: int, 
     return 2 * batch_size * steps / (time.perf_counter() - start)
 
 
-def real_job(data: str, image_size: int, batch_size: int, device: str, epochs: int, compile_: bool) -> float:
+def real_job(data: str, image_size: int, batch_size: int, device: str, epochs: int, compile_: bool,
+             data_mode: str = "auto") -> float:
     from common.simclr import PretrainConfig, pretrain
 
     with tempfile.TemporaryDirectory() as out:
         cfg = PretrainConfig(epochs=epochs, batch_size=batch_size, image_size=image_size, knn_every=0,
-                             checkpoint_every=0, log_every=0, device=device, compile=compile_, warmup_epochs=0)
+                             checkpoint_every=0, log_every=0, device=device, compile=compile_, warmup_epochs=0,
+                             data_mode=data_mode)
         pretrain(data, out, cfg, log=lambda *a: None)
         history = [json.loads(x) for x in open(f"{out}/metrics.jsonl")]
     rates = [h["images_per_s"] for h in history[1:]] or [history[0]["images_per_s"]]
@@ -80,6 +83,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the real job (the first is warm-up)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of the ceiling")
     parser.add_argument("--compile", action="store_true", help="torch.compile both")
+    parser.add_argument("--data-modes", default="memory", help="comma-separated pretrain-simclr --data-mode values")
     args = parser.parse_args()
     from common.training import pick_device
 
@@ -89,10 +93,12 @@ def main():
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     top = ceiling(size, batch, device, args.steps, args.compile)
-    real = real_job(args.data, size, batch, str(device), args.epochs, args.compile)
-    print("| device | image px | batch | compile | ceiling img/s | real job img/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {hardware} ({device.type}) | {size} | {batch} | {args.compile} | {top:,.0f} | {real:,.0f} | {real / top:.2f} |")
+    print("| device | image px | batch | compile | data mode | ceiling img/s | real job img/s | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode in args.data_modes.split(","):
+        real = real_job(args.data, size, batch, str(device), args.epochs, args.compile, mode)
+        print(f"| {hardware} ({device.type}) | {size} | {batch} | {args.compile} | {mode} | {top:,.0f} | {real:,.0f} "
+              f"| {real / top:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,14 @@ import torch.nn.functional as F
 from common.augment import BatchAugment, eval_transform, supervised_preset
 from common.checkpoints import load_torch, save_torch
 from common.data import PreparedDataset
-from common.distributed import barrier, cleanup, init_distributed, mean_across_ranks, sync_batchnorm
+from common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
+                                sync_batchnorm)
 from common.errors import BadInputError, DivergedError, UsageError
 from common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
 from common.models import Classifier, build_encoder, load_encoder_weights
 from common.storage import open_storage
-from common.training import RunWriter, autocast, embed, epoch_batches, pick_device, seed_everything, warmup_cosine
+from common.pool import MemoryPool, epoch_generator, rank_share
+from common.training import RunWriter, autocast, embed, pick_device, seed_everything, warmup_cosine
 
 
 @dataclass
@@ -126,15 +128,22 @@ def _train_classifier(data_location, output_location, cfg, info, device, log) ->
         raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune or linear-probe")
     data = PreparedDataset(data_location, cfg.image_size)
     classes = data.classes
-    splits = {s: data.load(s) for s in ("train", "val", "test")}
-    train_x, train_y = splits["train"]
-    if cfg.labels_per_class:
-        keep = subsample_per_class(train_y, cfg.labels_per_class, cfg.seed)
-        train_x, train_y = train_x[keep], train_y[keep]
+    distributed = info.enabled and cfg.mode == "finetune"
+    world, rank = (info.world_size, info.rank) if distributed else (1, 0)
+    evals = {s: data.load(s) for s in ("val", "test")}
+    if distributed and not cfg.labels_per_class:  # each rank decodes only its share of the train shards
+        train_x, train_y = data.decode(rank_share(data, ["train"], rank, world))
+        n_train = sum(data.shard_sizes("train"))
+    else:  # the labelled subset is drawn from the whole split, identically on every rank
+        train_x, train_y = data.load("train")
+        if cfg.labels_per_class:
+            keep = subsample_per_class(train_y, cfg.labels_per_class, cfg.seed)
+            train_x, train_y = train_x[keep], train_y[keep]
+        n_train = len(train_y)
+        train_x, train_y = train_x[rank::world], train_y[rank::world]
     seed_everything(cfg.seed)
     encoder, source = initial_encoder(cfg)
     model = Classifier(encoder, len(classes))
-    distributed = info.enabled and cfg.mode == "finetune"
     if distributed:
         model = sync_batchnorm(model, device)
     model = model.to(device)
@@ -144,60 +153,56 @@ def _train_classifier(data_location, output_location, cfg, info, device, log) ->
     writer = RunWriter(out)
     if info.is_main:
         writer.write_json("config.json", {**asdict(cfg), "data": data_location, "output": out.uri,
-                                          "weights": source, "train_images": len(train_y), "classes": classes,
+                                          "weights": source, "train_images": n_train, "classes": classes,
                                           "device": str(device), "world_size": info.world_size,
                                           "torch": torch.__version__})
-    log(f"{cfg.mode} from {source}: {len(train_y)} labelled train images, {len(classes)} classes, {device}")
+    log(f"{cfg.mode} from {source}: {n_train} labelled train images, {len(classes)} classes, {device}")
 
-    if cfg.mode == "linear-probe":
+    if cfg.mode == "linear-probe":  # the frozen encoder's embeddings, computed once; only model.fc trains
         for p in model.encoder.parameters():
             p.requires_grad_(False)
-        feats = {s: embed(model.encoder, x, cfg.image_size, device) for s, (x, _) in splits.items()}
-        if cfg.labels_per_class:
-            feats["train"] = feats["train"][keep]
-        forward = {s: (lambda idx, s=s, train=False: model.fc(feats[s][idx].to(device))) for s in splits}
+        train_x = embed(model.encoder, train_x, cfg.image_size, device)
+        evals = {s: (embed(model.encoder, x, cfg.image_size, device), y) for s, (x, y) in evals.items()}
+
+        def run(x, train=False):
+            return model.fc(x.to(device))
     else:
         augment = BatchAugment(supervised_preset())
         aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        data = {"train": train_x, "val": splits["val"][0], "test": splits["test"][0]}
-
-        def make_forward(s):
-            def run(idx, train=False):
-                x = data[s][idx].to(device, non_blocking=True)
-                x = augment(x, cfg.image_size, aug_gen) if train else eval_transform(x, cfg.image_size)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(device):
-                    return (train_model if train else model)(x).float()
-            return run
-
-        forward = {s: make_forward(s) for s in splits}
         train_model = model
         if distributed:
             train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-    labels = {"train": train_y, "val": splits["val"][1], "test": splits["test"][1]}
 
-    world = info.world_size if distributed else 1
-    batch = max(1, min(cfg.batch_size, len(train_y))) // world * world
-    if batch < world:
-        raise BadInputError(f"{len(train_y)} training images cannot feed {world} processes")
-    per_rank, rank = batch // world, info.rank if distributed else 0
+        def run(x, train=False):
+            x = x.to(device, non_blocking=True)
+            x = augment(x, cfg.image_size, aug_gen) if train else eval_transform(x, cfg.image_size)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                return (train_model if train else model)(x).float()
+    train_pool = MemoryPool(train_x, train_y)
+
+    batch = max(1, min(cfg.batch_size, n_train)) // world * world
+    per_rank = batch // world
+    if distributed:
+        steps_per_epoch = min_across_ranks(len(train_pool) // max(1, per_rank))  # same steps on every rank
+    else:  # every sample each epoch; a last batch of one is dropped (batch norm cannot train on one sample)
+        steps_per_epoch = -(-n_train // batch) - (n_train % batch == 1 and n_train > batch)
+    if batch < world or steps_per_epoch < 1:
+        raise BadInputError(f"{n_train} training images cannot feed {world} processes")
     lr = cfg.lr
     optimizer = _optimizer(cfg, model, lr)
-    steps_per_epoch = len(epoch_batches(len(train_y), batch, torch.Generator().manual_seed(0), drop_last=distributed))
     total = cfg.epochs * steps_per_epoch
     schedule = (lambda step: warmup_cosine(step, total, cfg.warmup_epochs * steps_per_epoch)) \
         if cfg.schedule == "cosine" else (lambda step: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    order_gen = torch.Generator().manual_seed(cfg.seed)
+    labels = {s: y for s, (_, y) in evals.items()}
 
     def evaluate(split):
         model.eval()
         with torch.no_grad():
-            logits = torch.cat([forward[split](idx).float().cpu()
-                                for idx in torch.arange(len(labels[split])).split(256)])
-        return logits
+            return torch.cat([run(x).float().cpu() for x in evals[split][0].split(256)])
 
     best, best_key, started = None, None, time.time()
     for epoch in range(cfg.epochs):
@@ -205,10 +210,9 @@ def _train_classifier(data_location, output_location, cfg, info, device, log) ->
         if cfg.mode == "linear-probe":
             model.encoder.eval()
         correct, seen, loss_sum = 0, 0, 0.0
-        for idx in epoch_batches(len(train_y), batch, order_gen, drop_last=distributed):
-            idx = idx[rank * per_rank:(rank + 1) * per_rank] if distributed else idx
-            logits = forward["train"](idx, train=True)
-            target = train_y[idx].to(device)
+        for x, y in train_pool.batches(epoch_generator(cfg.seed, epoch, rank), per_rank, steps_per_epoch):
+            logits = run(x, train=True)
+            target = y.to(device)
             loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise DivergedError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
@@ -217,8 +221,8 @@ def _train_classifier(data_location, output_location, cfg, info, device, log) ->
             optimizer.step()
             scheduler.step()
             correct += (logits.argmax(1) == target).sum().item()
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
         if distributed:
             correct, seen, loss_sum = (mean_across_ranks(v) * world for v in (correct, seen, loss_sum))
         val_logits = evaluate("val")
@@ -243,7 +247,7 @@ def _train_classifier(data_location, output_location, cfg, info, device, log) ->
         "best_epoch": best["epoch"],
         "mode": cfg.mode,
         "weights": source,
-        "train_images": len(train_y),
+        "train_images": n_train,
         "classes": classes,
         "per_class": test["per_class"],
         "confusion_matrix": test["confusion_matrix"],

@@ -19,10 +19,16 @@ import json
 import os
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import BadInputError
 from common.storage import NotFoundError, Storage, open_storage
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "val", "test")
 UNLABELED = "unlabeled"
@@ -41,6 +47,7 @@ class ShardWriter:
             raise ValueError("max_samples must be >= 1")
         self.storage, self.split, self.max_samples = storage, split, max_samples
         self.shards: list[str] = []
+        self.sizes: list[int] = []
         self._tar = None
         self._tmp = None
         self._count = 0
@@ -61,6 +68,7 @@ class ShardWriter:
         finally:
             os.unlink(self._tmp)
         self.shards.append(key)
+        self.sizes.append(self._count)
         self._tar, self._tmp, self._count = None, None, 0
 
     def write(self, key: str, jpeg: bytes, label: int | None) -> None:
@@ -107,10 +115,11 @@ def read_manifest(storage: Storage) -> dict:
     return manifest
 
 
-def iter_shard_samples(path: str | os.PathLike):
-    """Yield ``(key, jpeg_bytes, label_or_None)`` from one local tar shard, in file order."""
+def iter_shard_samples(source: str | os.PathLike | io.BytesIO):
+    """Yield ``(key, jpeg_bytes, label_or_None)`` from one tar shard (a local path or a file object), in
+    file order."""
     current, jpeg, label = None, None, None
-    with tarfile.open(path, "r") as tar:
+    with (tarfile.open(fileobj=source, mode="r") if hasattr(source, "read") else tarfile.open(source, "r")) as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -128,57 +137,71 @@ def iter_shard_samples(path: str | os.PathLike):
             yield current, jpeg, label
 
 
-def load_split(storage: Storage, manifest: dict, split: str, cache_dir: str | os.PathLike,
-               image_size: int | None = None):
-    """Decode a whole split into memory.
+@dataclass(frozen=True)
+class ShardPart:
+    """Samples ``offset, offset + stride, ...`` (in file order) of one shard of ``split``; ``size`` of them."""
 
-    The shards the manifest lists are copied to ``cache_dir`` first (S3) or read in place (local
-    folders); files the manifest does not list (left over from an earlier run) are ignored.
+    split: str
+    key: str
+    size: int
+    offset: int = 0
+    stride: int = 1
 
-    Returns:
-        images: uint8 tensor of shape (N, 3, H, W) (RGB), resized to ``image_size`` when given.
-        labels: int64 tensor of shape (N,), -1 for unlabelled samples.
+
+def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode one part: uint8 (n, 3, size, size) RGB crops and int64 (n,) labels (-1: unlabelled).
+
+    ``stream`` reads the shard's bytes straight from storage; otherwise it goes through the local cache.
 
     Raises:
-        BadInputError: the split has no shards, or a shard cannot be read.
+        BadInputError: the shard cannot be read, holds a corrupt JPEG, a class index outside the manifest's
+        classes, or fewer samples than the manifest says.
     """
     import numpy as np
     import torch
     from PIL import Image
 
-    keys = manifest.get("shards", {}).get(split) or []
-    if not keys:
-        raise BadInputError(f"split {split!r} of {storage.uri} is empty: the dataset has no {split} images")
-    shards = [storage.local_copy(key, cache_dir) for key in keys]
-    images, labels = [], []
-    for shard in shards:
-        try:
-            samples = list(iter_shard_samples(shard))
-        except (tarfile.TarError, OSError, ValueError) as exc:
-            raise BadInputError(f"cannot read shard {shard.name} of split {split!r}: {exc}") from None
-        if not samples:
-            continue
-        for _, jpeg, _ in samples:
-            try:
-                img = Image.open(io.BytesIO(jpeg)).convert("RGB")
-                if image_size is not None and img.size != (image_size, image_size):
-                    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
-            except OSError as exc:
-                raise BadInputError(f"corrupt image in shard {shard.name} of split {split!r}: {exc}") from None
-            images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-        labels.extend(-1 if lab is None else lab for _, _, lab in samples)
-    bad = [lab for lab in labels if lab >= len(manifest["classes"]) or lab < -1]
-    if bad:
-        raise BadInputError(f"split {split!r} has class index {bad[0]} but the manifest lists "
-                            f"{len(manifest['classes'])} classes")
-    if not images:
-        raise BadInputError(f"split {split!r} under {storage.url(split)} is empty")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+    source = io.BytesIO(data.storage.read_bytes(part.key)) if stream else data.storage.local_copy(part.key, data.cache)
+    images = torch.empty(part.size, 3, size, size, dtype=torch.uint8)
+    labels = torch.full((part.size,), -1, dtype=torch.long)
+    n = 0
+    try:
+        for i, (_, jpeg, label) in enumerate(iter_shard_samples(source)):
+            if i % part.stride != part.offset:
+                continue
+            if n == part.size:
+                raise BadInputError(f"shard {part.key} holds more samples than the manifest says: re-run prepare-data")
+            img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+            images[n] = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+            if label is not None:
+                if not 0 <= label < len(data.classes):
+                    raise BadInputError(f"shard {part.key} has class index {label} but the manifest lists "
+                                        f"{len(data.classes)} classes")
+                labels[n] = label
+            n += 1
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise BadInputError(f"cannot read shard {part.key}: {exc}") from None
+    if n != part.size:
+        raise BadInputError(f"shard {part.key} holds {n} of the {part.size} samples the manifest lists: "
+                            "re-run prepare-data")
+    return images, labels
+
+
+def decode_parts(data: "PreparedDataset", parts: list[ShardPart], size: int, stream: bool = False,
+                 threads: int | None = None):
+    """Decode parts in parallel threads (PIL releases the GIL while decoding); yields each part's
+    ``(images, labels)`` in ``parts`` order."""
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        yield from pool.map(lambda p: decode_part(data, p, size, stream), parts)
 
 
 class PreparedDataset:
-    """A prepared dataset opened for training: its manifest, and ``load(split)`` decoding a split into
-    memory at ``image_size`` (crops stored larger are downscaled once; smaller ones are kept as stored).
+    """A prepared dataset opened for training: its manifest, shard lists and sizes, and decoding of shards
+    into uint8 crops at ``decoded_size`` = min(``image_size``, the stored crop size) pixels (crops stored
+    larger are downscaled once; smaller ones are kept as stored). S3 shards are cached under ``cache``.
 
     Raises:
         BadInputError: not a prepared dataset (see :func:`read_manifest`).
@@ -189,14 +212,53 @@ class PreparedDataset:
         self.manifest = read_manifest(self.storage)
         self.classes: list[str] = self.manifest["classes"]
         self.cache = default_cache_dir(f"{self.storage.uri}#{self.manifest.get('dataset_id', '')}")
-        self.size = image_size if self.manifest.get("image_size", image_size) > image_size else None
+        self.decoded_size = min(image_size, self.manifest.get("image_size") or image_size)
 
     def has(self, split: str) -> bool:
-        return bool(self.manifest.get("shards", {}).get(split))
+        return bool(self.shards(split))
+
+    def shards(self, split: str) -> list[str]:
+        return self.manifest.get("shards", {}).get(split) or []
+
+    def shard_sizes(self, split: str) -> list[int]:
+        """Samples per shard of ``split``: from the manifest, or (manifests written before it recorded
+        them) counted by reading the shards once."""
+        sizes = self.manifest.get("shard_sizes", {}).get(split)
+        keys = self.shards(split)
+        if isinstance(sizes, list) and len(sizes) == len(keys) and all(isinstance(n, int) and n >= 0 for n in sizes):
+            return sizes
+        try:
+            return [sum(1 for _ in iter_shard_samples(self.storage.local_copy(k, self.cache))) for k in keys]
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise BadInputError(f"cannot read a shard of split {split!r}: {exc}") from None
+
+    def decode(self, parts: list[ShardPart], stream: bool = False):
+        """Decode ``parts`` into one uint8 (N, 3, S, S) tensor and int64 (N,) labels, in ``parts`` order."""
+        import torch
+
+        size = self.decoded_size
+        images = torch.empty(sum(p.size for p in parts), 3, size, size, dtype=torch.uint8)
+        labels = torch.empty(len(images), dtype=torch.long)
+        row = 0
+        for part_images, part_labels in decode_parts(self, parts, size, stream):
+            images[row:row + len(part_images)] = part_images
+            labels[row:row + len(part_labels)] = part_labels
+            row += len(part_labels)
+        return images, labels
 
     def load(self, split: str):
-        """``load_split`` of this dataset: uint8 (N, 3, H, W) images and int64 (N,) labels."""
-        return load_split(self.storage, self.manifest, split, self.cache, self.size)
+        """A whole split in memory: uint8 (N, 3, S, S) images and int64 (N,) labels (-1: unlabelled).
+
+        Raises:
+            BadInputError: the split is empty, or a shard cannot be read.
+        """
+        if not self.has(split):
+            raise BadInputError(f"split {split!r} of {self.storage.uri} is empty: the dataset has no {split} images")
+        parts = [ShardPart(split, k, n) for k, n in zip(self.shards(split), self.shard_sizes(split))]
+        images, labels = self.decode(parts)
+        if not len(labels):
+            raise BadInputError(f"split {split!r} under {self.storage.url(split)} is empty")
+        return images, labels
 
 
 def default_cache_dir(location: str) -> Path:

@@ -41,7 +41,8 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # NCCL for CUDA tensors; gloo as well on GPUs, for the small CPU-side reductions (loss, step counts)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return info, device
 
 
@@ -68,6 +69,15 @@ def mean_across_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def min_across_ranks(value: int) -> int:
+    """The smallest of a Python int over all ranks (itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def barrier() -> None:

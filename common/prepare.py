@@ -245,14 +245,14 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
 
     counts: dict[str, dict[str, int]] = {}
     splits = [*SPLITS, UNLABELED] if cfg.unlabeled_pool else list(SPLITS)
-    shards = {}
+    shards, shard_sizes = {}, {}
     for split in splits:
         members = [r for r in records if r.get("split") == split]
         with ShardWriter(dst, split, cfg.shard_size) as writer:
             for i, rec in enumerate(members):
                 rec["key"] = f"{split}-{i:07d}"
                 writer.write(rec["key"], rec["crop"], class_index.get(rec["identity"]) if split != UNLABELED else None)
-        shards[split] = writer.shards
+        shards[split], shard_sizes[split] = writer.shards, writer.sizes
         per_class = counts.setdefault(split, {})
         for rec in members:
             per_class[rec["identity"]] = per_class.get(rec["identity"], 0) + 1
@@ -276,6 +276,7 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
         "image_size": cfg.detect.image_size,
         "params": params,
         "shards": shards,
+        "shard_sizes": shard_sizes,
         "counts": {
             "raw_files": len(files) + len(records_outside),
             "ok": sum(r.get("split") is not None for r in records),

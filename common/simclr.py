@@ -20,14 +20,16 @@ import torch
 from common.augment import BatchAugment, simclr_preset
 from common.checkpoints import load_latest_checkpoint, load_torch, save_checkpoint, save_torch
 from common.data import UNLABELED, PreparedDataset
-from common.distributed import barrier, cleanup, init_distributed, mean_across_ranks, sync_batchnorm
+from common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
+                                sync_batchnorm)
 from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from common.losses import NTXentLoss
 from common.metrics import plot_curves, topk_accuracy
 from common.models import ProjectionHead, SimCLRModel, build_encoder, load_encoder_weights
 from common.storage import open_storage
-from common.training import (RunWriter, Throughput, autocast, embed, epoch_batches, knn_predict, pick_device,
-                             seed_everything, warmup_cosine)
+from common.pool import epoch_generator, open_pool
+from common.training import (RunWriter, Throughput, autocast, embed, knn_predict, pick_device, seed_everything,
+                             warmup_cosine)
 
 
 @dataclass
@@ -57,21 +59,29 @@ class PretrainConfig:
     resume: str = "auto"
     compile: bool = False
     log_every: int = 50
+    data_mode: str = "auto"
+    shuffle_window: int = 10000
 
 
-def load_pretraining_images(data_location: str, cfg: PretrainConfig, log=print):
-    """Train images (plus the unlabelled pool when asked), and the labelled train/val sets for the
-    kNN monitor. Returns (pool uint8 (N,3,S,S), train labels (N_train,), val images, val labels, classes)."""
+def open_pretraining_data(data_location: str, cfg: PretrainConfig, rank: int, world: int, log=print):
+    """This rank's share of the training images (train split, plus the unlabelled pool when asked) as a
+    pool (common.pool), and for the kNN monitor on rank 0 the labelled val split.
+
+    Returns ``(dataset, pool, resolved data mode, per-split counts of the share, total images of all
+    ranks, (val uint8 (N, 3, S, S), val labels (N,)) or (None, None))``.
+    """
     data = PreparedDataset(data_location, cfg.image_size)
-    train, train_labels = data.load("train")
-    pool = [train]
+    splits = ["train"]
     if cfg.use_unlabeled:
         if data.has(UNLABELED):
-            pool.append(data.load(UNLABELED)[0])
+            splits.append(UNLABELED)
         else:
             log("no unlabeled pool in this dataset (prepare-data --unlabeled-pool): using the train split only")
-    val, val_labels = data.load("val") if data.has("val") else (None, None)
-    return torch.cat(pool), train_labels, val, val_labels, data.classes
+    pool, mode, counts = open_pool(data, splits, rank, world, cfg.data_mode, cfg.shuffle_window)
+    total = sum(sum(data.shard_sizes(s)) for s in splits)
+    monitor = rank == 0 and cfg.knn_every > 0 and data.has("val")
+    val = data.load("val") if monitor else (None, None)
+    return data, pool, mode, counts, total, val
 
 
 def load_init_encoder(init: str) -> torch.nn.Module:
@@ -139,15 +149,16 @@ def pretrain(data_location: str, output_location: str, cfg: PretrainConfig, log=
 
 
 def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> dict:
-    pool, train_labels, val, val_labels, classes = load_pretraining_images(data_location, cfg, log)
-    n = pool.shape[0]
+    data, pool, data_mode, counts, n, (val, val_labels) = open_pretraining_data(
+        data_location, cfg, info.rank, info.world_size, log)
     world = info.world_size
     batch = max(1, min(cfg.batch_size, n)) // world * world
-    if batch < world or n < 2:
-        raise BadInputError(f"SimCLR needs at least 2 images and one per process; the dataset has {n}, "
-                            f"{world} processes")
     per_rank = batch // world
-    if device.type == "cuda" and pool.numel() < 0.5 * torch.cuda.mem_get_info(device)[0]:
+    steps_per_epoch = min_across_ranks(len(pool) // max(1, per_rank))  # every rank takes the same steps
+    if batch < world or n < 2 or steps_per_epoch < 1:
+        raise BadInputError(f"SimCLR needs at least 2 images and a batch share for each process; the dataset has "
+                            f"{n} images for {world} process(es), this one {len(pool)}")
+    if device.type == "cuda" and data_mode == "memory" and pool.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
         pool = pool.to(device)  # uint8 crops live on the GPU: a step then never waits for host copies
     seed_everything(cfg.seed)
     out = open_storage(output_location)
@@ -161,13 +172,11 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         model = model.to(memory_format=torch.channels_last)
     lr = cfg.lr * batch / 256
     optimizer = build_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay)
-    steps_per_epoch = max(1, n // batch)
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps, cfg.warmup_epochs * steps_per_epoch))
     loss_fn = NTXentLoss(cfg.temperature, gather_distributed=True)
     augment = BatchAugment(simclr_preset(cfg.jitter_strength, cfg.crop_min, cfg.blur_p))
-    order_gen = torch.Generator().manual_seed(cfg.seed)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1000 * info.rank)
     forward = model
     if info.enabled:
@@ -177,7 +186,6 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         forward = torch.compile(forward)
 
     start_epoch, start_step, partial = 0, 0, []
-    epoch_order_state = order_gen.get_state()
     state = load_latest_checkpoint(out) if cfg.resume == "auto" else None
     if state is not None:
         check_same_options(state.get("options", {}), asdict(cfg), out.uri)
@@ -187,7 +195,6 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        epoch_order_state = state["epoch_order_rng"]
         aug_gen.set_state(state["aug_rng"])
         restore_rng_states(state["rng"])
         writer.history = list(state["history"])
@@ -198,29 +205,27 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         if info.is_main:
             save_checkpoint(out, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch_order_rng": epoch_order_state,
-                "aug_rng": aug_gen.get_state().cpu(), "rng": capture_rng_states(), "epoch": epoch, "step": step,
+                "scheduler": scheduler.state_dict(), "aug_rng": aug_gen.get_state().cpu(), "rng": capture_rng_states(), "epoch": epoch, "step": step,
                 "partial_losses": losses, "history": list(writer.history), "finished": finished,
                 "summary": summary or {}, "options": asdict(cfg)}, epoch)
         barrier()
 
     if info.is_main:
         writer.write_json("config.json", {**asdict(cfg), "data": data_location, "output": out.uri, "images": n,
-                                          "global_batch_size": batch, "world_size": world, "effective_lr": lr,
+                                          "data_mode": data_mode, "global_batch_size": batch, "world_size": world, "effective_lr": lr,
                                           "device": str(device), "torch": torch.__version__})
     log(f"SimCLR on {n} images, global batch {batch} ({world} process(es)), {steps_per_epoch} steps/epoch, "
-        f"{cfg.epochs} epochs, {device}")
+        f"{cfg.epochs} epochs, {device}, data mode {data_mode}")
 
     started = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         meter = Throughput(device)
-        order_gen.set_state(epoch_order_state)
-        batches = epoch_batches(n, batch, order_gen, drop_last=True)
         losses = partial if epoch == start_epoch else []
-        for step in range(start_step if epoch == start_epoch else 0, len(batches)):
-            idx = batches[step][info.rank * per_rank:(info.rank + 1) * per_rank]
-            x = pool[idx.to(pool.device)].to(device, non_blocking=True)
+        first = start_step if epoch == start_epoch else 0
+        batches = pool.batches(epoch_generator(cfg.seed, epoch, info.rank), per_rank, steps_per_epoch, first)
+        for step, (x, _) in enumerate(batches, start=first):
+            x = x.to(device, non_blocking=True)
             v1, v2 = augment(x, cfg.image_size, aug_gen), augment(x, cfg.image_size, aug_gen)
             if device.type == "cuda":
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
@@ -236,19 +241,18 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
             losses.append(mean_across_ranks(loss.item()))
             meter.add(2 * batch)
             if cfg.log_every and (step + 1) % cfg.log_every == 0:
-                log(f"epoch {epoch + 1} step {step + 1}/{len(batches)} loss {losses[-1]:.4f}")
+                log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {losses[-1]:.4f}")
             if stop_requested(stop):
                 checkpoint(epoch, step + 1, losses)
                 raise PreemptedError(f"stopped by SIGTERM at epoch {epoch + 1}, step {step + 1}; checkpoint written "
                                      f"to {out.url('checkpoints/latest.json')}: run again to resume")
-        epoch_order_state = order_gen.get_state()
         record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": round(meter.rate(), 1),
                   "elapsed_s": round(time.time() - started, 1)}
         last = epoch + 1 == cfg.epochs
         if info.is_main and val is not None and cfg.knn_every > 0 and ((epoch + 1) % cfg.knn_every == 0 or last):
-            record["knn_top1"] = knn_monitor(model.encoder, pool[: len(train_labels)], train_labels, val,
-                                             val_labels, len(classes), cfg, device)
+            record["knn_top1"] = knn_monitor(model.encoder, *pool.labelled(counts["train"]), val,
+                                             val_labels, len(data.classes), cfg, device)
         if info.is_main:
             writer.log_epoch(record)
         log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -271,7 +275,8 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
     return summary
 
 
-RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "knn_every", "resume", "compile"}
+RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "knn_every", "resume", "compile", "data_mode",
+                     "shuffle_window"}
 
 
 def check_same_options(saved: dict, current: dict, where: str) -> None:

@@ -1,4 +1,4 @@
-"""Pieces both training jobs use: device and seeding, batches, LR schedule, embeddings, kNN monitor,
+"""Pieces both training jobs use: device and seeding, LR schedule, embeddings, kNN monitor,
 and the run-output writer."""
 
 from __future__ import annotations
@@ -48,21 +48,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool) -> list[torch.Tensor]:
-    """Shuffled index batches (int64 tensors) for one epoch.
-
-    The batch size is capped at ``n`` (a batch size larger than the dataset means one batch). With
-    ``drop_last`` an incomplete last batch is dropped; without it, a last batch of one sample is
-    dropped anyway (batch norm cannot train on one sample).
-    """
-    batch_size = max(1, min(batch_size, n))
-    order = torch.randperm(n, generator=generator)
-    batches = list(order.split(batch_size))
-    if batches and len(batches[-1]) < batch_size and (drop_last or len(batches[-1]) == 1) and len(batches) > 1:
-        batches.pop()
-    return batches
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:

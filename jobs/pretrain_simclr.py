@@ -31,6 +31,9 @@ from common.cli import is_main_process, report_errors
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=1, help="Write a resumable checkpoint every N epochs (0: never).")
 @click.option("--resume", type=click.Choice(["auto", "never"]), default="auto", help="auto: continue from the output's latest checkpoint when there is one.")
 @click.option("--log-every", type=click.IntRange(min=0), default=50, help="Print the loss every N steps (0: per epoch only).")
+@click.option("--data-mode", type=click.Choice(["auto", "memory", "mmap", "stream"]), default="auto",
+              help="How decoded crops are held: memory, a memory-mapped file in the cache, or streamed from the shards; auto picks by free RAM and disk.")
+@click.option("--shuffle-window", type=click.IntRange(min=1), default=10000, help="--data-mode stream: samples decoded and shuffled together.")
 @click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the model.")
 @report_errors
 def main(data_location, output_location, compile_, **options):

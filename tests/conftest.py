@@ -100,3 +100,15 @@ def prepared_subset(glint_subset, tmp_path_factory) -> Path:
     cfg = PrepareConfig(detect=DetectConfig(image_size=64, on_no_face="keep-full"), workers=2)
     prepare_dataset(str(glint_subset), str(out), cfg, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def prepared_sharded(glint_subset, tmp_path_factory) -> Path:
+    """``glint_subset`` at 32 px in shards of 10 samples (17 train shards, the last one short)."""
+    from common.faces import DetectConfig
+    from common.prepare import PrepareConfig, prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared-sharded") / "ds"
+    cfg = PrepareConfig(detect=DetectConfig(image_size=32, on_no_face="keep-full"), workers=2, shard_size=10)
+    prepare_dataset(str(glint_subset), str(out), cfg, log=lambda *_: None)
+    return out

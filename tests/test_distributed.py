@@ -79,13 +79,16 @@ def one_and_two_processes(script, args, tmp_path):
     return two
 
 
-def test_torchrun_two_processes_write_the_same_outputs(prepared_subset, tmp_path):
-    one_and_two_processes("pretrain-simclr", ["--data", str(prepared_subset), "--epochs", "2", "--batch-size", "32",
-                                              "--image-size", "32", "--knn-every", "1", "--log-every", "0"], tmp_path)
+def test_torchrun_two_processes_write_the_same_outputs(prepared_sharded, tmp_path):
+    """Each rank streams its own whole shards (17 train shards of 10 are dealt out between the 2 ranks)."""
+    two = one_and_two_processes("pretrain-simclr", ["--data", str(prepared_sharded), "--epochs", "2", "--batch-size",
+                                                    "32", "--image-size", "32", "--knn-every", "1", "--log-every", "0",
+                                                    "--data-mode", "stream", "--shuffle-window", "40"], tmp_path)
+    assert "data mode stream" in two.stdout
     files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and "checkpoints/ckpt" not in p.as_posix())  # noqa: E731
     assert files(tmp_path / "one") == files(tmp_path / "two")
     config = json.loads((tmp_path / "two" / "config.json").read_text())
-    assert config["world_size"] == 2 and config["global_batch_size"] == 32
+    assert config["world_size"] == 2 and config["global_batch_size"] == 32 and config["data_mode"] == "stream"
     history = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2 and all(h["loss"] > 0 for h in history) and "knn_top1" in history[-1]
 
