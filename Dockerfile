@@ -19,9 +19,10 @@ LABEL org.opencontainers.image.title="facessl" \
       org.opencontainers.image.description="Face recognition with SimCLR pretraining: prepare-data, pretrain-simclr, train-classifier" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
-# tini as PID 1 forwards SIGTERM to the job, which checkpoints and exits with code 4
+# tini as PID 1 forwards SIGTERM to the job, which checkpoints and exits with code 4. The base image brings
+# ca-certificates (python:3.11-slim has them) for HTTPS to S3.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends tini ca-certificates \
+ && apt-get install -y --no-install-recommends "tini=0.19.0-1*" \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin facessl \
  && mkdir -p /cache && chown facessl /cache

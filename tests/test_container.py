@@ -1,0 +1,113 @@
+"""The image, run as containers: the three jobs in order against a real S3 server, and a SIGTERM'd
+pretraining container resumed by the next one.
+
+Needs podman and a built image named by FACESSL_IMAGE (``infra/ci/build-image.sh`` builds one; .ci/run does
+it). Without FACESSL_IMAGE these tests are skipped; with FACESSL_REQUIRE_CONTAINER=1 (CI) they fail instead.
+The containers reach moto's server on 127.0.0.1 through ``--network host``.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import boto3
+import pytest
+
+from conftest import E2E_IDENTITIES, GLINT24
+
+IMAGE = os.environ.get("FACESSL_IMAGE")
+if not IMAGE or not shutil.which("podman"):
+    if os.environ.get("FACESSL_REQUIRE_CONTAINER") == "1":
+        raise RuntimeError("FACESSL_REQUIRE_CONTAINER=1 but FACESSL_IMAGE is unset or podman is missing")
+    pytest.skip("container tests need podman and FACESSL_IMAGE (see infra/ci/build-image.sh)", allow_module_level=True)
+
+PER_IDENTITY = 40
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    """A bucket on the moto server holding raw photos: 40 per identity of three glint24 identities."""
+    name = f"ctr-{uuid.uuid4().hex[:10]}"
+    s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing-key-id",
+                      aws_secret_access_key="testing-secret-do-not-print", region_name="us-east-1")
+    s3.create_bucket(Bucket=name)
+    for identity in E2E_IDENTITIES:
+        for photo in sorted((GLINT24 / identity).iterdir())[:PER_IDENTITY]:
+            s3.upload_file(str(photo), name, f"raw/{identity}/{photo.name}")
+    return name, s3
+
+
+def container(s3_server, *args, name=None, detach=False):
+    """``podman run`` of the image with the standard AWS variables pointing at the moto server."""
+    env = {"AWS_ENDPOINT_URL_S3": s3_server, "AWS_ACCESS_KEY_ID": "testing-key-id",
+           "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-print", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+           "OMP_NUM_THREADS": "2"}
+    cmd = ["podman", "run", "--network", "host", "--shm-size", "256m"]
+    cmd += ["--name", name] if name else ["--rm"]
+    cmd += ["-d"] if detach else []
+    for key, value in env.items():
+        cmd += ["-e", f"{key}={value}"]
+    return subprocess.run([*cmd, IMAGE, *map(str, args)], capture_output=True, text=True, timeout=1200)
+
+
+def test_three_jobs_run_as_containers_and_pretraining_survives_sigterm(s3_server, bucket):
+    name, s3 = bucket
+    root = f"s3://{name}"
+    prep = container(s3_server, "prepare-data", "--input", f"{root}/raw", "--output", f"{root}/prepared",
+                     "--image-size", 64, "--on-no-face", "keep-full", "--workers", 2)
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    manifest = json.loads(s3.get_object(Bucket=name, Key="prepared/manifest.json")["Body"].read())
+    assert manifest["classes"] == sorted(E2E_IDENTITIES)
+    assert sum(manifest["counts"]["splits"].values()) == manifest["counts"]["ok"] > 0.9 * 3 * PER_IDENTITY
+
+    simclr = ["pretrain-simclr", "--data", f"{root}/prepared", "--output", f"{root}/simclr", "--epochs", 4,
+              "--batch-size", 16, "--image-size", 48, "--warmup-epochs", 1, "--knn-every", 0, "--log-every", 1]
+    run_name = f"facessl-test-{uuid.uuid4().hex[:8]}"
+    started = container(s3_server, *simclr, name=run_name, detach=True)
+    assert started.returncode == 0, started.stderr
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:  # wait until training is under way in epoch 2, then preempt it
+            logs = subprocess.run(["podman", "logs", run_name], capture_output=True, text=True).stdout
+            if "epoch 2 step 2/" in logs:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("pretraining never reached epoch 2:\n" + logs)
+        subprocess.run(["podman", "kill", "--signal", "TERM", run_name], check=True, capture_output=True)
+        waited = subprocess.run(["podman", "wait", run_name], capture_output=True, text=True, timeout=300)
+        logs = subprocess.run(["podman", "logs", run_name], capture_output=True, text=True)
+        assert waited.stdout.strip() == "4", logs.stdout + logs.stderr  # checkpoint written, retry and resume
+        assert "stopped by SIGTERM" in logs.stdout + logs.stderr
+    finally:
+        subprocess.run(["podman", "rm", "-f", run_name], capture_output=True)
+    latest = json.loads(s3.get_object(Bucket=name, Key="simclr/checkpoints/latest.json")["Body"].read())
+    assert latest
+
+    resumed = container(s3_server, *simclr)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming at epoch 2, step" in resumed.stdout
+    history = [json.loads(line) for line in
+               s3.get_object(Bucket=name, Key="simclr/metrics.jsonl")["Body"].read().decode().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+    classify = container(s3_server, "train-classifier", "--data", f"{root}/prepared", "--output", f"{root}/cls",
+                         "--encoder", f"{root}/simclr", "--epochs", 6, "--image-size", 64, "--lr", "1e-3")
+    assert classify.returncode == 0, classify.stdout + classify.stderr
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=name)["Contents"]}
+    assert {"prepared/manifest.json", "simclr/encoder.pt", "cls/model.pt", "cls/metrics.json"} <= keys
+    metrics = json.loads(s3.get_object(Bucket=name, Key="cls/metrics.json")["Body"].read())
+    assert metrics["test"]["top1"] > 0.5, metrics["test"]  # chance is 1/3
+
+
+def test_container_exit_codes(s3_server, bucket):
+    """The codes the job specs rely on: 2 usage error, 3 bad input (never retried)."""
+    name, _ = bucket
+    usage = container(s3_server, "pretrain-simclr", "--data", f"s3://{name}/prepared")  # --output missing
+    assert usage.returncode == 2, usage.stderr
+    bad = container(s3_server, "pretrain-simclr", "--data", f"s3://{name}/raw", "--output", f"s3://{name}/x")
+    assert bad.returncode == 3 and "manifest.json" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
