@@ -63,4 +63,5 @@ log "podman build -t $tag (base $base)"
 podman build --network host --build-arg "BASE_IMAGE=$base" -v "$conf:/etc/pip.conf:ro" "${mounts[@]}" \
   -t "$tag" "$repo" >&2
 rm -f "$conf"
+podman image prune -f >/dev/null  # the build stage's untagged image (the venv, a second 6 GB)
 echo "$tag"
