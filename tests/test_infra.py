@@ -88,3 +88,20 @@ def test_job_specs_fail_fast_on_the_jobs_non_retryable_codes(path):
         pod = spec["template"]["spec"]
         assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 60
         assert spec["backoffLimit"] <= 6 and spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
+
+
+def containers(doc: dict) -> list[dict]:
+    if doc.get("kind") == "Workflow":
+        return [t["container"] for t in doc["spec"]["templates"] if "container" in t]
+    if doc.get("kind") == "Job":
+        return doc["spec"]["template"]["spec"]["containers"]
+    return []
+
+
+@pytest.mark.parametrize("path", [*K8S, ARGO], ids=lambda p: p.name)
+def test_specs_keep_tini_as_pid_1(path):
+    """A Kubernetes ``command`` replaces the image's ENTRYPOINT: it must start with tini, or SIGTERM would
+    reach a process that is not the job's and the checkpoint-on-preemption path would not run."""
+    for doc in yaml.safe_load_all(path.read_text()):
+        for c in containers(doc or {}):
+            assert "command" not in c or c["command"][:2] == ["/usr/bin/tini", "--"], (path.name, c["name"])
