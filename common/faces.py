@@ -2,12 +2,18 @@
 
 Stages, each a function:
     decode_image(data)          bytes -> 8-bit RGB PIL image, or SkipImage(reason)
-    detect_largest_face(img)    RGB image -> (x, y, w, h) of the largest Haar detection, or None
+    detect_largest_face(img)    RGB image -> (x, y, w, h) of the largest detection of one Haar cascade, or None
+    detect_face(img)            the fallback chain below -> (box, detector name), or None
     crop_face(img, box)         square crop with a margin around the box, resized to ``size`` x ``size``
-    process_photo(data, cfg)    the three above plus the no-face policy; returns a FaceResult
+    process_photo(data, cfg)    decode, detect, crop, plus the no-face policy; returns a FaceResult
 
 Method: Viola & Jones, "Rapid Object Detection using a Boosted Cascade of Simple Features" (CVPR 2001),
-with OpenCV's pretrained ``haarcascade_frontalface_default.xml``.
+with OpenCV's pretrained cascades. The original project ran ``haarcascade_frontalface_default.xml`` alone;
+it misses faces that are turned, tilted or small. ``detect_face`` tries, in order and stopping at the first
+hit: the default frontal cascade; the ``alt2`` frontal cascade; the profile cascade on the photo and on its
+mirror image (OpenCV's profile cascade only finds faces turned one way); and, for photos whose longest side
+is under ``upscale_below`` pixels, the same chain on the photo upscaled 2x (Haar's 24x24 base window misses
+small faces). The detector that found the face is recorded with every crop.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ class DetectConfig:
         image_size: side in pixels of the square output crop.
         on_no_face: "skip" (record a skip) or "keep-full" (use the whole photo, centre-cropped square).
         max_pixels: photos with more pixels are refused before decoding (bounded memory).
+        fallback: try the other cascades, the mirror image and upscaling when the default cascade finds
+            nothing (``detect_face``); False reproduces the original single-cascade detector.
+        upscale_below: photos whose longest side is shorter are also searched at 2x size (fallback only).
     """
 
     scale_factor: float = 1.1
@@ -47,6 +56,8 @@ class DetectConfig:
     image_size: int = 224
     on_no_face: str = "skip"
     max_pixels: int = 50_000_000
+    fallback: bool = True
+    upscale_below: int = 500
 
 
 @dataclass
@@ -56,6 +67,7 @@ class FaceResult:
     crop_jpeg: bytes | None
     box: tuple[int, int, int, int] | None
     reason: str | None = None
+    detector: str | None = None
 
 
 def decode_image(data: bytes, max_pixels: int = DetectConfig.max_pixels) -> Image.Image:
@@ -128,21 +140,59 @@ def _cascade(name: str = "haarcascade_frontalface_default.xml"):
     return _CASCADES[name]
 
 
-def detect_largest_face(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> tuple[int, int, int, int] | None:
-    """The largest face found by the frontal-face Haar cascade, as ``(x, y, w, h)`` in pixels, or None.
+FRONTAL = "haarcascade_frontalface_default.xml"
+CASCADE_CHAIN = (("frontal", FRONTAL, False), ("frontal_alt2", "haarcascade_frontalface_alt2.xml", False),
+                 ("profile", "haarcascade_profileface.xml", False), ("profile_mirrored", "haarcascade_profileface.xml", True))
+
+
+def detect_largest_face(img: Image.Image, cfg: DetectConfig = DetectConfig(),
+                        cascade: str = FRONTAL) -> tuple[int, int, int, int] | None:
+    """The largest face found by one Haar ``cascade`` (an OpenCV cascade file name), as ``(x, y, w, h)``
+    in pixels, or None.
 
     Only the largest detection is kept: the other faces in a photo are usually other people.
     """
+    return _largest(_gray(img), cfg, cascade)
+
+
+def _gray(img: Image.Image) -> np.ndarray:
     import cv2
 
-    gray = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2GRAY)
-    faces = _cascade().detectMultiScale(
-        gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(cfg.min_face, cfg.min_face)
-    )
+    return cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2GRAY)
+
+
+def _largest(gray: np.ndarray, cfg: DetectConfig, cascade: str, min_face: int | None = None):
+    side = min_face or cfg.min_face
+    faces = _cascade(cascade).detectMultiScale(gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors,
+                                               minSize=(side, side))
     if len(faces) == 0:
         return None
-    x, y, w, h = max((tuple(int(v) for v in f) for f in faces), key=lambda b: b[2] * b[3])
-    return x, y, w, h
+    return max((tuple(int(v) for v in f) for f in faces), key=lambda b: b[2] * b[3])
+
+
+def detect_face(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> tuple[tuple[int, int, int, int], str] | None:
+    """The face of the photo by the fallback chain of the module docstring: ``((x, y, w, h), detector)`` in
+    the photo's pixels, with ``detector`` naming the cascade (suffixed ``_x2`` when found upscaled), or None.
+    With ``cfg.fallback`` False only the default frontal cascade runs."""
+    import cv2
+
+    gray = _gray(img)
+    if not cfg.fallback:
+        box = _largest(gray, cfg, FRONTAL)
+        return (box, "frontal") if box else None
+    scales = [1] + ([2] if max(img.size) < cfg.upscale_below else [])
+    for scale in scales:
+        g = gray if scale == 1 else cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+        for name, cascade, mirrored in CASCADE_CHAIN:
+            box = _largest(g[:, ::-1].copy() if mirrored else g, cfg, cascade, cfg.min_face * scale)
+            if box is None:
+                continue
+            x, y, w, h = box
+            if mirrored:
+                x = g.shape[1] - x - w
+            return (round(x / scale), round(y / scale), round(w / scale), round(h / scale)), \
+                name + ("_x2" if scale == 2 else "")
+    return None
 
 
 def crop_face(img: Image.Image, box: tuple[int, int, int, int] | None, margin: float, size: int) -> Image.Image:
@@ -173,7 +223,10 @@ def process_photo(data: bytes, cfg: DetectConfig) -> FaceResult:
         img = decode_image(data, cfg.max_pixels)
     except SkipImage as exc:
         return FaceResult(None, None, str(exc))
-    box = detect_largest_face(img, cfg)
-    if box is None and cfg.on_no_face != "keep-full":
-        return FaceResult(None, None, "no face detected")
-    return FaceResult(encode_jpeg(crop_face(img, box, cfg.margin, cfg.image_size)), box)
+    found = detect_face(img, cfg)
+    if found is None:
+        if cfg.on_no_face != "keep-full":
+            return FaceResult(None, None, "no face detected")
+        return FaceResult(encode_jpeg(crop_face(img, None, cfg.margin, cfg.image_size)), None, detector="none")
+    box, detector = found
+    return FaceResult(encode_jpeg(crop_face(img, box, cfg.margin, cfg.image_size)), box, detector=detector)

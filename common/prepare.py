@@ -117,7 +117,8 @@ def _process_one(item: tuple[str, int]) -> dict:
         return {**record, "status": "skipped", "reason": f"could not process image ({type(exc).__name__})"}
     if result.crop_jpeg is None:
         return {**record, "status": "skipped", "reason": result.reason}
-    return {**record, "status": "ok", "box": list(result.box) if result.box else None, "crop": result.crop_jpeg}
+    return {**record, "status": "ok", "box": list(result.box) if result.box else None, "detector": result.detector,
+            "crop": result.crop_jpeg}
 
 
 def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) -> list[dict]:
@@ -212,6 +213,24 @@ def stratified_split(records: list[dict], classes: list[str], ratios, seed: int)
             rec["split"] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
 
 
+def detection_counts(records: list[dict], splits: list[str]) -> dict:
+    """Face-detection outcomes: photos decoded, photos with no face found (skipped, or kept whole with
+    ``--on-no-face keep-full``), the miss rate, and overall and per split which detector found the face
+    (``none``: no face, kept whole; misses that were skipped have no split)."""
+    decoded = [r for r in records if r.get("detector") or r.get("reason") == "no face detected"]
+    misses = sum(r.get("reason") == "no face detected" or r.get("detector") == "none" for r in decoded)
+    by_split: dict[str, dict[str, int]] = {s: {} for s in splits}
+    overall: dict[str, int] = {}
+    for r in decoded:
+        if r.get("detector"):
+            overall[r["detector"]] = overall.get(r["detector"], 0) + 1
+            if r.get("split") in by_split:
+                by_split[r["split"]][r["detector"]] = by_split[r["split"]].get(r["detector"], 0) + 1
+    return {"photos": len(decoded), "no_face": misses, "miss_rate": misses / max(1, len(decoded)),
+            "skipped_no_face": sum(r.get("reason") == "no face detected" for r in decoded),
+            "by_detector": overall, "per_split": by_split}
+
+
 # --- orchestration ----------------------------------------------------------------------------------
 
 def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfig, log=print) -> dict:
@@ -267,6 +286,7 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
             reason = "duplicate" if rec["reason"].startswith("duplicate of") else rec["reason"]
             reasons[reason] = reasons.get(reason, 0) + 1
     params = asdict(cfg)
+    detection = detection_counts(records, splits)
     manifest = {
         "format": "facessl-prepared/1",
         "dataset_id": uuid.uuid4().hex,
@@ -284,6 +304,7 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
             "skip_reasons": reasons,
             "splits": {s: sum(c.values()) for s, c in counts.items()},
             "per_class": counts,
+            "detection": detection,
         },
         "records": sorted(records + records_outside, key=lambda r: r["source"]),
         "seconds": round(time.time() - started, 1),

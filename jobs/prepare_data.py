@@ -26,6 +26,10 @@ from common.cli import parse_list, report_errors
 @click.option("--min-face", type=click.IntRange(min=8), default=30, help="Smallest face side, pixels.")
 @click.option("--on-no-face", type=click.Choice(["skip", "keep-full"]), default="skip",
               help="Photos without a detected face: skip them, or keep the whole photo (already-cropped collections).")
+@click.option("--detector-fallback/--no-detector-fallback", default=True,
+              help="When the default frontal cascade finds nothing, try the alt2 frontal and profile cascades, the mirror image, and 2x upscaling.")
+@click.option("--upscale-below", type=click.IntRange(min=0), default=500,
+              help="With the fallback, photos whose longest side is under this many pixels are also searched at 2x.")
 @click.option("--unlabeled-pool/--no-unlabeled-pool", default=False,
               help="Also write crops of the identities not selected as an 'unlabeled' split for pretraining.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=50_000_000,
@@ -35,7 +39,8 @@ from common.cli import parse_list, report_errors
               help="Detection processes (0: one per CPU core).")
 @report_errors
 def main(input_location, output_location, classes, min_images, ratios, seed, image_size, margin, scale_factor,
-         min_neighbors, min_face, on_no_face, unlabeled_pool, max_pixels, shard_size, workers):
+         min_neighbors, min_face, on_no_face, detector_fallback, upscale_below, unlabeled_pool, max_pixels, shard_size,
+         workers):
     """Detect, crop and split raw face photos into a prepared dataset.
 
     Example: prepare-data --input ../shared/data/faces/glint24 --output runs/prepared --classes "Tom Hanks,Keanu Reeves"
@@ -50,13 +55,16 @@ def main(input_location, output_location, classes, min_images, ratios, seed, ima
     if len(fractions) != 3:
         raise click.BadParameter("expected three comma-separated numbers, e.g. 0.8,0.1,0.1", param_hint="--split")
     detect = DetectConfig(scale_factor=scale_factor, min_neighbors=min_neighbors, min_face=min_face, margin=margin,
-                          image_size=image_size, on_no_face=on_no_face, max_pixels=max_pixels)
+                          image_size=image_size, on_no_face=on_no_face, max_pixels=max_pixels,
+                          fallback=detector_fallback, upscale_below=upscale_below)
     cfg = PrepareConfig(detect=detect, classes=parse_list(classes), min_images=min_images, ratios=fractions,
                         seed=seed, unlabeled_pool=unlabeled_pool, shard_size=shard_size, workers=workers)
     manifest = prepare_dataset(input_location, output_location, cfg, log=click.echo)
     counts = manifest["counts"]
     click.echo(f"classes: {len(manifest['classes'])}; crops per split: {counts['splits']}")
     click.echo(f"skipped {counts['skipped']} of {counts['raw_files']} files: {counts['skip_reasons']}")
+    click.echo(f"face detection: no face in {counts['detection']['no_face']} of {counts['detection']['photos']} photos "
+               f"({counts['detection']['miss_rate']:.1%}); found by: {counts['detection']['by_detector']}")
     click.echo(f"wrote {output_location.rstrip('/')}/manifest.json")
 
 

@@ -1,0 +1,191 @@
+"""evaluate-pairs: face verification with a trained encoder, LFW-protocol style.
+
+For every pair of photos (a CSV ``image_a,image_b,same_identity``, paths relative to an image root), each
+photo goes through prepare-data's face detection and crop (common.faces), the encoder embeds the crop, and
+the pair's score is the cosine similarity of the two embeddings. Accuracy follows the LFW protocol (Huang
+et al., "Labeled Faces in the Wild", UMass TR 07-49, 2007): the pairs are split into 10 folds; for each fold
+the threshold that maximises accuracy on the other nine is applied to it; the report gives the mean and
+standard deviation over the folds. ROC AUC and the ROC curve come from scikit-learn over all pairs.
+
+Outputs under the run's location: ``metrics.json``, ``scores.csv`` (one row per pair), ``roc.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+
+import numpy as np
+import torch
+
+from common.checkpoints import load_torch
+from common.errors import BadInputError, UsageError
+from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face
+from common.models import build_encoder, load_encoder_weights
+from common.storage import NotFoundError, open_storage
+from common.training import RunWriter, embed, pick_device
+
+
+def read_pairs(text: str, where: str) -> list[tuple[str, str, int]]:
+    """Rows ``(image_a, image_b, same)`` of a pairs CSV with header ``image_a,image_b,same_identity``.
+
+    Raises:
+        BadInputError: missing columns, a label other than 0/1, or no rows.
+    """
+    reader = csv.DictReader(io.StringIO(text))
+    if not {"image_a", "image_b", "same_identity"} <= set(reader.fieldnames or []):
+        raise BadInputError(f"{where} must have the columns image_a,image_b,same_identity")
+    pairs = []
+    for line, row in enumerate(reader, start=2):
+        if (row["same_identity"] or "").strip() not in ("0", "1") or not row["image_a"] or not row["image_b"]:
+            raise BadInputError(f"{where} line {line}: expected two image paths and same_identity 0 or 1")
+        pairs.append((row["image_a"].strip(), row["image_b"].strip(), int(row["same_identity"])))
+    if not pairs:
+        raise BadInputError(f"{where} holds no pairs")
+    return pairs
+
+
+def fold_accuracy(scores: np.ndarray, same: np.ndarray, folds: int = 10, seed: int = 0) -> dict:
+    """LFW-style accuracy: threshold chosen on nine folds, applied to the tenth (stratified folds).
+
+    Args:
+        scores: float (N,) similarity per pair (higher: more alike). same: int (N,) 1 for same identity.
+    Returns:
+        ``accuracy`` (mean over folds), ``accuracy_std``, ``thresholds`` (one per fold), ``folds``.
+    Raises:
+        BadInputError: fewer pairs of either kind than folds.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    if min(int(same.sum()), int((1 - same).sum())) < folds:
+        raise BadInputError(f"{folds}-fold accuracy needs at least {folds} same and {folds} different pairs")
+    accs, thresholds = [], []
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(scores, same):
+        t = best_threshold(scores[train], same[train])
+        thresholds.append(t)
+        accs.append(float(((scores[test] >= t) == same[test]).mean()))
+    return {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)), "thresholds": thresholds,
+            "folds": folds}
+
+
+def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
+    """The threshold t maximising the accuracy of ``score >= t`` (midpoints between sorted scores)."""
+    order = np.argsort(scores)
+    s, y = scores[order], same[order]
+    # predicting "same" from position i on: correct = different pairs below i + same pairs from i on
+    below_diff = np.concatenate([[0], np.cumsum(1 - y)])
+    from_same = np.concatenate([np.cumsum(y[::-1])[::-1], [0]])
+    i = int(np.argmax(below_diff + from_same))
+    if i == 0:
+        return float(s[0] - 1e-6)
+    if i == len(s):
+        return float(s[-1] + 1e-6)
+    return float((s[i - 1] + s[i]) / 2)
+
+
+def load_crops(storage, names: list[str], cfg: DetectConfig, size: int):
+    """Decode, detect and crop each photo: uint8 (M, 3, size, size) crops of the photos that decode, the
+    names they belong to, how many had no detected face (centre-cropped instead), and the unreadable ones."""
+    crops, kept, no_face, unreadable = [], [], 0, {}
+    for name in names:
+        try:
+            img = decode_image(storage.read_bytes(name))
+        except (SkipImage, BadInputError) as exc:  # corrupt, missing, or a path leaving the image root
+            unreadable[name] = str(exc)
+            continue
+        found = detect_face(img, cfg)
+        no_face += found is None
+        crop = crop_face(img, found[0] if found else None, cfg.margin, size)
+        crops.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
+        kept.append(name)
+    if not crops:
+        raise BadInputError("none of the pair images could be read")
+    return torch.stack(crops), kept, no_face, unreadable
+
+
+def load_encoder(location: str) -> torch.nn.Module:
+    """ResNet18 backbone from an ``encoder.pt``, a pretrain-simclr run location, or a classifier ``model.pt``.
+
+    Raises:
+        BadInputError: not ResNet18 backbone weights.
+    """
+    encoder = build_encoder()
+    if not location.rstrip("/").endswith((".pt", ".pth")):
+        location = location.rstrip("/") + "/encoder.pt"
+    try:
+        load_encoder_weights(encoder, load_torch(location), location)
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from None
+    return encoder
+
+
+def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: str, output_location: str,
+                   image_size: int = 112, folds: int = 10, device_name: str = "auto",
+                   detect: DetectConfig = DetectConfig(), log=print) -> dict:
+    """Run the verification protocol; returns the metrics written to ``metrics.json``.
+
+    Raises:
+        BadInputError: unreadable pairs file, images or encoder. UsageError: fewer than 2 folds.
+    """
+    if folds < 2:
+        raise UsageError("--folds must be at least 2")
+    started = time.time()
+    device = pick_device(device_name)
+    pairs_store = open_storage(pairs_location.rsplit("/", 1)[0] if "/" in pairs_location else ".")
+    pairs_key = pairs_location.rsplit("/", 1)[-1]
+    try:
+        text = pairs_store.read_text(pairs_key)
+    except NotFoundError:
+        raise BadInputError(f"pairs file {pairs_location} not found") from None
+    except UnicodeDecodeError:
+        raise BadInputError(f"pairs file {pairs_location} is not UTF-8 text") from None
+    pairs = read_pairs(text, pairs_location)
+    encoder = load_encoder(encoder_location)
+    names = sorted({n for a, b, _ in pairs for n in (a, b)})
+    log(f"{len(pairs)} pairs over {len(names)} photos; detecting and embedding at {image_size} px on {device}")
+    crops, kept, no_face, unreadable = load_crops(open_storage(images_location), names, detect, image_size)
+    feats = torch.nn.functional.normalize(embed(encoder.to(device), crops, image_size, device), dim=1)
+    index = {n: i for i, n in enumerate(kept)}
+    usable = [(a, b, s) for a, b, s in pairs if a in index and b in index]
+    if not usable:
+        raise BadInputError("no pair has two readable images")
+    a_idx = torch.tensor([index[a] for a, _, _ in usable])
+    b_idx = torch.tensor([index[b] for _, b, _ in usable])
+    scores = (feats[a_idx] * feats[b_idx]).sum(1).numpy().astype(np.float64)
+    same = np.array([s for _, _, s in usable])
+
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    result = fold_accuracy(scores, same, folds)
+    fpr, tpr, _ = roc_curve(same, scores)
+    metrics = {"pairs": len(pairs), "pairs_evaluated": len(usable), "photos": len(names),
+               "photos_without_detected_face": no_face, "unreadable_photos": unreadable,
+               **result, "roc_auc": float(roc_auc_score(same, scores)),
+               "threshold_all_pairs": best_threshold(scores, same), "encoder": encoder_location,
+               "image_size": image_size, "seconds": round(time.time() - started, 1)}
+    out = open_storage(output_location)
+    writer = RunWriter(out)
+    writer.write_json("metrics.json", metrics)
+    out.write_text("scores.csv", "image_a,image_b,same_identity,cosine_similarity\n" + "".join(
+        f"{a},{b},{s},{score:.6f}\n" for (a, b, s), score in zip(usable, scores)))
+    writer.write_plot("roc.png", lambda p: plot_roc(fpr, tpr, metrics["roc_auc"], metrics["accuracy"], folds, p))
+    return metrics
+
+
+def plot_roc(fpr, tpr, auc: float, accuracy: float, folds: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"ROC (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"face verification: {folds}-fold accuracy {accuracy:.3f}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
