@@ -19,7 +19,7 @@ import tempfile
 import uuid
 
 from common.errors import BadInputError
-from common.storage import NotFoundError, Storage, open_storage
+from common.storage import NotFoundError, Storage, open_file_location
 
 LATEST = "checkpoints/latest.json"
 
@@ -69,15 +69,8 @@ def load_torch(location: str, map_location="cpu"):
     Raises:
         BadInputError: missing file, unreadable file, or a file holding arbitrary pickled objects.
     """
-    location = str(location)
-    if location.startswith("s3://"):
-        parent, _, name = location.rstrip("/").rpartition("/")
-        if parent in ("s3:", "s3:/") or not name:
-            raise BadInputError(f"{location!r} names no file: expected s3://bucket/path/file.pt")
-        storage, key = open_storage(parent), name
-    else:
-        storage, key = open_storage(os.path.dirname(os.path.abspath(location))), os.path.basename(location)
-    return load_torch_bytes(storage.read_bytes(key), location, map_location)
+    storage, key = open_file_location(location)
+    return load_torch_bytes(storage.read_bytes(key), str(location), map_location)
 
 
 def save_checkpoint(storage: Storage, state: dict, epoch: int, keep: int = 2) -> str:

@@ -195,6 +195,18 @@ def detect_face(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> tuple[t
     return None
 
 
+def detect_faces(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> list[tuple[tuple[int, int, int, int], str]]:
+    """Every face the default frontal cascade finds, largest first, as ``((x, y, w, h), detector)``; when it
+    finds none, the single face of :func:`detect_face`'s fallback chain (or an empty list)."""
+    faces = _cascade(FRONTAL).detectMultiScale(_gray(img), scaleFactor=cfg.scale_factor,
+                                               minNeighbors=cfg.min_neighbors, minSize=(cfg.min_face, cfg.min_face))
+    boxes = sorted((tuple(int(v) for v in f) for f in faces), key=lambda b: -b[2] * b[3])
+    if boxes:
+        return [(b, "frontal") for b in boxes]
+    found = detect_face(img, cfg)
+    return [found] if found else []
+
+
 def crop_face(img: Image.Image, box: tuple[int, int, int, int] | None, margin: float, size: int) -> Image.Image:
     """Square crop centred on ``box`` with ``margin`` (fraction of the box side) added on each side,
     resized to ``size`` x ``size``. Parts outside the photo are filled with black. ``box=None`` takes

@@ -359,6 +359,23 @@ class S3Storage(Storage):
         return dest
 
 
+def open_file_location(location: str | os.PathLike) -> tuple["Storage", str]:
+    """The storage of a file's folder and the file's key in it, for a local file path or ``s3://bucket/key``.
+
+    Raises:
+        BadInputError: an S3 URI that names no object.
+    """
+    location = str(location)
+    if is_s3(location):
+        parent, _, name = location.rstrip("/").rpartition("/")
+        if parent in ("s3:", "s3:/") or not name:
+            raise BadInputError(f"{location!r} names no file: expected s3://bucket/path/file")
+        return open_storage(parent), name
+    if not location.strip():
+        raise UsageError("empty location: give a file path or s3://bucket/key")
+    return open_storage(os.path.dirname(os.path.abspath(location))), os.path.basename(location)
+
+
 def open_storage(location: str | os.PathLike) -> Storage:
     """Storage for a local path or an ``s3://bucket/prefix`` URI."""
     location = str(location)

@@ -23,7 +23,7 @@ from common.checkpoints import load_torch
 from common.errors import BadInputError, UsageError
 from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face
 from common.models import build_encoder, load_encoder_weights
-from common.storage import NotFoundError, open_storage
+from common.storage import NotFoundError, open_file_location, open_storage
 from common.training import RunWriter, embed, pick_device
 
 
@@ -132,8 +132,7 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
         raise UsageError("--folds must be at least 2")
     started = time.time()
     device = pick_device(device_name)
-    pairs_store = open_storage(pairs_location.rsplit("/", 1)[0] if "/" in pairs_location else ".")
-    pairs_key = pairs_location.rsplit("/", 1)[-1]
+    pairs_store, pairs_key = open_file_location(pairs_location)
     try:
         text = pairs_store.read_text(pairs_key)
     except NotFoundError:

@@ -58,6 +58,23 @@ def test_finetuned_classifier_beats_chance_clearly(prepared_subset, simclr_run, 
     assert "Barack Obama" in (out / "classification_report.txt").read_text()
     assert "test top-1" in r.stdout
 
+    # identify with the trained model: two train-split crops per identity, named from the photo alone
+    records = json.loads((prepared_subset / "manifest.json").read_text())["records"]
+    raw = Path(json.loads((prepared_subset / "manifest.json").read_text())["input"])
+    picks = {}
+    for rec in records:
+        if rec.get("split") == "train" and len(picks.setdefault(rec["identity"], [])) < 2:
+            picks[rec["identity"]].append(rec["source"])
+    correct = 0
+    for identity, sources in picks.items():
+        for source in sources:
+            r = run_script("identify", "--model", out, "--photo", raw / source, "--no-detect", "--json", "--threshold", 0)
+            assert r.returncode == 0, r.stdout + r.stderr
+            face = json.loads(r.stdout)["faces"][0]
+            assert len(face["top3"]) == 3 and abs(sum(p for _, p in face["top3"]) - 1) < 1e-3
+            correct += face["identity"] == identity
+    assert correct >= 4, f"{correct} of 6 train photos named correctly"
+
 
 def test_linear_probe_leaves_the_encoder_unchanged(prepared_subset, simclr_run, tmp_path):
     result = CliRunner().invoke(classifier_main, ["--data", str(prepared_subset), "--output", str(tmp_path / "lp"),

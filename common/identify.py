@@ -1,0 +1,104 @@
+"""identify: who is in a photo, by a trained classifier (train-classifier's ``model.pt``).
+
+Every face the Haar cascades find (common.faces.detect_faces) is cropped as prepare-data crops it and
+classified; a face whose top probability is below the threshold is reported as ``unknown`` (the classifier
+only knows its training identities, so a low maximum softmax probability is the usual open-set signal;
+Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution Examples", ICLR 2017).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from common.checkpoints import load_torch
+from common.errors import BadInputError
+from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_faces
+from common.models import Classifier, build_encoder
+from common.storage import open_file_location
+from common.training import autocast, pick_device
+
+
+def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
+    """A train-classifier ``model.pt`` (file or run location): the model in eval mode, its class names and
+    the image size it was trained at.
+
+    Raises:
+        BadInputError: not a train-classifier model file.
+    """
+    if not location.rstrip("/").endswith((".pt", ".pth")):
+        location = location.rstrip("/") + "/model.pt"
+    saved = load_torch(location)
+    if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("classes"), list)):
+        raise BadInputError(f"{location} is not a train-classifier model.pt (model, classes, image_size)")
+    model = Classifier(build_encoder(), len(saved["classes"]))
+    try:
+        model.load_state_dict(saved["model"])
+    except (RuntimeError, TypeError) as exc:
+        raise BadInputError(f"{location} does not fit a ResNet18 classifier: {str(exc).splitlines()[0][:200]}") from None
+    return model.eval(), [str(c) for c in saved["classes"]], int(saved.get("image_size", 112))
+
+
+def read_photo(location: str) -> bytes:
+    """The bytes of a local photo or an ``s3://bucket/key`` object."""
+    storage, key = open_file_location(location)
+    return storage.read_bytes(key)
+
+
+@torch.no_grad()
+def identify(photo: bytes, model: Classifier, classes: list[str], image_size: int, threshold: float = 0.5,
+             detect: bool = True, cfg: DetectConfig = DetectConfig(), device_name: str = "auto"):
+    """Faces of a photo with their top-3 identities.
+
+    Returns ``(image, faces)``: the decoded RGB photo and one dict per face, largest first: ``box`` (x, y, w,
+    h in pixels; the whole photo with ``detect=False``), ``detector``, ``top3`` [(name, probability)], and
+    ``identity`` (the top name, or ``unknown`` below ``threshold``).
+
+    Raises:
+        BadInputError: the photo cannot be decoded.
+    """
+    from common.augment import eval_transform
+
+    try:
+        img = decode_image(photo, cfg.max_pixels)
+    except SkipImage as exc:
+        raise BadInputError(f"cannot read the photo: {exc}") from None
+    found = detect_faces(img, cfg) if detect else [((0, 0, *img.size), "whole photo")]
+    if not found:
+        return img, []
+    device = pick_device(device_name)
+    crops = torch.stack([torch.from_numpy(np.asarray(
+        crop_face(img, box if detect else None, cfg.margin, image_size)).copy()).permute(2, 0, 1) for box, _ in found])
+    model = model.to(device)
+    with autocast(device):
+        probs = model(eval_transform(crops.to(device), image_size)).float().softmax(1).cpu()
+    k = min(3, len(classes))
+    top_p, top_i = probs.topk(k, dim=1)
+    faces = []
+    for (box, detector), p, i in zip(found, top_p.tolist(), top_i.tolist()):
+        top3 = [(classes[c], round(q, 4)) for c, q in zip(i, p)]
+        faces.append({"box": list(box), "detector": detector, "top3": top3,
+                      "identity": top3[0][0] if top3[0][1] >= threshold else "unknown"})
+    return img, faces
+
+
+def annotate(img, faces: list[dict]) -> bytes:
+    """The photo as JPEG with each face's box and identity drawn on it."""
+    from PIL import ImageDraw
+
+    out = img.copy()
+    draw = ImageDraw.Draw(out)
+    width = max(2, round(max(img.size) / 300))
+    for face in faces:
+        x, y, w, h = face["box"]
+        colour = (230, 60, 60) if face["identity"] == "unknown" else (40, 200, 90)
+        draw.rectangle([x, y, x + w, y + h], outline=colour, width=width)
+        label = f"{face['identity']} {face['top3'][0][1]:.2f}"
+        left, top, right, bottom = draw.textbbox((x, max(0, y - 12)), label)
+        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
+        draw.text((x, max(0, y - 12)), label, fill=(255, 255, 255))
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()

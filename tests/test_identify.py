@@ -1,0 +1,64 @@
+"""identify on real photos: every detected face gets a box and top-3 identities; bad input gets exit 3."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from common.models import Classifier, build_encoder
+from conftest import CASES
+
+BIN = Path(sys.executable).parent
+CLASSES = ["Barack Obama", "Keira Knightley", "Tom Hanks"]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A train-classifier model.pt layout with random weights (what identify reads, not what it knows)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.save({"model": Classifier(build_encoder(), 3).state_dict(), "classes": CLASSES, "image_size": 48}, path)
+    return path
+
+
+def identify(*args):
+    return subprocess.run([str(BIN / "identify"), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_two_faces_are_found_boxed_and_named(model_file, tmp_path):
+    photo = CASES / "raw" / "Keanu Reeves" / "two_faces.jpg"
+    r = identify("--model", model_file, "--photo", photo, "--json", "--annotate", tmp_path / "named.jpg")
+    assert r.returncode == 0, r.stdout + r.stderr
+    faces = json.loads(r.stdout)["faces"]
+    assert len(faces) == 2
+    width, height = Image.open(photo).size
+    for face in faces:
+        x, y, w, h = face["box"]
+        assert 0 <= x and 0 <= y and x + w <= width and y + h <= height and w > 20
+        assert [n for n, _ in face["top3"]] and {n for n, _ in face["top3"]} <= set(CLASSES)
+        assert face["identity"] in [*CLASSES, "unknown"]
+    assert faces[0]["box"][2] >= faces[1]["box"][2], "largest face first"
+    with Image.open(tmp_path / "named.jpg") as named:
+        assert named.size == (width, height) and named.format == "JPEG"
+
+
+def test_threshold_one_makes_every_face_unknown_and_text_output(model_file):
+    r = identify("--model", model_file, "--photo", CASES / "raw" / "Tom Hanks" / "plain.jpg", "--threshold", 1.0)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("face 1 at x=") and ": unknown  (top-3: " in r.stdout
+
+
+def test_no_face_and_bad_input(model_file, tmp_path):
+    r = identify("--model", model_file, "--photo", CASES / "raw" / "Tom Hanks" / "no_face_noise.jpg")
+    assert r.returncode == 0 and r.stdout.strip() == "no face found"
+    r = identify("--model", model_file, "--photo", CASES / "raw" / "Tom Hanks" / "truncated.jpg")
+    assert r.returncode == 3 and "cannot read the photo" in r.stderr and "Traceback" not in r.stderr
+    r = identify("--model", model_file, "--photo", tmp_path / "missing.jpg")
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    r = identify("--model", tmp_path / "other.pt", "--photo", CASES / "raw" / "Tom Hanks" / "plain.jpg")
+    assert r.returncode == 3 and "not a train-classifier model.pt" in r.stderr
