@@ -3,6 +3,8 @@
 Starting points: a SimCLR ``encoder.pt`` (``encoder``), given ResNet18 weights such as torchvision's
 ImageNet file (``init``), or random weights. Modes:
     finetune       the whole network trains (encoder LR scaled by ``encoder_lr_scale``)
+    knn            no training: a weighted k-nearest-neighbour vote of the train split's embeddings
+                   (Wu et al. 2018, the kNN monitor's classifier), the usual SSL representation check
     linear-probe   the encoder is frozen (eval mode, no gradients); only the linear layer trains, on
                    embeddings computed once (the standard linear evaluation protocol, Chen et al. 2020)
 
@@ -30,7 +32,7 @@ from common.metrics import classification_summary, plot_confusion_matrix, plot_c
 from common.models import Classifier, build_encoder, load_encoder_weights
 from common.storage import open_storage
 from common.pool import MemoryPool, epoch_generator, rank_share
-from common.training import RunWriter, autocast, embed, pick_device, seed_everything, warmup_cosine
+from common.training import RunWriter, autocast, embed, knn_predict, pick_device, seed_everything, warmup_cosine
 
 
 @dataclass
@@ -51,6 +53,7 @@ class ClassifierConfig:
     schedule: str = "cosine"
     label_smoothing: float = 0.0
     labels_per_class: int | None = None
+    knn_k: int = 20
     seed: int = 1337
     device: str = "auto"
 
@@ -124,8 +127,8 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
 def _train_classifier(data_location, output_location, cfg, info, device, log) -> dict:
     if cfg.encoder and cfg.init != "scratch":
         raise UsageError("give either --encoder (a SimCLR encoder) or --init (other weights), not both")
-    if cfg.mode not in ("finetune", "linear-probe"):
-        raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune or linear-probe")
+    if cfg.mode not in ("finetune", "linear-probe", "knn"):
+        raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune, linear-probe or knn")
     data = PreparedDataset(data_location, cfg.image_size)
     classes = data.classes
     distributed = info.enabled and cfg.mode == "finetune"
@@ -158,13 +161,15 @@ def _train_classifier(data_location, output_location, cfg, info, device, log) ->
                                           "torch": torch.__version__})
     log(f"{cfg.mode} from {source}: {n_train} labelled train images, {len(classes)} classes, {device}")
 
-    if cfg.mode == "linear-probe":  # the frozen encoder's embeddings, computed once; only model.fc trains
+    if cfg.mode in ("linear-probe", "knn"):  # the frozen encoder's embeddings, computed once
         for p in model.encoder.parameters():
             p.requires_grad_(False)
         train_x = embed(model.encoder, train_x, cfg.image_size, device)
         evals = {s: (embed(model.encoder, x, cfg.image_size, device), y) for s, (x, y) in evals.items()}
 
         def run(x, train=False):
+            if cfg.mode == "knn":  # weighted kNN vote of the train embeddings (the kNN monitor's classifier)
+                return knn_predict(train_x, train_y, x, len(classes), cfg.knn_k)
             return model.fc(x.to(device))
     else:
         augment = BatchAugment(supervised_preset())
@@ -204,8 +209,8 @@ def _train_classifier(data_location, output_location, cfg, info, device, log) ->
         with torch.no_grad():
             return torch.cat([run(x).float().cpu() for x in evals[split][0].split(256)])
 
-    best, best_key, started = None, None, time.time()
-    for epoch in range(cfg.epochs):
+    best, best_key, started = {"epoch": None, "state": model.state_dict()}, None, time.time()
+    for epoch in range(cfg.epochs if cfg.mode != "knn" else 0):
         model.train()
         if cfg.mode == "linear-probe":
             model.encoder.eval()
@@ -254,13 +259,15 @@ def _train_classifier(data_location, output_location, cfg, info, device, log) ->
         "seconds": round(time.time() - started, 1),
     }
     if info.is_main:
-        save_torch(out, "model.pt", {"model": {k: v.cpu() for k, v in model.state_dict().items()},
-                                     "classes": classes, "image_size": cfg.image_size})
+        if cfg.mode != "knn":  # a kNN classifier is the encoder plus the train embeddings: nothing to save
+            save_torch(out, "model.pt", {"model": {k: v.cpu() for k, v in model.state_dict().items()},
+                                         "classes": classes, "image_size": cfg.image_size})
         writer.write_json("metrics.json", metrics)
         out.write_text("classification_report.txt", test["report_text"])
         writer.write_plot("confusion_matrix.png", lambda p: plot_confusion_matrix(
             test["confusion_matrix"], classes, p, f"test confusion matrix (top-1 {test['top1']:.3f})"))
-        writer.write_plot("training_curves.png", lambda p: plot_curves(
-            writer.history, ["train_top1", "val_top1", "val_top3"], p, f"train-classifier ({cfg.mode})"))
+        if writer.history:
+            writer.write_plot("training_curves.png", lambda p: plot_curves(
+                writer.history, ["train_top1", "val_top1", "val_top3"], p, f"train-classifier ({cfg.mode})"))
     barrier()
     return metrics

@@ -12,7 +12,9 @@ from common.cli import is_main_process, report_errors
 @click.option("--output", "output_location", required=True, help="Run location for model.pt and metrics.json: path or s3:// URI.")
 @click.option("--encoder", default=None, help="SimCLR encoder: an encoder.pt file or a pretrain-simclr run location (path or s3:// URI).")
 @click.option("--init", default="scratch", help="Without --encoder: 'scratch' or a ResNet18 weights file such as torchvision's ImageNet file.")
-@click.option("--mode", type=click.Choice(["finetune", "linear-probe"]), default="finetune", help="Train everything, or only a linear layer on the frozen encoder.")
+@click.option("--mode", type=click.Choice(["finetune", "linear-probe", "knn"]), default="finetune",
+              help="Train everything, only a linear layer on the frozen encoder, or no training: a kNN vote of the train embeddings.")
+@click.option("--knn-k", type=click.IntRange(min=1), default=20, help="--mode knn: neighbours that vote.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, help="Training epochs.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, help="Images per step; capped at the number of training images.")
 @click.option("--image-size", type=click.IntRange(min=16, max=1024), default=112, help="Side of the images fed to the network, pixels.")

@@ -165,3 +165,14 @@ def _read(root, key):
     from common.storage import open_storage
 
     return open_storage(root).read_text(key)
+
+
+def test_knn_mode_reports_without_training(prepared_subset, simclr_run, tmp_path):
+    out = tmp_path / "knn"
+    r = run_script("train-classifier", "--data", prepared_subset, "--output", out, "--encoder", simclr_run,
+                   "--mode", "knn", "--image-size", 48, "--knn-k", 10)
+    assert r.returncode == 0, r.stdout + r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "knn" and metrics["best_epoch"] is None and metrics["test"]["n"] == 24
+    assert metrics["test"]["top1"] > 0.45, metrics["test"]  # chance is 1/3
+    assert not (out / "model.pt").exists() and (out / "confusion_matrix.png").is_file()
