@@ -20,12 +20,30 @@ def report_errors(fn):
             return fn(*args, **kwargs)
         except FacesslError as exc:
             click.echo(f"error: {exc}", err=True)
+            record_exit_code(exc.exit_code)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def record_exit_code(code: int) -> None:
+    """Under torchrun, which exits 1 whatever its ranks exit with, keep the first rank's documented code in
+    the file ``$FACESSL_EXIT_CODE_FILE`` names, so the wrapper in the job spec can exit with it (the
+    Kubernetes podFailurePolicy acts on codes 2-5). Does nothing when the variable is unset."""
+    import os
+
+    path = os.environ.get("FACESSL_EXIT_CODE_FILE")
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # the first error is the root cause
+    except OSError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{code}\n")
 
 
 def is_main_process() -> bool:

@@ -161,11 +161,11 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
     import torch
     from PIL import Image
 
-    source = io.BytesIO(data.storage.read_bytes(part.key)) if stream else data.storage.local_copy(part.key, data.cache)
     images = torch.empty(part.size, 3, size, size, dtype=torch.uint8)
     labels = torch.full((part.size,), -1, dtype=torch.long)
     n = 0
     try:
+        source = io.BytesIO(data.storage.read_bytes(part.key)) if stream else data.storage.local_copy(part.key, data.cache)
         for i, (_, jpeg, label) in enumerate(iter_shard_samples(source)):
             if i % part.stride != part.offset:
                 continue

@@ -7,10 +7,16 @@ process group: NCCL on GPUs, gloo on CPUs. A plain single process sets nothing u
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+# torch.distributed.nn.functional's differentiable collectives (used below) warn on every call that the
+# private _functional_collectives will replace them; they are the public API with autograd today.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ class StreamPool:
 
 
 def _available_bytes(path) -> tuple[int, int]:
-    """(available RAM, free disk at ``path``) in bytes."""
+    """(available RAM, free disk at ``path``) in bytes; the disk counts as full when ``path`` cannot be created."""
     import shutil
 
     ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -180,8 +180,11 @@ def _available_bytes(path) -> tuple[int, int]:
             ram = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         pass
-    os.makedirs(path, exist_ok=True)
-    return ram, shutil.disk_usage(path).free
+    try:
+        os.makedirs(path, exist_ok=True)
+        return ram, shutil.disk_usage(path).free
+    except OSError:
+        return ram, 0
 
 
 def choose_mode(mode: str, nbytes: int, cache, available: tuple[int, int] | None = None) -> str:
@@ -201,32 +204,52 @@ def choose_mode(mode: str, nbytes: int, cache, available: tuple[int, int] | None
     return "mmap" if nbytes * 1.1 <= disk else "stream"
 
 
+def _open_mmap(path, labels_path, n: int, size: int) -> MmapPool | None:
+    """The cached pool if both files are whole and of the expected shape, else None."""
+    try:
+        images, labels = np.load(path, mmap_mode="r"), np.load(labels_path)
+    except (OSError, ValueError, EOFError):
+        return None
+    if images.dtype != np.uint8 or images.shape != (n, 3, size, size) or labels.shape != (n,) or labels.dtype != np.int64:
+        return None
+    return MmapPool(images, torch.from_numpy(labels))
+
+
 def _build_mmap(data: PreparedDataset, parts: list[ShardPart], size: int) -> MmapPool:
     """Decode the parts into ``<cache>/pool-<digest>.npy`` (written under a temporary name, then renamed),
-    or reuse that file when an earlier run wrote it."""
+    or reuse that file when an earlier run wrote it (a damaged one is rebuilt: the cache is disposable).
+
+    Raises:
+        BadInputError: the cache folder cannot be written.
+    """
     digest = hashlib.sha256(json.dumps([data.manifest.get("dataset_id"), size, [asdict(p) for p in parts]])
                             .encode()).hexdigest()[:16]
     path = data.cache / f"pool-{digest}.npy"
     labels_path = data.cache / f"pool-{digest}.labels.npy"
-    if not (path.exists() and labels_path.exists()):
+    n = sum(p.size for p in parts)
+    pool = _open_mmap(path, labels_path, n, size)
+    if pool is not None:
+        return pool
+    tmp = data.cache / f".pool-{digest}.{os.getpid()}.npy"
+    try:
         data.cache.mkdir(parents=True, exist_ok=True)
-        n = sum(p.size for p in parts)
-        tmp = data.cache / f".pool-{digest}.{os.getpid()}.npy"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
         labels = np.empty(n, dtype=np.int64)
         row = 0
-        try:
-            for images, part_labels in decode_parts(data, parts, size):
-                out[row:row + len(images)] = images.numpy()
-                labels[row:row + len(images)] = part_labels.numpy()
-                row += len(images)
-            out.flush()
-            del out
-            np.save(labels_path, labels)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        for images, part_labels in decode_parts(data, parts, size):
+            out[row:row + len(images)] = images.numpy()
+            labels[row:row + len(images)] = part_labels.numpy()
+            row += len(images)
+        out.flush()
+        del out
+        np.save(labels_path, labels)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise BadInputError(f"cannot write the decoded-crop cache in {data.cache} ({exc.strerror or exc}): set "
+                            "FACESSL_CACHE to a writable folder with room, or use --data-mode memory or stream") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return MmapPool(np.load(path, mmap_mode="r"), torch.from_numpy(np.load(labels_path)))
 
 

@@ -186,9 +186,10 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         forward = torch.compile(forward)
 
     start_epoch, start_step, partial = 0, 0, []
+    order_kind = "shuffle-buffer" if data_mode == "stream" else "permutation"  # memory and mmap share one order
     state = load_latest_checkpoint(out) if cfg.resume == "auto" else None
     if state is not None:
-        check_same_options(state.get("options", {}), asdict(cfg), out.uri)
+        check_same_options(state.get("options", {}), {**asdict(cfg), "world_size": world}, out.uri)
         if state.get("finished"):
             log(f"this run already finished ({out.url('checkpoints/latest.json')}): nothing to do")
             return state.get("summary", {})
@@ -200,6 +201,9 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         writer.history = list(state["history"])
         start_epoch, start_step, partial = int(state["epoch"]), int(state["step"]), list(state["partial_losses"])
         log(f"resuming at epoch {start_epoch + 1}, step {start_step} from {out.url('checkpoints/latest.json')}")
+        if start_step and state.get("data_order", order_kind) != order_kind:
+            log(f"warning: the checkpoint was taken mid-epoch with {state['data_order']} data order and this run "
+                f"uses {order_kind} order: the rest of epoch {start_epoch + 1} may repeat or skip some images")
 
     def checkpoint(epoch, step, losses, finished=False, summary=None):
         if info.is_main:
@@ -207,7 +211,8 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "aug_rng": aug_gen.get_state().cpu(), "rng": capture_rng_states(), "epoch": epoch, "step": step,
                 "partial_losses": losses, "history": list(writer.history), "finished": finished,
-                "summary": summary or {}, "options": asdict(cfg)}, epoch)
+                "summary": summary or {}, "options": {**asdict(cfg), "world_size": world},
+                "data_order": order_kind}, epoch)
         barrier()
 
     if info.is_main:

@@ -101,3 +101,41 @@ def test_torchrun_two_processes_train_a_classifier(prepared_subset, tmp_path):
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["test"]["n"] == 24 and 0.0 <= metrics["test"]["top1"] <= 1.0
     assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+
+
+def test_spec_wrapper_exits_with_the_failing_ranks_code(prepared_sharded, tmp_path):
+    """One rank hits a truncated shard (exit 3); torchrun itself exits 1, and the shell line of
+    infra/k8s/pretrain-simclr-multinode.yaml turns that back into 3 for the podFailurePolicy."""
+    import shutil
+
+    from test_infra import EXIT_WRAPPER_TAIL
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_sharded, data)
+    shard = data / "train" / "shard-000001.tar"  # dealt to rank 1
+    shard.write_bytes(shard.read_bytes()[:3000])
+    bin_dir = Path(sys.executable).parent
+    torchrun = (f'{bin_dir / "torchrun"} --standalone --nproc-per-node 2 {bin_dir / "pretrain-simclr"} '
+                f'--data {data} --output {tmp_path / "out"} --epochs 1 --image-size 32 --data-mode memory')
+    script = f'rm -f "$FACESSL_EXIT_CODE_FILE"; {torchrun}; {EXIT_WRAPPER_TAIL}'
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FACESSL_EXIT_CODE_FILE": str(tmp_path / "exit-code"),
+           "FACESSL_CACHE": str(tmp_path / "cache")}
+    bare = subprocess.run(["sh", "-c", torchrun], capture_output=True, text=True, timeout=600, env=env)
+    assert bare.returncode == 1, "torchrun on its own loses the code"
+    wrapped = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert wrapped.returncode == 3, wrapped.stdout + wrapped.stderr
+    assert "cannot read shard train/shard-000001.tar" in wrapped.stderr
+
+
+def test_resuming_with_another_process_count_is_refused(prepared_sharded, tmp_path):
+    """The global batch, the LR and the steps per epoch depend on the process count: a resumed run must not
+    silently change them."""
+    bin_dir = Path(sys.executable).parent
+    args = ["--data", str(prepared_sharded), "--output", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "9",
+            "--image-size", "32", "--knn-every", "0"]
+    one = subprocess.run([str(bin_dir / "pretrain-simclr"), *args], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                          str(bin_dir / "pretrain-simclr"), *args], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode != 0 and "world_size: 1 -> 2" in two.stderr

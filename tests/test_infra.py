@@ -104,4 +104,20 @@ def test_specs_keep_tini_as_pid_1(path):
     reach a process that is not the job's and the checkpoint-on-preemption path would not run."""
     for doc in yaml.safe_load_all(path.read_text()):
         for c in containers(doc or {}):
-            assert "command" not in c or c["command"][:2] == ["/usr/bin/tini", "--"], (path.name, c["name"])
+            assert "command" not in c or c["command"][0] == "/usr/bin/tini", (path.name, c["name"])
+
+
+def test_torchrun_spec_passes_the_ranks_exit_code_on():
+    """torchrun exits 1 whatever its ranks exit with: the multi-node spec must exit with the code the ranks
+    recorded in FACESSL_EXIT_CODE_FILE (tests/test_distributed.py runs that shell line for real)."""
+    job = next(d for d in yaml.safe_load_all((REPO / "infra" / "k8s" / "pretrain-simclr-multinode.yaml").read_text())
+               if d and d["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["/usr/bin/tini", "-g", "--"]
+    assert {"name": "FACESSL_EXIT_CODE_FILE", "value": "/tmp/facessl-exit-code"} in container["env"]
+    script = container["args"][0]
+    assert script.startswith('rm -f "$FACESSL_EXIT_CODE_FILE";') and "torchrun" in script
+    assert script.endswith(EXIT_WRAPPER_TAIL)
+
+
+EXIT_WRAPPER_TAIL = 'rc=$?; code=$(cat "$FACESSL_EXIT_CODE_FILE" 2>/dev/null); exit "${code:-$rc}"'

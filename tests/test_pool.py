@@ -2,11 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from common.data import PreparedDataset
-from common.errors import UsageError
+from common.errors import BadInputError, UsageError
 from common.pool import MemoryPool, choose_mode, epoch_generator, open_pool, rank_share
 
 
@@ -102,3 +103,27 @@ def test_auto_mode_picks_by_free_memory_and_disk(tmp_path):
     assert choose_mode("mmap", 1, tmp_path) == "mmap"
     with pytest.raises(UsageError):
         choose_mode("ramdisk", 1, tmp_path)
+
+
+def test_damaged_mmap_cache_is_rebuilt(prepared_sharded, tmp_path, monkeypatch):
+    monkeypatch.setenv("FACESSL_CACHE", str(tmp_path))
+    data = PreparedDataset(str(prepared_sharded), 32)
+    first, _, _ = open_pool(data, ["train"], 0, 1, "mmap")
+    reference = torch.from_numpy(np.array(first.images))  # a copy: the file is about to be cut short
+    del first
+    crops = next(p for p in tmp_path.rglob("pool-*.npy") if not p.name.endswith(".labels.npy"))
+    with open(crops, "r+b") as f:
+        f.truncate(5000)
+    again, _, _ = open_pool(data, ["train"], 0, 1, "mmap")
+    assert torch.equal(torch.from_numpy(again.images[:]), reference)
+
+
+def test_unwritable_cache(prepared_sharded, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FACESSL_CACHE", str(blocker / "cache"))
+    data = PreparedDataset(str(prepared_sharded), 32)
+    pool, mode, _ = open_pool(data, ["train"], 0, 1, "auto")  # local shards need no cache: RAM it is
+    assert mode == "memory" and len(pool) > 0
+    with pytest.raises(BadInputError, match="cannot write the decoded-crop cache"):
+        open_pool(data, ["train"], 0, 1, "mmap")
