@@ -1,0 +1,187 @@
+"""Benchmark suite (not a test): the benchmarks of ../shared/data/faces/README.md through the real jobs.
+
+For each benchmark: prepare-data once (one split shared by every arm), pretrain-simclr on the train split
+only (labels unused; val and test images never enter pretraining), then the arms, each a train-classifier
+run on the same prepared data:
+    scratch              supervised fine-tuning from random weights
+    random + linear      linear probe on a random-init encoder's features
+    SimCLR + kNN         weighted kNN vote of the SimCLR train embeddings (no training)
+    SimCLR + linear      linear probe on the SimCLR encoder
+    SimCLR + fine-tune   fine-tuning from the SimCLR encoder
+    ImageNet + fine-tune fine-tuning from torchvision's ImageNet ResNet18 file, when --imagenet-weights is given
+``celeba-pairs`` pretrains on the celeba-wild photos that are in no pair and runs evaluate-pairs.
+
+Writes ``results.md`` and ``results.json`` under --out (plus every job's own outputs), one row per
+benchmark and arm: test top-1, top-3, macro-F1 (verification: 10-fold accuracy and ROC AUC), labelled
+images, epochs, wall time, hardware.
+
+Usage:
+  python benchmarks/suite.py --out runs/suite                        # full settings (for a GPU)
+  python benchmarks/suite.py --out runs/suite-cpu --reduced          # CPU: small images, few epochs
+  python benchmarks/suite.py --out runs/suite --benchmarks glint24-20 --imagenet-weights resnet18-f37072fd.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FACES = Path(os.environ.get("FACESSL_SHARED", REPO.parent / "shared")) / "data" / "faces"
+BIN = Path(sys.executable).parent
+GLINT6 = "Leonardo DiCaprio,Barack Obama,Keanu Reeves,Tom Hanks,Keira Knightley,Jennifer Aniston"
+
+# name -> (raw folder, prepare-data options, labels per class for the arms or None for all)
+BENCHMARKS = {
+    "glint6": ("glint24", ["--classes", GLINT6, "--on-no-face", "keep-full"], None),
+    "glint24-20": ("glint24", ["--on-no-face", "keep-full"], 20),
+    "celeba-wild-75": ("celeba-wild", ["--min-images", "30"], None),
+    "celeba-pairs": ("celeba-wild", [], None),
+}
+SETTINGS = {  # full: the GPU recipe of the shared README; reduced: what a 2-core CPU finishes in minutes
+    "full": {"size": 112, "simclr_epochs": 200, "simclr_batch": 512, "warmup": 10, "ft_epochs": 30,
+             "probe_epochs": 100, "ft_batch": 128},
+    "reduced": {"size": 32, "simclr_epochs": 8, "simclr_batch": 128, "warmup": 1, "ft_epochs": 10,
+                "probe_epochs": 30, "ft_batch": 64},
+}
+FINETUNE = ["--mode", "finetune", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05",
+            "--label-smoothing", "0.1", "--warmup-epochs", "1"]
+PROBE = ["--mode", "linear-probe", "--optimizer", "adamw", "--lr", "1e-2", "--weight-decay", "0"]
+
+
+def job(name: str, *args, log) -> float:
+    """Run one console script; returns its wall time in seconds. Exits the suite on failure."""
+    started = time.time()
+    cmd = [str(BIN / name), *map(str, args)]
+    log(" ".join(cmd))
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{name} failed with exit code {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return time.time() - started
+
+
+def pairs_raw_folder(out: Path) -> Path:
+    """celeba-wild without the photos of pairs.csv (symlinks), the pretraining input of celeba-pairs."""
+    src = FACES / "celeba-wild"
+    in_pairs = set()
+    with (src / "pairs.csv").open() as f:
+        for row in csv.DictReader(f):
+            in_pairs.update((row["image_a"], row["image_b"]))
+    dst = out / "celeba-pairs-pretrain-raw"
+    for photo in sorted(src.glob("*/*")):
+        rel = f"{photo.parent.name}/{photo.name}"
+        if rel not in in_pairs:
+            (dst / photo.parent.name).mkdir(parents=True, exist_ok=True)
+            link = dst / rel
+            if not link.exists():
+                link.symlink_to(photo)
+    return dst
+
+
+def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | None, log) -> list[dict]:
+    raw_name, prepare_opts, per_class = BENCHMARKS[name]
+    root = out / name
+    raw = pairs_raw_folder(out) if name == "celeba-pairs" else FACES / raw_name
+    split = ["--split", "1,0,0", "--min-images", "1"] if name == "celeba-pairs" else []
+    prepared = root / "prepared"
+    seconds = {"prepare": job("prepare-data", "--input", raw, "--output", prepared, "--image-size", s["size"],
+                              *prepare_opts, *split, log=log)}
+    simclr = root / "simclr"
+    seconds["simclr"] = job("pretrain-simclr", "--data", prepared, "--output", simclr, "--epochs", s["simclr_epochs"],
+                            "--batch-size", s["simclr_batch"], "--image-size", s["size"], "--warmup-epochs", s["warmup"],
+                            "--device", device, "--log-every", 0, log=log)
+    base = {"benchmark": name, "image_size": s["size"], "simclr_epochs": s["simclr_epochs"],
+            "prepare_s": round(seconds["prepare"]), "simclr_s": round(seconds["simclr"])}
+    if name == "celeba-pairs":
+        t = job("evaluate-pairs", "--pairs", FACES / "celeba-wild" / "pairs.csv", "--images", FACES / "celeba-wild",
+                "--encoder", simclr, "--output", root / "pairs", "--image-size", s["size"], "--device", device, log=log)
+        m = json.loads((root / "pairs" / "metrics.json").read_text())
+        return [{**base, "arm": "SimCLR embeddings", "accuracy": m["accuracy"], "accuracy_std": m["accuracy_std"],
+                 "roc_auc": m["roc_auc"], "pairs": m["pairs_evaluated"], "labelled_images": 0, "epochs": 0,
+                 "seconds": round(t), "outputs": str(root / "pairs")}]
+
+    labels = ["--labels-per-class", per_class] if per_class else []
+    arms = [
+        ("scratch", [*FINETUNE, "--epochs", s["ft_epochs"]]),
+        ("random + linear", [*PROBE, "--epochs", s["probe_epochs"]]),
+        ("SimCLR + kNN", ["--mode", "knn", "--encoder", simclr]),
+        ("SimCLR + linear", [*PROBE, "--epochs", s["probe_epochs"], "--encoder", simclr]),
+        ("SimCLR + fine-tune", [*FINETUNE, "--epochs", s["ft_epochs"], "--encoder", simclr]),
+    ]
+    if imagenet:
+        arms.append(("ImageNet + fine-tune", [*FINETUNE, "--epochs", s["ft_epochs"], "--init", imagenet]))
+    rows = []
+    for arm, opts in arms:
+        run = root / arm.replace(" + ", "-").replace(" ", "-").lower()
+        t = job("train-classifier", "--data", prepared, "--output", run, "--image-size", s["size"], "--batch-size",
+                s["ft_batch"], "--device", device, *labels, *opts, log=log)
+        m = json.loads((run / "metrics.json").read_text())
+        epochs = 0 if arm == "SimCLR + kNN" else int(opts[opts.index("--epochs") + 1])
+        rows.append({**base, "arm": arm, "top1": m["test"]["top1"], "top3": m["test"]["top3"],
+                     "macro_f1": m["test"]["macro_f1"], "test_images": m["test"]["n"],
+                     "labelled_images": m["train_images"], "epochs": epochs, "seconds": round(t), "outputs": str(run)})
+    return rows
+
+
+def hardware(device: str) -> str:
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write_tables(out: Path, rows: list[dict], meta: dict) -> None:
+    (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    lines = [f"Settings: {meta['settings']} ({meta['settings_detail']}); hardware: {meta['hardware']}; "
+             f"command: `{meta['command']}`", "",
+             "| benchmark | arm | test top-1 | top-3 | macro-F1 | labelled images | epochs | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "accuracy" in r:
+            lines.append(f"| {r['benchmark']} | {r['arm']} | verification acc {r['accuracy']:.3f} +- "
+                         f"{r['accuracy_std']:.3f} | ROC AUC {r['roc_auc']:.3f} | - | 0 | SimCLR {r['simclr_epochs']} | "
+                         f"{r['seconds']} |")
+        else:
+            lines.append(f"| {r['benchmark']} | {r['arm']} | {r['top1']:.3f} | {r['top3']:.3f} | {r['macro_f1']:.3f} | "
+                         f"{r['labelled_images']} | {r['epochs']} (SimCLR {r['simclr_epochs']}) | {r['seconds']} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for every run and results.md / results.json")
+    parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated subset")
+    parser.add_argument("--reduced", action="store_true", help="CPU settings: 32 px, few epochs")
+    parser.add_argument("--imagenet-weights", default=None, help="torchvision resnet18 ImageNet file: adds that arm")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmarks {unknown}: choose from {', '.join(BENCHMARKS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = "reduced" if args.reduced else "full"
+    s = SETTINGS[settings]
+    meta = {"settings": settings, "settings_detail": ", ".join(f"{k} {v}" for k, v in s.items()),
+            "hardware": hardware(args.device), "command": " ".join(sys.argv)}
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    rows = []
+    for name in names:
+        started = time.time()
+        rows += run_benchmark(name, out, s, args.device, args.imagenet_weights, log)
+        log(f"== {name} done in {time.time() - started:.0f} s")
+        write_tables(out, rows, meta)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
