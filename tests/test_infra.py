@@ -121,3 +121,18 @@ def test_torchrun_spec_passes_the_ranks_exit_code_on():
 
 
 EXIT_WRAPPER_TAIL = 'rc=$?; code=$(cat "$FACESSL_EXIT_CODE_FILE" 2>/dev/null); exit "${code:-$rc}"'
+
+
+def test_compose_stack_runs_the_jobs_in_order_against_pinned_minio():
+    compose = yaml.safe_load((REPO / "infra" / "compose.yaml").read_text())
+    services = compose["services"]
+    minio = services["minio"]
+    assert minio["image"].split(":")[1].startswith("RELEASE.") and "healthcheck" in minio
+    assert services["create-bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    order = ["upload", "prepare-data", "pretrain-simclr", "train-classifier"]
+    for before, after in zip(order, order[1:]):
+        assert services[after]["depends_on"][before]["condition"] == "service_completed_successfully"
+    for name in order[1:]:
+        job = services[name]
+        assert job["command"][0] == name and job["environment"]["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    assert services["prepare-data"]["build"]["dockerfile"] == "Dockerfile"
