@@ -32,9 +32,11 @@ def detect(args):
 def main():
     here = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--raw", default=str(here.parent / "shared" / "data" / "faces" / "celeba-wild"))
+    shared = Path(os.environ.get("FACESSL_SHARED", here.parent / "shared"))
+    parser.add_argument("--raw", default=str(shared / "data" / "faces" / "celeba-wild"),
+                        help="raw photos, one folder per identity")
     parser.add_argument("--per-identity", type=int, default=30, help="identities with exactly this many photos")
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="detection processes")
     args = parser.parse_args()
     folders = [d for d in sorted(Path(args.raw).iterdir()) if d.is_dir()]
     photos = [str(p) for d in folders if len(list(d.iterdir())) == args.per_identity for p in sorted(d.iterdir())]

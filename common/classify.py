@@ -27,12 +27,13 @@ from common.checkpoints import load_torch, save_torch
 from common.data import PreparedDataset
 from common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
                                 sync_batchnorm)
-from common.errors import BadInputError, DivergedError, UsageError
+from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
 from common.models import Classifier, build_encoder, load_encoder_weights
 from common.storage import open_storage
 from common.pool import MemoryPool, epoch_generator, rank_share
-from common.training import RunWriter, autocast, embed, knn_predict, pick_device, seed_everything, warmup_cosine
+from common.training import (RunWriter, StopRequest, autocast, embed, knn_predict, pick_device, seed_everything,
+                             stop_requested, warmup_cosine)
 
 
 @dataclass
@@ -115,16 +116,19 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
 
     Raises:
         BadInputError: unusable dataset or weights. DivergedError: the loss became NaN/inf.
+        PreemptedError: SIGTERM arrived (nothing is kept; a rerun starts over).
     """
     info, device = init_distributed(pick_device(cfg.device))
+    stop = StopRequest()
     try:
-        return _train_classifier(data_location, output_location, cfg, info, device,
+        return _train_classifier(data_location, output_location, cfg, info, device, stop,
                                  log if info.is_main else (lambda *a, **k: None))
     finally:
+        stop.restore()
         cleanup()
 
 
-def _train_classifier(data_location, output_location, cfg, info, device, log) -> dict:
+def _train_classifier(data_location, output_location, cfg, info, device, stop, log) -> dict:
     if cfg.encoder and cfg.init != "scratch":
         raise UsageError("give either --encoder (a SimCLR encoder) or --init (other weights), not both")
     if cfg.mode not in ("finetune", "linear-probe", "knn"):
@@ -225,6 +229,9 @@ def _train_classifier(data_location, output_location, cfg, info, device, log) ->
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if stop_requested(stop):  # minutes of work: no checkpoint, the retry starts over
+                raise PreemptedError(f"stopped by SIGTERM at epoch {epoch + 1}; train-classifier keeps no checkpoint: "
+                                     "run it again to start over")
             correct += (logits.argmax(1) == target).sum().item()
             seen += len(y)
             loss_sum += loss.item() * len(y)

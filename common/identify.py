@@ -17,7 +17,7 @@ from common.checkpoints import load_torch
 from common.errors import BadInputError
 from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_faces
 from common.models import Classifier, build_encoder
-from common.storage import open_file_location
+from common.storage import NotFoundError, open_file_location
 from common.training import autocast, pick_device
 
 
@@ -30,7 +30,11 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
     """
     if not location.rstrip("/").endswith((".pt", ".pth")):
         location = location.rstrip("/") + "/model.pt"
-    saved = load_torch(location)
+    try:
+        saved = load_torch(location)
+    except NotFoundError:
+        raise BadInputError(f"{location} not found: --model needs a finetune or linear-probe run of train-classifier "
+                            "(a --mode knn run writes no model)") from None
     if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("classes"), list)):
         raise BadInputError(f"{location} is not a train-classifier model.pt (model, classes, image_size)")
     model = Classifier(build_encoder(), len(saved["classes"]))

@@ -28,8 +28,8 @@ from common.metrics import plot_curves, topk_accuracy
 from common.models import ProjectionHead, SimCLRModel, build_encoder, load_encoder_weights
 from common.storage import open_storage
 from common.pool import epoch_generator, open_pool
-from common.training import (RunWriter, Throughput, autocast, embed, knn_predict, pick_device, seed_everything,
-                             warmup_cosine)
+from common.training import (RunWriter, StopRequest, Throughput, autocast, embed, knn_predict, pick_device,
+                             seed_everything, stop_requested, warmup_cosine)
 
 
 @dataclass
@@ -102,25 +102,6 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     raise BadInputError(f"unknown optimizer {name!r}: use adamw or sgd")
-
-
-class StopRequest:
-    """Records SIGTERM (what Kubernetes and spot reclaims send) so training can checkpoint at the next
-    step boundary and exit with the retry code instead of dying mid-write."""
-
-    def __init__(self):
-        import signal
-
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        import signal
-
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def simclr_loss(forward, view1: torch.Tensor, view2: torch.Tensor, loss_fn: NTXentLoss) -> torch.Tensor:
@@ -297,11 +278,6 @@ def check_same_options(saved: dict, current: dict, where: str) -> None:
         detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         raise UsageError(f"{where} holds a run started with other options ({detail}); use a new --output, "
                          "or --resume never to start over there")
-
-
-def stop_requested(stop: StopRequest) -> bool:
-    """True on every rank as soon as any rank got SIGTERM (so all checkpoint at the same step)."""
-    return mean_across_ranks(float(stop.requested)) > 0
 
 
 def capture_rng_states() -> dict:

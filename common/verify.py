@@ -59,7 +59,8 @@ def fold_accuracy(scores: np.ndarray, same: np.ndarray, folds: int = 10, seed: i
     from sklearn.model_selection import StratifiedKFold
 
     if min(int(same.sum()), int((1 - same).sum())) < folds:
-        raise BadInputError(f"{folds}-fold accuracy needs at least {folds} same and {folds} different pairs")
+        raise BadInputError(f"{folds}-fold accuracy needs at least {folds} same and {folds} different pairs: give "
+                            "more pairs or a smaller --folds")
     accs, thresholds = [], []
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(scores, same):
         t = best_threshold(scores[train], same[train])

@@ -41,7 +41,7 @@ def main(data_location, output_location, **options):
         return
     test = metrics["test"]
     click.echo(f"test top-1 {test['top1']:.4f}  top-3 {test['top3']:.4f}  macro-F1 {test['macro_f1']:.4f}  "
-               f"(n={test['n']}, best epoch {metrics['best_epoch']})")
+               f"(n={test['n']}" + (f", best epoch {metrics['best_epoch']})" if metrics["best_epoch"] else ")"))
     click.echo(f"wrote {output_location.rstrip('/')}/metrics.json")
 
 

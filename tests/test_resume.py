@@ -76,3 +76,18 @@ def test_nan_loss_stops_with_exit_code_5_and_keeps_checkpoint(prepared_subset, t
     assert r.returncode == 5, r.stdout + r.stderr
     assert "loss became" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "encoder.pt").exists()
+
+
+def test_sigterm_stops_train_classifier_with_the_retry_code(prepared_subset, tmp_path):
+    """train-classifier keeps no checkpoint (minutes of work): SIGTERM still ends it with code 4, which the
+    job specs retry, rather than with the signal's default status."""
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "train-classifier"), "--data", str(prepared_subset),
+                             "--output", str(tmp_path / "cls"), "--epochs", "50", "--image-size", "32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch=1 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 4, stdout + stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
