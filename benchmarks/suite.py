@@ -85,7 +85,13 @@ def pairs_raw_folder(out: Path) -> Path:
     return dst
 
 
-def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | None, log) -> list[dict]:
+def arm_slug(arm: str) -> str:
+    """'SimCLR + fine-tune' -> 'simclr-fine-tune': the arm's output folder and its name for --arms."""
+    return arm.replace(" + ", "-").replace(" ", "-").lower()
+
+
+def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | None, log,
+                  only: set[str] | None = None) -> list[dict]:
     raw_name, prepare_opts, per_class = BENCHMARKS[name]
     root = out / name
     raw = pairs_raw_folder(out) if name == "celeba-pairs" else FACES / raw_name
@@ -119,7 +125,9 @@ def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | No
         arms.append(("ImageNet + fine-tune", [*FINETUNE, "--epochs", s["ft_epochs"], "--init", imagenet]))
     rows = []
     for arm, opts in arms:
-        run = root / arm.replace(" + ", "-").replace(" ", "-").lower()
+        if only and arm_slug(arm) not in only:
+            continue
+        run = root / arm_slug(arm)
         t = job("train-classifier", "--data", prepared, "--output", run, "--image-size", s["size"], "--batch-size",
                 s["ft_batch"], "--device", device, *labels, *opts, log=log)
         m = json.loads((run / "metrics.json").read_text())
@@ -161,12 +169,19 @@ def main():
     parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated subset")
     parser.add_argument("--reduced", action="store_true", help="CPU settings: 32 px, few epochs")
     parser.add_argument("--imagenet-weights", default=None, help="torchvision resnet18 ImageNet file: adds that arm")
+    parser.add_argument("--arms", default="", help="comma-separated subset of arms by folder name "
+                        "(scratch, random-linear, simclr-knn, simclr-linear, simclr-fine-tune, imagenet-fine-tune); "
+                        "default all")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmarks {unknown}: choose from {', '.join(BENCHMARKS)}")
+    known_arms = {"scratch", "random-linear", "simclr-knn", "simclr-linear", "simclr-fine-tune", "imagenet-fine-tune"}
+    only = {a.strip() for a in args.arms.split(",") if a.strip()} or None
+    if only and only - known_arms:
+        parser.error(f"unknown arms {sorted(only - known_arms)}: choose from {', '.join(sorted(known_arms))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = "reduced" if args.reduced else "full"
@@ -177,7 +192,7 @@ def main():
     rows = []
     for name in names:
         started = time.time()
-        rows += run_benchmark(name, out, s, args.device, args.imagenet_weights, log)
+        rows += run_benchmark(name, out, s, args.device, args.imagenet_weights, log, only)
         log(f"== {name} done in {time.time() - started:.0f} s")
         write_tables(out, rows, meta)
     print((out / "results.md").read_text())
