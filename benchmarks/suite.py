@@ -28,6 +28,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -146,6 +147,25 @@ def hardware(device: str) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def collect_figures(out: Path, rows: list[dict]) -> dict[str, list[str]]:
+    """Copy every run's plots (confusion matrix, training curves, SimCLR loss and kNN monitor, ROC) into
+    out/figures/<benchmark>/, so the table and its figures can be published together; returns, per
+    benchmark, the copied files relative to out."""
+    figures: dict[str, list[str]] = {}
+    for r in rows:
+        runs = [Path(r["outputs"]), Path(r["outputs"]).parent / "simclr"]
+        for run in runs:
+            for png in sorted(run.glob("*.png")):
+                prefix = "simclr" if run.name == "simclr" else arm_slug(r["arm"])
+                dst = out / "figures" / r["benchmark"] / f"{prefix}-{png.name}"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(png, dst)
+                rel = str(dst.relative_to(out))
+                if rel not in figures.setdefault(r["benchmark"], []):
+                    figures[r["benchmark"]].append(rel)
+    return figures
+
+
 def write_tables(out: Path, rows: list[dict], meta: dict) -> None:
     (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     lines = [f"Settings: {meta['settings']} ({meta['settings_detail']}); hardware: {meta['hardware']}; "
@@ -160,6 +180,8 @@ def write_tables(out: Path, rows: list[dict], meta: dict) -> None:
         else:
             lines.append(f"| {r['benchmark']} | {r['arm']} | {r['top1']:.3f} | {r['top3']:.3f} | {r['macro_f1']:.3f} | "
                          f"{r['labelled_images']} | {r['epochs']} (SimCLR {r['simclr_epochs']}) | {r['seconds']} |")
+    for benchmark, files in collect_figures(out, rows).items():
+        lines += ["", f"Figures, {benchmark}: " + ", ".join(f"[{Path(f).stem}]({f})" for f in files)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
