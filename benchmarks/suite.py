@@ -69,7 +69,7 @@ def job(name: str, *args, log) -> float:
 
 
 def pairs_raw_folder(out: Path) -> Path:
-    """celeba-wild without the photos of pairs.csv (symlinks), the pretraining input of celeba-pairs."""
+    """celeba-wild without the photos of pairs.csv (hard links or copies), the pretraining input of celeba-pairs."""
     src = FACES / "celeba-wild"
     in_pairs = set()
     with (src / "pairs.csv").open() as f:
@@ -80,9 +80,12 @@ def pairs_raw_folder(out: Path) -> Path:
         rel = f"{photo.parent.name}/{photo.name}"
         if rel not in in_pairs:
             (dst / photo.parent.name).mkdir(parents=True, exist_ok=True)
-            link = dst / rel
-            if not link.exists():
-                link.symlink_to(photo)
+            target = dst / rel
+            if not target.exists():  # prepare-data refuses symlinks out of its input: hard link, else copy
+                try:
+                    os.link(photo, target)
+                except OSError:
+                    shutil.copyfile(photo, target)
     return dst
 
 

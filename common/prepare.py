@@ -19,6 +19,7 @@ import random
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -178,9 +179,15 @@ def select_classes(records: list[dict], classes: tuple[str, ...], min_images: in
         print(f"warning: requested classes with fewer than --min-images {min_images} usable photos are left out: "
               f"{dropped}", file=sys.stderr)
     if not kept:
+        skipped = [rec["reason"] for rec in records if rec["status"] == "skipped"]
+        kinds = Counter(reason.split(":")[0] for reason in skipped)  # "could not read file: <details>"
+        example = {reason.split(":")[0]: reason for reason in reversed(skipped)}
+        why = "; ".join(f"{n} x {kind} (e.g. {example[kind]})" if example[kind] != kind else f"{n} x {kind}"
+                        for kind, n in kinds.most_common(3))
         raise BadInputError(
             f"no identity has at least {min_images} usable images "
             f"(best: {max(counts.values(), default=0)}); lower --min-images"
+            + (f". Photos skipped, most common reasons: {why}" if why else "")
         )
     return kept
 

@@ -54,6 +54,18 @@ def test_special_files_and_odd_names_do_not_stop_the_jobs(odd_raw, tmp_path):
     assert (tmp_path / "cls" / "confusion_matrix.png").stat().st_size > 1000
 
 
+def test_links_out_of_the_input_folder_are_refused_with_the_reason(tmp_path):
+    raw = tmp_path / "raw" / "Tom Hanks"
+    raw.mkdir(parents=True)
+    for src in sorted((GLINT24 / "Tom Hanks").iterdir())[:3]:
+        os.symlink(src, raw / src.name)
+    r = run(prepare_main, "--input", tmp_path / "raw", "--output", tmp_path / "prepared", "--min-images", 1,
+            "--workers", 1, "--image-size", 32)
+    assert r.exit_code == 3, r.output
+    assert "no identity has at least 1 usable images" in r.output
+    assert "3 x could not read file" in r.output and "resolves outside" in r.output
+
+
 def test_failed_rerun_leaves_no_stale_manifest(tmp_path):
     out = tmp_path / "prepared"
     args = ["--input", CASES / "raw", "--output", out, "--min-images", 1, "--workers", 1, "--image-size", 32]
