@@ -32,6 +32,7 @@ def test_reduced_suite_table_and_simclr_beats_scratch_on_glint24_20(tmp_path):
     for row in rows.values():
         assert row["labelled_images"] == 24 * 20 - 2  # Lindsay Lohan has 18 train crops, every other identity 20
         assert row["test_images"] > 900 and row["epochs"] == 10
+        assert row["pretraining_images"] > 8000  # the whole train split, labels unused
     scratch, simclr = rows["scratch"]["top1"], rows["SimCLR + fine-tune"]["top1"]
     assert simclr > scratch + 0.03, f"SimCLR + fine-tune {simclr:.3f} does not beat scratch {scratch:.3f}"
 
