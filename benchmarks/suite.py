@@ -159,11 +159,14 @@ def hardware(device: str) -> str:
 
 
 def collect_figures(out: Path, rows: list[dict]) -> dict[str, list[str]]:
-    """Copy every run's plots (confusion matrix, training curves, SimCLR loss and kNN monitor, ROC) into
-    out/figures/<benchmark>/, so the table and its figures can be published together; returns, per
-    benchmark, the copied files relative to out."""
+    """Copy the plots of SimCLR (loss, kNN monitor), of SimCLR + fine-tune (confusion matrix, training
+    curves) and of verification (ROC) into out/figures/<benchmark>/, so the table and its figures can be
+    published together (every other arm's plots stay in its own folder); returns, per benchmark, the
+    copied files relative to out."""
     figures: dict[str, list[str]] = {}
     for r in rows:
+        if r["arm"] not in ("SimCLR + fine-tune", "SimCLR embeddings"):
+            continue
         runs = [Path(r["outputs"]), Path(r["outputs"]).parent / "simclr"]
         for run in runs:
             for png in sorted(run.glob("*.png")):

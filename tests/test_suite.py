@@ -22,7 +22,8 @@ def test_reduced_suite_table_and_simclr_beats_scratch_on_glint24_20(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (out / "results.md").read_text()
     assert "| glint24-20 | scratch |" in table and "| glint24-20 | SimCLR + fine-tune |" in table
-    for name in ("scratch-confusion_matrix.png", "simclr-fine-tune-training_curves.png", "simclr-loss_curve.png"):
+    for name in ("simclr-fine-tune-confusion_matrix.png", "simclr-fine-tune-training_curves.png",
+                 "simclr-loss_curve.png"):
         figure = f"figures/glint24-20/{name}"
         assert (out / figure).stat().st_size > 1000 and f"]({figure})" in table
     results = json.loads((out / "results.json").read_text())
