@@ -1,8 +1,9 @@
 """Benchmark suite (not a test): the benchmarks of ../shared/data/faces/README.md through the real jobs.
 
 For each benchmark: prepare-data once (one split shared by every arm), pretrain-simclr on the train split
-only (labels unused; val and test images never enter pretraining), then the arms, each a train-classifier
-run on the same prepared data:
+only (labels unused; val and test images never enter pretraining; --unlabeled-pool adds the photos of the
+raw set's identities outside glint6 / celeba-wild-75, beyond the benchmark's own raw input, as a lever),
+then the arms, each a train-classifier run on the same prepared data:
     scratch              supervised fine-tuning from random weights
     random + linear      linear probe on a random-init encoder's features
     SimCLR + kNN         weighted kNN vote of the SimCLR train embeddings (no training)
@@ -13,7 +14,8 @@ run on the same prepared data:
 
 Writes ``results.md`` and ``results.json`` under --out (plus every job's own outputs), one row per
 benchmark and arm: test top-1, top-3, macro-F1 (verification: 10-fold accuracy and ROC AUC), labelled
-images, epochs, wall time, hardware.
+images, pretraining images and time, epochs, wall time, hardware, and the command and commit that made the
+row. A later run into the same --out replaces the rows of the benchmarks it runs and keeps the others.
 
 Usage:
   python benchmarks/suite.py --out runs/suite                        # full settings (for a GPU)
@@ -76,16 +78,15 @@ def pairs_raw_folder(out: Path) -> Path:
         for row in csv.DictReader(f):
             in_pairs.update((row["image_a"], row["image_b"]))
     dst = out / "celeba-pairs-pretrain-raw"
+    shutil.rmtree(dst, ignore_errors=True)  # rebuilt every time: a changed pairs.csv must not leave pair photos in
     for photo in sorted(src.glob("*/*")):
         rel = f"{photo.parent.name}/{photo.name}"
         if rel not in in_pairs:
             (dst / photo.parent.name).mkdir(parents=True, exist_ok=True)
-            target = dst / rel
-            if not target.exists():  # prepare-data refuses symlinks out of its input: hard link, else copy
-                try:
-                    os.link(photo, target)
-                except OSError:
-                    shutil.copyfile(photo, target)
+            try:  # prepare-data refuses symlinks out of its input: hard link, else copy
+                os.link(photo, dst / rel)
+            except OSError:
+                shutil.copyfile(photo, dst / rel)
     return dst
 
 
@@ -95,7 +96,7 @@ def arm_slug(arm: str) -> str:
 
 
 def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | None, log,
-                  only: set[str] | None = None, unlabeled_pool: bool = True) -> list[dict]:
+                  only: set[str] | None = None, unlabeled_pool: bool = False) -> list[dict]:
     raw_name, prepare_opts, per_class = BENCHMARKS[name]
     root = out / name
     raw = pairs_raw_folder(out) if name == "celeba-pairs" else FACES / raw_name
@@ -113,10 +114,10 @@ def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | No
                             "--batch-size", s["simclr_batch"], "--image-size", s["size"], "--warmup-epochs", s["warmup"],
                             "--device", device, "--log-every", 0, *(["--use-unlabeled"] if pool else []),
                             log=log)
-    summary = json.loads((simclr / "summary.json").read_text())
+    summary = json.loads((simclr / "summary.json").read_text())  # its training time, also when reused
     base = {"benchmark": name, "image_size": s["size"], "simclr_epochs": s["simclr_epochs"],
-            "pretraining_images": summary["images"], "prepare_s": round(seconds["prepare"]),
-            "simclr_s": round(seconds["simclr"])}
+            "pretraining_images": summary["images"], "unlabeled_pool": pool, "prepare_s": round(seconds["prepare"]),
+            "simclr_s": round(summary["seconds"])}
     if name == "celeba-pairs":
         t = job("evaluate-pairs", "--pairs", FACES / "celeba-wild" / "pairs.csv", "--images", FACES / "celeba-wild",
                 "--encoder", simclr, "--output", root / "pairs", "--image-size", s["size"], "--device", device, log=log)
@@ -154,7 +155,7 @@ def hardware(device: str) -> str:
     import torch
 
     if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+        return torch.cuda.get_device_name(torch.device("cuda" if device == "auto" else device).index or 0)
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
@@ -180,10 +181,38 @@ def collect_figures(out: Path, rows: list[dict]) -> dict[str, list[str]]:
     return figures
 
 
+def git_commit() -> str:
+    """The checkout's commit (with '+changes' when it has uncommitted ones), or 'unknown'."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def merge_rows(out: Path, rows: list[dict], settings: str) -> list[dict]:
+    """The rows of an earlier results.json in ``out`` (same settings) for the benchmarks not in ``rows``,
+    followed by ``rows``: running a subset of the benchmarks updates the table instead of replacing it."""
+    path = out / "results.json"
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    if old.get("settings") != settings:
+        return rows
+    fresh = {r["benchmark"] for r in rows}
+    kept = [r for r in old.get("rows", []) if r["benchmark"] not in fresh]
+    order = list(BENCHMARKS)
+    return sorted(kept + rows, key=lambda r: order.index(r["benchmark"]))
+
+
 def write_tables(out: Path, rows: list[dict], meta: dict) -> None:
     (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    runs = sorted({(r.get("command", "?"), r.get("commit", "?")) for r in rows})
     lines = [f"Settings: {meta['settings']} ({meta['settings_detail']}); hardware: {meta['hardware']}; "
-             f"command: `{meta['command']}`", "",
+             "made by " + "; ".join(f"`{cmd}` at commit {commit}" for cmd, commit in runs), "",
              "| benchmark | arm | test top-1 | top-3 | macro-F1 | labelled images | SimCLR images (time) | epochs "
              "| wall time (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -210,32 +239,43 @@ def main():
     parser.add_argument("--imagenet-weights", default=None, help="torchvision resnet18 ImageNet file: adds that arm")
     parser.add_argument("--arms", default="", help="comma-separated subset of arms by folder name "
                         "(scratch, random-linear, simclr-knn, simclr-linear, simclr-fine-tune, imagenet-fine-tune); "
-                        "default all")
-    parser.add_argument("--unlabeled-pool", action=argparse.BooleanOptionalAction, default=True,
-                        help="glint6, celeba-wild-75: also pretrain on the photos of the raw set's other identities")
+                        "default all; celeba-pairs has its one arm, evaluate-pairs, whatever this says")
+    parser.add_argument("--unlabeled-pool", action=argparse.BooleanOptionalAction, default=False,
+                        help="glint6, celeba-wild-75: also pretrain on the photos of the raw set's other identities "
+                        "(beyond the benchmark's raw input: a lever to measure, not the benchmark)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in args.benchmarks.split(",") if n.strip()))
     unknown = sorted(set(names) - set(BENCHMARKS))
-    if unknown:
-        parser.error(f"unknown benchmarks {unknown}: choose from {', '.join(BENCHMARKS)}")
+    if unknown or not names:
+        parser.error(f"unknown benchmarks {unknown or repr(args.benchmarks)}: choose from {', '.join(BENCHMARKS)}")
     known_arms = {"scratch", "random-linear", "simclr-knn", "simclr-linear", "simclr-fine-tune", "imagenet-fine-tune"}
     only = {a.strip() for a in args.arms.split(",") if a.strip()} or None
     if only and only - known_arms:
         parser.error(f"unknown arms {sorted(only - known_arms)}: choose from {', '.join(sorted(known_arms))}")
+    if only and "imagenet-fine-tune" in only and not args.imagenet_weights:
+        parser.error("--arms imagenet-fine-tune needs --imagenet-weights")
+    if args.imagenet_weights and not Path(args.imagenet_weights).is_file():
+        parser.error(f"--imagenet-weights: no such file {args.imagenet_weights}")
+    needed = {FACES / BENCHMARKS[n][0] for n in names} | ({FACES / "celeba-wild" / "pairs.csv"}
+                                                            if "celeba-pairs" in names else set())
+    if missing := sorted(str(p) for p in needed if not p.exists()):
+        parser.error(f"benchmark data not found: {missing} (set FACESSL_SHARED to the folder holding data/faces)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = "reduced" if args.reduced else "full"
     s = SETTINGS[settings]
     meta = {"settings": settings, "settings_detail": ", ".join(f"{k} {v}" for k, v in s.items()),
-            "hardware": hardware(args.device), "command": " ".join(sys.argv)}
+            "hardware": hardware(args.device)}
+    made_by = {"command": "python " + " ".join(sys.argv), "commit": git_commit()}
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     rows = []
     for name in names:
         started = time.time()
-        rows += run_benchmark(name, out, s, args.device, args.imagenet_weights, log, only, args.unlabeled_pool)
+        rows += [{**r, **made_by} for r in run_benchmark(name, out, s, args.device, args.imagenet_weights, log,
+                                                         only, args.unlabeled_pool)]
         log(f"== {name} done in {time.time() - started:.0f} s")
-        write_tables(out, rows, meta)
+        write_tables(out, merge_rows(out, rows, settings), meta)
     print((out / "results.md").read_text())
 
 

@@ -6,6 +6,7 @@ which runs the real jobs, on the whole glint24 set (10,219 photos)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,12 +14,17 @@ import sys
 
 from conftest import REPO, SHARED
 
+_spec = importlib.util.spec_from_file_location("suite", REPO / "benchmarks" / "suite.py")
+suite = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(suite)
+
 
 def test_reduced_suite_table_and_simclr_beats_scratch_on_glint24_20(tmp_path):
     out = tmp_path / "suite"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "suite.py"), "--out", str(out), "--reduced",
                         "--benchmarks", "glint24-20", "--arms", "scratch,simclr-fine-tune", "--device", "cpu"],
-                       capture_output=True, text=True, env={**os.environ, "FACESSL_SHARED": str(SHARED)})
+                       capture_output=True, text=True, timeout=3600,
+                       env={**os.environ, "FACESSL_SHARED": str(SHARED), "OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (out / "results.md").read_text()
     assert "| glint24-20 | scratch |" in table and "| glint24-20 | SimCLR + fine-tune |" in table
@@ -29,16 +35,52 @@ def test_reduced_suite_table_and_simclr_beats_scratch_on_glint24_20(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["settings"] == "reduced" and "CPU" in results["hardware"]
     rows = {row["arm"]: row for row in results["rows"]}
+    manifest = json.loads((out / "glint24-20" / "prepared" / "manifest.json").read_text())
+    train_split = manifest["counts"]["splits"]["train"]
     assert set(rows) == {"scratch", "SimCLR + fine-tune"}
     for row in rows.values():
         assert row["labelled_images"] == 24 * 20 - 2  # Lindsay Lohan has 18 train crops, every other identity 20
         assert row["test_images"] > 900 and row["epochs"] == 10
-        assert row["pretraining_images"] > 8000  # the whole train split, labels unused
+        assert row["pretraining_images"] == train_split > 8000  # the whole train split (labels unused), no val/test
+        assert row["commit"] != "unknown" and "--reduced" in row["command"]
     scratch, simclr = rows["scratch"]["top1"], rows["SimCLR + fine-tune"]["top1"]
-    assert simclr > scratch + 0.03, f"SimCLR + fine-tune {simclr:.3f} does not beat scratch {scratch:.3f}"
+    assert simclr > scratch + 0.02, f"SimCLR + fine-tune {simclr:.3f} does not beat scratch {scratch:.3f}"
 
 
 def test_unknown_arm_is_a_usage_error(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "suite.py"), "--out", str(tmp_path),
                         "--arms", "simclr-finetune"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown arms ['simclr-finetune']" in r.stderr
+
+
+def test_unknown_or_empty_benchmarks_and_missing_data_are_usage_errors(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "suite.py"), "--out", str(tmp_path)]
+    for extra in (["--benchmarks", ","], ["--benchmarks", "glint7"], ["--arms", "imagenet-fine-tune"]):
+        r = subprocess.run(cmd + extra, capture_output=True, text=True)
+        assert r.returncode == 2, (extra, r.stderr)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FACESSL_SHARED": str(tmp_path)})
+    assert r.returncode == 2 and "benchmark data not found" in r.stderr and "celeba-wild" in r.stderr
+
+
+def test_pairs_pretraining_folder_holds_no_pair_photo_and_is_rebuilt(tmp_path, monkeypatch):
+    faces = tmp_path / "faces"
+    for rel in ("1/a.jpg", "1/b.jpg", "2/c.jpg", "2/d.jpg"):
+        (faces / "celeba-wild" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (faces / "celeba-wild" / rel).write_bytes(rel.encode())
+    (faces / "celeba-wild" / "pairs.csv").write_text("image_a,image_b,same_identity\n1/a.jpg,2/c.jpg,0\n")
+    monkeypatch.setattr(suite, "FACES", faces)
+    stale = tmp_path / "out" / "celeba-pairs-pretrain-raw" / "1" / "a.jpg"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left over from an older pairs.csv")
+    dst = suite.pairs_raw_folder(tmp_path / "out")
+    files = sorted(str(p.relative_to(dst)) for p in dst.rglob("*.jpg"))
+    assert files == ["1/b.jpg", "2/d.jpg"]
+    assert not any(p.is_symlink() for p in dst.rglob("*")) and (dst / "2" / "d.jpg").read_bytes() == b"2/d.jpg"
+
+
+def test_a_subset_run_updates_the_table_and_keeps_the_other_benchmarks(tmp_path):
+    old = [{"benchmark": b, "arm": "scratch", "top1": 0.1} for b in ("glint6", "glint24-20")]
+    (tmp_path / "results.json").write_text(json.dumps({"settings": "reduced", "rows": old}))
+    merged = suite.merge_rows(tmp_path, [{"benchmark": "glint6", "arm": "scratch", "top1": 0.5}], "reduced")
+    assert [(r["benchmark"], r["top1"]) for r in merged] == [("glint6", 0.5), ("glint24-20", 0.1)]
+    assert suite.merge_rows(tmp_path, old[:1], "full") == old[:1]  # other settings: not mixed
