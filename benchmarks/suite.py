@@ -57,6 +57,7 @@ SETTINGS = {  # full: the GPU recipe of the shared README; reduced: what a 2-cor
 FINETUNE = ["--mode", "finetune", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05",
             "--label-smoothing", "0.1", "--warmup-epochs", "1"]
 PROBE = ["--mode", "linear-probe", "--optimizer", "adamw", "--lr", "1e-2", "--weight-decay", "0"]
+ARMS = ("scratch", "random + linear", "SimCLR + kNN", "SimCLR + linear", "SimCLR + fine-tune", "ImageNet + fine-tune")
 
 
 def job(name: str, *args, log) -> float:
@@ -249,7 +250,7 @@ def main():
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown or not names:
         parser.error(f"unknown benchmarks {unknown or repr(args.benchmarks)}: choose from {', '.join(BENCHMARKS)}")
-    known_arms = {"scratch", "random-linear", "simclr-knn", "simclr-linear", "simclr-fine-tune", "imagenet-fine-tune"}
+    known_arms = {arm_slug(arm) for arm in ARMS}
     only = {a.strip() for a in args.arms.split(",") if a.strip()} or None
     if only and only - known_arms:
         parser.error(f"unknown arms {sorted(only - known_arms)}: choose from {', '.join(sorted(known_arms))}")

@@ -71,13 +71,24 @@ def subsample_per_class(labels: torch.Tensor, per_class: int, seed: int) -> torc
 
 def initial_encoder(cfg: ClassifierConfig) -> tuple[torch.nn.Module, str]:
     """The encoder to start from and a description of where its weights came from."""
+    if cfg.encoder:
+        return load_encoder(cfg.encoder)
+    if cfg.init == "scratch":
+        return build_encoder(), "random init"
+    return load_encoder(cfg.init, run_location=False)
+
+
+def load_encoder(location: str, run_location: bool = True) -> tuple[torch.nn.Module, str]:
+    """A ResNet18 backbone from a weights file (``encoder.pt``, a classifier ``model.pt``, torchvision's
+    ImageNet file) or, with ``run_location``, a pretrain-simclr run location holding ``encoder.pt``; returns
+    it and the file it came from.
+
+    Raises:
+        BadInputError: not ResNet18 backbone weights.
+    """
     encoder = build_encoder()
-    source = cfg.encoder or (cfg.init if cfg.init != "scratch" else None)
-    if source is None:
-        return encoder, "random init"
-    location = source
-    if cfg.encoder and _is_run_location(cfg.encoder):
-        location = cfg.encoder.rstrip("/") + "/encoder.pt"  # a pretrain-simclr run location
+    if run_location and _is_run_location(location):
+        location = location.rstrip("/") + "/encoder.pt"
     try:
         load_encoder_weights(encoder, load_torch(location), location)
     except ValueError as exc:

@@ -115,6 +115,14 @@ def read_manifest(storage: Storage) -> dict:
     return manifest
 
 
+def image_to_chw(img) -> "torch.Tensor":
+    """An RGB PIL image as a uint8 tensor (3, H, W), the layout of every decoded crop in this project."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
 def iter_shard_samples(source: str | os.PathLike | io.BytesIO):
     """Yield ``(key, jpeg_bytes, label_or_None)`` from one tar shard (a local path or a file object), in
     file order."""
@@ -174,7 +182,7 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
             img = Image.open(io.BytesIO(jpeg)).convert("RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-            images[n] = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+            images[n] = image_to_chw(img)
             if label is not None:
                 if not 0 <= label < len(data.classes):
                     raise BadInputError(f"shard {part.key} has class index {label} but the manifest lists "

@@ -161,13 +161,17 @@ def _gray(img: Image.Image) -> np.ndarray:
     return cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2GRAY)
 
 
-def _largest(gray: np.ndarray, cfg: DetectConfig, cascade: str, min_face: int | None = None):
+def _detections(gray: np.ndarray, cfg: DetectConfig, cascade: str, min_face: int | None = None) -> list[tuple]:
+    """Every box ``(x, y, w, h)`` one cascade finds in a grayscale array, largest first."""
     side = min_face or cfg.min_face
     faces = _cascade(cascade).detectMultiScale(gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors,
                                                minSize=(side, side))
-    if len(faces) == 0:
-        return None
-    return max((tuple(int(v) for v in f) for f in faces), key=lambda b: b[2] * b[3])
+    return sorted((tuple(int(v) for v in f) for f in faces), key=lambda b: -b[2] * b[3])
+
+
+def _largest(gray: np.ndarray, cfg: DetectConfig, cascade: str, min_face: int | None = None):
+    boxes = _detections(gray, cfg, cascade, min_face)
+    return boxes[0] if boxes else None
 
 
 def detect_face(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> tuple[tuple[int, int, int, int], str] | None:
@@ -198,9 +202,7 @@ def detect_face(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> tuple[t
 def detect_faces(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> list[tuple[tuple[int, int, int, int], str]]:
     """Every face the default frontal cascade finds, largest first, as ``((x, y, w, h), detector)``; when it
     finds none, the single face of :func:`detect_face`'s fallback chain (or an empty list)."""
-    faces = _cascade(FRONTAL).detectMultiScale(_gray(img), scaleFactor=cfg.scale_factor,
-                                               minNeighbors=cfg.min_neighbors, minSize=(cfg.min_face, cfg.min_face))
-    boxes = sorted((tuple(int(v) for v in f) for f in faces), key=lambda b: -b[2] * b[3])
+    boxes = _detections(_gray(img), cfg, FRONTAL)
     if boxes:
         return [(b, "frontal") for b in boxes]
     found = detect_face(img, cfg)

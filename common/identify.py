@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import torch
 
 from common.checkpoints import load_torch
+from common.data import image_to_chw
 from common.errors import BadInputError
 from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_faces
 from common.models import Classifier, build_encoder
@@ -73,8 +73,8 @@ def identify(photo: bytes, model: Classifier, classes: list[str], image_size: in
     if not found:
         return img, []
     device = pick_device(device_name)
-    crops = torch.stack([torch.from_numpy(np.asarray(
-        crop_face(img, box if detect else None, cfg.margin, image_size)).copy()).permute(2, 0, 1) for box, _ in found])
+    crops = torch.stack([image_to_chw(crop_face(img, box if detect else None, cfg.margin, image_size))
+                         for box, _ in found])
     model = model.to(device)
     with autocast(device):
         probs = model(eval_transform(crops.to(device), image_size)).float().softmax(1).cpu()

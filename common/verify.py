@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 
-from common.checkpoints import load_torch
+from common.data import image_to_chw
 from common.errors import BadInputError, UsageError
 from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face
-from common.models import build_encoder, load_encoder_weights
+from common.classify import load_encoder
 from common.storage import NotFoundError, open_file_location, open_storage
 from common.training import RunWriter, embed, pick_device
 
@@ -98,27 +98,11 @@ def load_crops(storage, names: list[str], cfg: DetectConfig, size: int):
         found = detect_face(img, cfg)
         no_face += found is None
         crop = crop_face(img, found[0] if found else None, cfg.margin, size)
-        crops.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
+        crops.append(image_to_chw(crop))
         kept.append(name)
     if not crops:
         raise BadInputError("none of the pair images could be read")
     return torch.stack(crops), kept, no_face, unreadable
-
-
-def load_encoder(location: str) -> torch.nn.Module:
-    """ResNet18 backbone from an ``encoder.pt``, a pretrain-simclr run location, or a classifier ``model.pt``.
-
-    Raises:
-        BadInputError: not ResNet18 backbone weights.
-    """
-    encoder = build_encoder()
-    if not location.rstrip("/").endswith((".pt", ".pth")):
-        location = location.rstrip("/") + "/encoder.pt"
-    try:
-        load_encoder_weights(encoder, load_torch(location), location)
-    except ValueError as exc:
-        raise BadInputError(str(exc)) from None
-    return encoder
 
 
 def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: str, output_location: str,
@@ -141,7 +125,7 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
     except UnicodeDecodeError:
         raise BadInputError(f"pairs file {pairs_location} is not UTF-8 text") from None
     pairs = read_pairs(text, pairs_location)
-    encoder = load_encoder(encoder_location)
+    encoder, _ = load_encoder(encoder_location)
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
     log(f"{len(pairs)} pairs over {len(names)} photos; detecting and embedding at {image_size} px on {device}")
     crops, kept, no_face, unreadable = load_crops(open_storage(images_location), names, detect, image_size)
