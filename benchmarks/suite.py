@@ -66,8 +66,9 @@ def job(name: str, *args, log) -> float:
     cmd = [str(BIN / name), *map(str, args)]
     log(" ".join(cmd))
     r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{name} failed with exit code {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    if r.returncode != 0:  # the job's own exit code, so bad input (3) and transient failures (4) stay apart
+        print(f"{name} failed with exit code {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}", file=sys.stderr)
+        sys.exit(r.returncode)
     return time.time() - started
 
 
@@ -263,7 +264,17 @@ def main():
     if missing := sorted(str(p) for p in needed if not p.exists()):
         parser.error(f"benchmark data not found: {missing} (set FACESSL_SHARED to the folder holding data/faces)")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {out}: {exc.strerror}")
+    try:  # an earlier table that a subset run would merge into: unreadable means stop now, not after hours
+        earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {"rows": []}
+        readable = all("benchmark" in r for r in earlier["rows"])
+    except (ValueError, KeyError, TypeError, OSError):
+        readable = False
+    if not readable:
+        parser.error(f"{out / 'results.json'} is not a results.json of this suite: move it away or pick another --out")
     settings = "reduced" if args.reduced else "full"
     s = SETTINGS[settings]
     meta = {"settings": settings, "settings_detail": ", ".join(f"{k} {v}" for k, v in s.items()),
