@@ -61,10 +61,11 @@ def test_unknown_or_empty_benchmarks_and_missing_data_are_usage_errors(tmp_path)
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FACESSL_SHARED": str(tmp_path)})
     assert r.returncode == 2 and "benchmark data not found" in r.stderr and "celeba-wild" in r.stderr
     (tmp_path / "results.json").write_text("not json")  # a run would merge into it: refused before any work
-    r = subprocess.run(cmd + ["--benchmarks", "glint6"], capture_output=True, text=True)
+    real_data = {**os.environ, "FACESSL_SHARED": str(SHARED)}  # a clone need not sit beside ../shared
+    r = subprocess.run(cmd + ["--benchmarks", "glint6"], capture_output=True, text=True, env=real_data)
     assert r.returncode == 2 and "is not a results.json of this suite" in r.stderr
     r = subprocess.run([*cmd[:-1], str(tmp_path / "results.json"), "--benchmarks", "glint6"], capture_output=True,
-                       text=True)
+                       text=True, env=real_data)
     assert r.returncode == 2 and "--out" in r.stderr
 
 
