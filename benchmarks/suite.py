@@ -17,16 +17,22 @@ benchmark and arm: test top-1, top-3, macro-F1 (verification: 10-fold accuracy a
 images, pretraining images and time, epochs, wall time, hardware, and the command and commit that made the
 row. A later run into the same --out replaces the rows of the benchmarks it runs and keeps the others.
 
+Two stages, run together by default: ``--stage prepare`` is the CPU work (prepare-data, and for
+celeba-pairs the face crops of the pair photos, made once), ``--stage train`` everything after it on the
+prepared data found under --out (pretraining, the arms, evaluate-pairs on those crops). Split, they let the
+detection run where the photos are and the training on a GPU machine that receives only the prepared data
+(benchmarks/gpu/).
+
 Usage:
   python benchmarks/suite.py --out runs/suite                        # full settings (for a GPU)
   python benchmarks/suite.py --out runs/suite-cpu --reduced          # CPU: small images, few epochs
   python benchmarks/suite.py --out runs/suite --benchmarks glint24-20 --imagenet-weights resnet18-f37072fd.pth
+  python benchmarks/suite.py --out runs/suite --stage prepare        # then, elsewhere: --stage train
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -37,8 +43,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # common/ and jobs/ from this checkout, installed or not (a GPU machine's python)
 FACES = Path(os.environ.get("FACESSL_SHARED", REPO.parent / "shared")) / "data" / "faces"
-BIN = Path(sys.executable).parent
 GLINT6 = "Leonardo DiCaprio,Barack Obama,Keanu Reeves,Tom Hanks,Keira Knightley,Jennifer Aniston"
 
 # name -> (raw folder, prepare-data options, labels per class for the arms or None for all)
@@ -50,9 +56,9 @@ BENCHMARKS = {
 }
 SETTINGS = {  # full: the GPU recipe of the shared README; reduced: what a 2-core CPU finishes in minutes
     "full": {"size": 112, "simclr_epochs": 200, "simclr_batch": 512, "warmup": 10, "ft_epochs": 30,
-             "probe_epochs": 100, "ft_batch": 128},
+             "probe_epochs": 100, "ft_batch": 128, "checkpoint_every": 25},
     "reduced": {"size": 32, "simclr_epochs": 8, "simclr_batch": 128, "warmup": 1, "ft_epochs": 10,
-                "probe_epochs": 30, "ft_batch": 64},
+                "probe_epochs": 30, "ft_batch": 64, "checkpoint_every": 0},
 }
 FINETUNE = ["--mode", "finetune", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05",
             "--label-smoothing", "0.1", "--warmup-epochs", "1"]
@@ -61,11 +67,13 @@ ARMS = ("scratch", "random + linear", "SimCLR + kNN", "SimCLR + linear", "SimCLR
 
 
 def job(name: str, *args, log) -> float:
-    """Run one console script; returns its wall time in seconds. Exits the suite on failure."""
+    """Run one job (``prepare-data`` -> ``python -m jobs.prepare_data``, this checkout's code with this
+    interpreter); returns its wall time in seconds. Exits the suite with the job's exit code on failure."""
     started = time.time()
-    cmd = [str(BIN / name), *map(str, args)]
-    log(" ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "jobs." + name.replace("-", "_"), *map(str, args)]
+    log(f"{name} " + " ".join(cmd[3:]))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:  # the job's own exit code, so bad input (3) and transient failures (4) stay apart
         print(f"{name} failed with exit code {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}", file=sys.stderr)
         sys.exit(r.returncode)
@@ -74,11 +82,10 @@ def job(name: str, *args, log) -> float:
 
 def pairs_raw_folder(out: Path) -> Path:
     """celeba-wild without the photos of pairs.csv (hard links or copies), the pretraining input of celeba-pairs."""
+    from common.verify import read_pairs_file
+
     src = FACES / "celeba-wild"
-    in_pairs = set()
-    with (src / "pairs.csv").open() as f:
-        for row in csv.DictReader(f):
-            in_pairs.update((row["image_a"], row["image_b"]))
+    in_pairs = {name for a, b, _ in read_pairs_file(str(src / "pairs.csv")) for name in (a, b)}
     dst = out / "celeba-pairs-pretrain-raw"
     shutil.rmtree(dst, ignore_errors=True)  # rebuilt every time: a changed pairs.csv must not leave pair photos in
     for photo in sorted(src.glob("*/*")):
@@ -97,35 +104,78 @@ def arm_slug(arm: str) -> str:
     return arm.replace(" + ", "-").replace(" ", "-").lower()
 
 
-def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | None, log,
-                  only: set[str] | None = None, unlabeled_pool: bool = False) -> list[dict]:
-    raw_name, prepare_opts, per_class = BENCHMARKS[name]
+def prepare_benchmark(name: str, out: Path, s: dict, log, unlabeled_pool: bool = False) -> None:
+    """The CPU stage of one benchmark under out/<name>/: prepare-data into ``prepared/`` (and for
+    celeba-pairs the pairs file and the face crops of its photos, ``pairs.csv`` and ``pair-crops/``), with
+    the time it took in ``prepare.json``."""
+    raw_name, prepare_opts, _ = BENCHMARKS[name]
     root = out / name
     raw = pairs_raw_folder(out) if name == "celeba-pairs" else FACES / raw_name
     extra = ["--split", "1,0,0", "--min-images", "1"] if name == "celeba-pairs" else []
     if name == "celeba-wild-75":  # chosen by photos in the raw folder, not by faces found (a miss must not drop one)
         extra = ["--classes", ",".join(sorted(d.name for d in raw.iterdir() if d.is_dir() and
                                               sum(f.is_file() for f in d.iterdir()) >= 30))]
-    # benchmarks that take some identities of their raw set may pretrain on the others' photos too
-    pool = unlabeled_pool and name in ("glint6", "celeba-wild-75")
+    pool = uses_pool(name, unlabeled_pool)
+    seconds = job("prepare-data", "--input", raw, "--output", root / "prepared", "--image-size", s["size"],
+                  *prepare_opts, *extra, *(["--unlabeled-pool"] if pool else []), log=log)
+    if name == "celeba-pairs":  # detection is CPU work: crop the pair photos once, here, with prepare-data's chain
+        from common.verify import write_pair_crops
+
+        started = time.time()
+        shutil.copyfile(FACES / "celeba-wild" / "pairs.csv", root / "pairs.csv")
+        write_pair_crops(str(root / "pairs.csv"), str(FACES / "celeba-wild"), str(root / "pair-crops"), s["size"],
+                         log=log)
+        seconds += time.time() - started
+    (root / "prepare.json").write_text(json.dumps({"seconds": round(seconds), "image_size": s["size"],
+                                                   "unlabeled_pool": pool}))
+
+
+def uses_pool(name: str, unlabeled_pool: bool) -> bool:
+    """Benchmarks that take some identities of their raw set may pretrain on the others' photos too."""
+    return unlabeled_pool and name in ("glint6", "celeba-wild-75")
+
+
+def prepared_problem(name: str, out: Path, s: dict, unlabeled_pool: bool) -> str | None:
+    """Why out/<name>/ does not hold this benchmark's CPU stage at these settings, or None when it does."""
+    root = out / name
+    needed = [root / "prepared" / "manifest.json", root / "prepare.json"]
+    if name == "celeba-pairs":
+        needed += [root / "pairs.csv", root / "pair-crops" / "crops.json"]
+    if missing := [str(p) for p in needed if not p.is_file()]:
+        return f"{name}: {', '.join(missing)} missing"
+    done = json.loads((root / "prepare.json").read_text())
+    if (done.get("image_size"), done.get("unlabeled_pool")) != (s["size"], uses_pool(name, unlabeled_pool)):
+        return (f"{name} was prepared at {done.get('image_size')} px, unlabeled pool {done.get('unlabeled_pool')}; "
+                f"this run needs {s['size']} px, unlabeled pool {uses_pool(name, unlabeled_pool)}")
+    return None
+
+
+def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | None, log,
+                  only: set[str] | None = None, unlabeled_pool: bool = False) -> list[dict]:
+    """The training stage of one benchmark on what :func:`prepare_benchmark` left under out/<name>/:
+    pretrain-simclr, then the arms (or evaluate-pairs); returns the table rows."""
+    root = out / name
+    per_class = BENCHMARKS[name][2]
+    pool = uses_pool(name, unlabeled_pool)
     prepared = root / "prepared"
-    seconds = {"prepare": job("prepare-data", "--input", raw, "--output", prepared, "--image-size", s["size"],
-                              *prepare_opts, *extra, *(["--unlabeled-pool"] if pool else []), log=log)}
     simclr = root / "simclr"
-    seconds["simclr"] = job("pretrain-simclr", "--data", prepared, "--output", simclr, "--epochs", s["simclr_epochs"],
-                            "--batch-size", s["simclr_batch"], "--image-size", s["size"], "--warmup-epochs", s["warmup"],
-                            "--device", device, "--log-every", 0, *(["--use-unlabeled"] if pool else []),
-                            log=log)
+    job("pretrain-simclr", "--data", prepared, "--output", simclr, "--epochs", s["simclr_epochs"],
+        "--batch-size", s["simclr_batch"], "--image-size", s["size"], "--warmup-epochs", s["warmup"],
+        "--checkpoint-every", s["checkpoint_every"], "--device", device, "--log-every", 0,
+        *(["--use-unlabeled"] if pool else []), log=log)
     summary = json.loads((simclr / "summary.json").read_text())  # its training time, also when reused
     base = {"benchmark": name, "image_size": s["size"], "simclr_epochs": s["simclr_epochs"],
-            "pretraining_images": summary["images"], "unlabeled_pool": pool, "prepare_s": round(seconds["prepare"]),
+            "pretraining_images": summary["images"], "unlabeled_pool": pool,
+            "prepare_s": json.loads((root / "prepare.json").read_text())["seconds"],
             "simclr_s": round(summary["seconds"])}
     if name == "celeba-pairs":
-        t = job("evaluate-pairs", "--pairs", FACES / "celeba-wild" / "pairs.csv", "--images", FACES / "celeba-wild",
+        t = job("evaluate-pairs", "--pairs", root / "pairs.csv", "--images", root / "pair-crops", "--no-detect",
                 "--encoder", simclr, "--output", root / "pairs", "--image-size", s["size"], "--device", device, log=log)
         m = json.loads((root / "pairs" / "metrics.json").read_text())
+        crops = json.loads((root / "pair-crops" / "crops.json").read_text())
         return [{**base, "arm": "SimCLR embeddings", "accuracy": m["accuracy"], "accuracy_std": m["accuracy_std"],
                  "roc_auc": m["roc_auc"], "pairs": m["pairs_evaluated"], "labelled_images": 0, "epochs": 0,
+                 "photos_without_detected_face": len(crops["without_detected_face"]),
                  "seconds": round(t), "outputs": str(root / "pairs")}]
 
     labels = ["--labels-per-class", per_class] if per_class else []
@@ -164,9 +214,9 @@ def hardware(device: str) -> str:
 def collect_figures(out: Path, rows: list[dict]) -> dict[str, list[str]]:
     """Copy the plots of SimCLR (loss, kNN monitor), of SimCLR + fine-tune (confusion matrix, training
     curves) and of verification (ROC) into out/figures/<benchmark>/, so the table and its figures can be
-    published together (every other arm's plots stay in its own folder); returns, per benchmark, the
-    copied files relative to out."""
-    figures: dict[str, list[str]] = {}
+    published together (every other arm's plots stay in its own folder); returns, per benchmark of
+    ``rows``, the files in its figures folder relative to out (also those of rows made by an earlier run
+    elsewhere whose figures folder was brought along)."""
     for r in rows:
         if r["arm"] not in ("SimCLR + fine-tune", "SimCLR embeddings"):
             continue
@@ -177,14 +227,14 @@ def collect_figures(out: Path, rows: list[dict]) -> dict[str, list[str]]:
                 dst = out / "figures" / r["benchmark"] / f"{prefix}-{png.name}"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(png, dst)
-                rel = str(dst.relative_to(out))
-                if rel not in figures.setdefault(r["benchmark"], []):
-                    figures[r["benchmark"]].append(rel)
-    return figures
+    benchmarks = dict.fromkeys(r["benchmark"] for r in rows)
+    listed = {b: sorted(str(f.relative_to(out)) for f in (out / "figures" / b).glob("*.png")) for b in benchmarks}
+    return {b: files for b, files in listed.items() if files}
 
 
 def git_commit() -> str:
-    """The checkout's commit (with '+changes' when it has uncommitted ones), or 'unknown'."""
+    """The checkout's commit (with '+changes' when it has uncommitted ones); where there is no git
+    repository (a copy of the tree on a GPU machine), ``$FACESSL_COMMIT`` or 'unknown'."""
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -192,7 +242,7 @@ def git_commit() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("FACESSL_COMMIT", "unknown")
 
 
 def merge_rows(out: Path, rows: list[dict], settings: str) -> list[dict]:
@@ -238,6 +288,10 @@ def main():
     parser.add_argument("--out", required=True, help="folder for every run and results.md / results.json")
     parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated subset")
     parser.add_argument("--reduced", action="store_true", help="CPU settings: 32 px, few epochs")
+    parser.add_argument("--stage", choices=["all", "prepare", "train"], default="all",
+                        help="prepare: the CPU stage only (prepare-data, pair crops); train: the rest, on what an "
+                        "earlier --stage prepare left in --out; all: both")
+    parser.add_argument("--simclr-epochs", type=int, default=None, help="override the settings' SimCLR epochs")
     parser.add_argument("--imagenet-weights", default=None, help="torchvision resnet18 ImageNet file: adds that arm")
     parser.add_argument("--arms", default="", help="comma-separated subset of arms by folder name "
                         "(scratch, random-linear, simclr-knn, simclr-linear, simclr-fine-tune, imagenet-fine-tune); "
@@ -245,7 +299,7 @@ def main():
     parser.add_argument("--unlabeled-pool", action=argparse.BooleanOptionalAction, default=False,
                         help="glint6, celeba-wild-75: also pretrain on the photos of the raw set's other identities "
                         "(beyond the benchmark's raw input: a lever to measure, not the benchmark)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (checked before any work)")
     args = parser.parse_args()
     names = list(dict.fromkeys(n.strip() for n in args.benchmarks.split(",") if n.strip()))
     unknown = sorted(set(names) - set(BENCHMARKS))
@@ -259,15 +313,24 @@ def main():
         parser.error("--arms imagenet-fine-tune needs --imagenet-weights")
     if args.imagenet_weights and not Path(args.imagenet_weights).is_file():
         parser.error(f"--imagenet-weights: no such file {args.imagenet_weights}")
-    needed = {FACES / BENCHMARKS[n][0] for n in names} | ({FACES / "celeba-wild" / "pairs.csv"}
-                                                            if "celeba-pairs" in names else set())
-    if missing := sorted(str(p) for p in needed if not p.exists()):
-        parser.error(f"benchmark data not found: {missing} (set FACESSL_SHARED to the folder holding data/faces)")
+    if args.simclr_epochs is not None and args.simclr_epochs < 1:
+        parser.error("--simclr-epochs must be at least 1")
+    settings = "reduced" if args.reduced else "full"
+    s = {**SETTINGS[settings], **({"simclr_epochs": args.simclr_epochs} if args.simclr_epochs else {})}
+    if args.stage != "train":
+        needed = {FACES / BENCHMARKS[n][0] for n in names} | ({FACES / "celeba-wild" / "pairs.csv"}
+                                                                if "celeba-pairs" in names else set())
+        if missing := sorted(str(p) for p in needed if not p.exists()):
+            parser.error(f"benchmark data not found: {missing} (set FACESSL_SHARED to the folder holding data/faces)")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         parser.error(f"--out {out}: {exc.strerror}")
+    if args.stage == "train":
+        if problems := [p for n in names if (p := prepared_problem(n, out, s, args.unlabeled_pool))]:
+            parser.error("--stage train needs an earlier --stage prepare into the same --out with the same "
+                         "settings: " + "; ".join(problems))
     try:  # an earlier table that a subset run would merge into: unreadable means stop now, not after hours
         earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {"rows": []}
         readable = all("benchmark" in r for r in earlier["rows"])
@@ -275,20 +338,44 @@ def main():
         readable = False
     if not readable:
         parser.error(f"{out / 'results.json'} is not a results.json of this suite: move it away or pick another --out")
-    settings = "reduced" if args.reduced else "full"
-    s = SETTINGS[settings]
-    meta = {"settings": settings, "settings_detail": ", ".join(f"{k} {v}" for k, v in s.items()),
-            "hardware": hardware(args.device)}
-    made_by = {"command": "python " + " ".join(sys.argv), "commit": git_commit()}
+
+    from common.errors import FacesslError
+
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    rows = []
-    for name in names:
-        started = time.time()
-        rows += [{**r, **made_by} for r in run_benchmark(name, out, s, args.device, args.imagenet_weights, log,
-                                                         only, args.unlabeled_pool)]
-        log(f"== {name} done in {time.time() - started:.0f} s")
-        write_tables(out, merge_rows(out, rows, settings), meta)
+    try:
+        if args.stage != "prepare":  # a wrong device or weights file fails now, not after the CPU stage
+            check_training_options(args.device, args.imagenet_weights)
+        if args.stage != "train":
+            for name in names:
+                prepare_benchmark(name, out, s, log, args.unlabeled_pool)
+        if args.stage == "prepare":
+            print(f"prepared {', '.join(names)} in {out}: run --stage train with the same --out and settings")
+            return
+        meta = {"settings": settings, "settings_detail": ", ".join(f"{k} {v}" for k, v in s.items()),
+                "hardware": hardware(args.device)}
+        made_by = {"command": "python " + " ".join(sys.argv), "commit": git_commit()}
+        rows = []
+        for name in names:
+            started = time.time()
+            rows += [{**r, **made_by} for r in run_benchmark(name, out, s, args.device, args.imagenet_weights, log,
+                                                             only, args.unlabeled_pool)]
+            log(f"== {name} done in {time.time() - started:.0f} s")
+            write_tables(out, merge_rows(out, rows, settings), meta)
+    except FacesslError as exc:  # bad data found by the suite itself (a broken pairs.csv, unusable weights)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     print((out / "results.md").read_text())
+
+
+def check_training_options(device: str, imagenet_weights: str | None) -> None:
+    """Raise UsageError for a device this machine lacks and BadInputError for a weights file that is not a
+    ResNet18, before any job runs."""
+    from common.simclr import load_init_encoder
+    from common.training import pick_device
+
+    pick_device(device)
+    if imagenet_weights:
+        load_init_encoder(imagenet_weights)
 
 
 if __name__ == "__main__":

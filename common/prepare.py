@@ -28,8 +28,9 @@ from multiprocessing import get_context
 from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter
 from common.errors import BadInputError, StorageError, UsageError
 from common.faces import DetectConfig, process_photo
-from common.storage import Storage, open_storage
+from common.storage import Storage, UnsafeKeyError, open_storage
 
+OUTSIDE_LINK = "a symlink (to the file or to a folder above it) points outside the input (use a hard link or a copy)"
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
 
 
@@ -109,6 +110,8 @@ def _process_one(item: tuple[str, int]) -> dict:
         data = _WORKER["storage"].read_bytes(rel)
     except StorageError:
         raise  # a storage outage is not a property of the file: fail the job (exit 4) instead of skipping
+    except UnsafeKeyError:  # one reason for all such files, so the manifest's skip counts group them
+        return {**record, "status": "skipped", "reason": OUTSIDE_LINK}
     except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the job
         return {**record, "status": "skipped", "reason": f"could not read file: {exc}"}
     record["sha256"] = hashlib.sha256(data).hexdigest()

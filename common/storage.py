@@ -189,14 +189,24 @@ class LocalStorage(Storage):
 
     @_local_errors
     def list(self, prefix=""):
-        """Regular files under ``prefix`` (symlinks followed; dangling links, loops, FIFOs and other
-        special files are left out)."""
+        """Regular files under ``prefix``, symlinks to files and to folders followed (a folder reached again
+        along its own path, a link loop, is not entered twice); dangling links, FIFOs and other special files
+        are left out. A file reached through a link that leaves the root is listed, and reading it raises
+        UnsafeKeyError."""
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return {}
         out = {}
-        for dirpath, dirnames, filenames in os.walk(base):
+        along: dict[str, set[str]] = {str(base): {os.path.realpath(base)}}  # real folders on each walked path
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
             dirnames.sort()
+            chain = along.pop(dirpath)
+            for name in list(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, name))
+                if real in chain:
+                    dirnames.remove(name)
+                else:
+                    along[os.path.join(dirpath, name)] = chain | {real}
             for name in sorted(filenames):
                 if name.startswith(".tmp-"):
                     continue

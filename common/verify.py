@@ -15,13 +15,14 @@ from __future__ import annotations
 import csv
 import io
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from common.data import image_to_chw
 from common.errors import BadInputError, UsageError
-from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face
+from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face, encode_jpeg
 from common.classify import load_encoder
 from common.storage import NotFoundError, open_file_location, open_storage
 from common.training import RunWriter, embed, pick_device
@@ -85,38 +86,51 @@ def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
     return float((s[i - 1] + s[i]) / 2)
 
 
-def load_crops(storage, names: list[str], cfg: DetectConfig, size: int):
-    """Decode, detect and crop each photo: uint8 (M, 3, size, size) crops of the photos that decode, the
-    names they belong to, how many had no detected face (centre-cropped instead), and the unreadable ones."""
-    crops, kept, no_face, unreadable = [], [], 0, {}
+def crop_photos(storage, names: list[str], cfg: DetectConfig | None, size: int):
+    """Decode, detect and crop each photo as prepare-data does (``cfg`` None: the photos are face crops
+    already and are only centre-squared and resized). Yields ``(name, crop, detected, reason)``: an RGB
+    ``size`` x ``size`` PIL image, whether a face was detected (always True without detection), or
+    ``(name, None, False, why it is unreadable)``."""
     for name in names:
         try:
             img = decode_image(storage.read_bytes(name))
         except (SkipImage, BadInputError) as exc:  # corrupt, missing, or a path leaving the image root
-            unreadable[name] = str(exc)
+            yield name, None, False, str(exc)
             continue
-        found = detect_face(img, cfg)
-        no_face += found is None
-        crop = crop_face(img, found[0] if found else None, cfg.margin, size)
+        found = detect_face(img, cfg) if cfg is not None else None
+        box = found[0] if found else None
+        yield name, crop_face(img, box, cfg.margin if cfg else 0.0, size), cfg is None or found is not None, ""
+
+
+def load_crops(storage, names: list[str], cfg: DetectConfig | None, size: int):
+    """uint8 (M, 3, size, size) crops of the photos that decode (see :func:`crop_photos`), the names they
+    belong to, how many had no detected face (centre-cropped instead), and the unreadable ones with their
+    reasons.
+
+    Raises:
+        BadInputError: not one photo could be read (the message gives one photo's reason).
+    """
+    crops, kept, no_face, unreadable = [], [], 0, {}
+    for name, crop, detected, reason in crop_photos(storage, names, cfg, size):
+        if crop is None:
+            unreadable[name] = reason
+            continue
+        no_face += not detected
         crops.append(image_to_chw(crop))
         kept.append(name)
     if not crops:
-        raise BadInputError("none of the pair images could be read")
+        example = next(iter(unreadable.items()), ("-", "no photos"))
+        raise BadInputError(f"none of the {len(names)} pair images could be read (for example {example[0]}: "
+                            f"{example[1]}); is --images the folder the CSV's paths are relative to?")
     return torch.stack(crops), kept, no_face, unreadable
 
 
-def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: str, output_location: str,
-                   image_size: int = 112, folds: int = 10, device_name: str = "auto",
-                   detect: DetectConfig = DetectConfig(), log=print) -> dict:
-    """Run the verification protocol; returns the metrics written to ``metrics.json``.
+def read_pairs_file(pairs_location: str) -> list[tuple[str, str, int]]:
+    """The rows of the pairs CSV at a path or ``s3://`` URI (see :func:`read_pairs`).
 
     Raises:
-        BadInputError: unreadable pairs file, images or encoder. UsageError: fewer than 2 folds.
+        BadInputError: missing, not UTF-8 text, or not a pairs CSV.
     """
-    if folds < 2:
-        raise UsageError("--folds must be at least 2")
-    started = time.time()
-    device = pick_device(device_name)
     pairs_store, pairs_key = open_file_location(pairs_location)
     try:
         text = pairs_store.read_text(pairs_key)
@@ -124,10 +138,62 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
         raise BadInputError(f"pairs file {pairs_location} not found") from None
     except UnicodeDecodeError:
         raise BadInputError(f"pairs file {pairs_location} is not UTF-8 text") from None
-    pairs = read_pairs(text, pairs_location)
+    return read_pairs(text.removeprefix("\ufeff"), pairs_location)  # a byte-order mark (Excel's CSV) is not a column
+
+
+def write_pair_crops(pairs_location: str, images_location: str, output_location: str, image_size: int = 112,
+                     detect: DetectConfig = DetectConfig(), log=print) -> dict:
+    """The face crop of every photo of a pairs CSV, made once, as JPEG files under ``output_location`` at
+    the photos' relative paths, plus ``crops.json`` (photos, those without a detected face, unreadable
+    ones with reasons). ``evaluate_pairs(..., detect=None)`` on that folder then embeds exactly these crops:
+    the CPU-bound detection runs where the data is, the embedding where the GPU is.
+
+    Raises:
+        BadInputError: unusable pairs file, output location, or not one readable photo.
+    """
+    names = sorted({n for a, b, _ in read_pairs_file(pairs_location) for n in (a, b)})
+    src, out = open_storage(images_location), open_storage(output_location)
+    out.delete("crops.json")  # also checks early that the output is usable; written last, it marks completion
+    log(f"cropping the faces of {len(names)} pair photos at {image_size} px")
+    no_face, unreadable = [], {}
+    for name, crop, detected, reason in crop_photos(src, names, detect, image_size):
+        if crop is None:
+            unreadable[name] = reason
+            continue
+        if not detected:
+            no_face.append(name)
+        out.write_bytes(name, encode_jpeg(crop))
+    if len(unreadable) == len(names):
+        raise BadInputError(f"none of the {len(names)} pair photos could be read, for example "
+                            f"{names[0]}: {unreadable[names[0]]}")
+    summary = {"photos": len(names), "image_size": image_size, "without_detected_face": no_face,
+               "unreadable_photos": unreadable, "detect": asdict(detect)}
+    RunWriter(out).write_json("crops.json", summary)
+    return summary
+
+
+def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: str, output_location: str,
+                   image_size: int = 112, folds: int = 10, device_name: str = "auto",
+                   detect: DetectConfig | None = DetectConfig(), log=print) -> dict:
+    """Run the verification protocol; returns the metrics written to ``metrics.json`` (last, after
+    ``scores.csv`` and ``roc.png``). ``detect=None``: the photos are face crops already (for example
+    made by :func:`write_pair_crops`) and are embedded whole.
+
+    Raises:
+        BadInputError: unreadable pairs file, images or encoder, or an unusable output location.
+        UsageError: fewer than 2 folds.
+    """
+    if folds < 2:
+        raise UsageError("--folds must be at least 2")
+    started = time.time()
+    device = pick_device(device_name)
+    pairs = read_pairs_file(pairs_location)
+    out = open_storage(output_location)
+    out.delete("metrics.json")  # checks now, not after the embedding, that the output is usable
     encoder, _ = load_encoder(encoder_location)
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
-    log(f"{len(pairs)} pairs over {len(names)} photos; detecting and embedding at {image_size} px on {device}")
+    log(f"{len(pairs)} pairs over {len(names)} photos; {'detecting and ' if detect else ''}embedding at "
+        f"{image_size} px on {device}")
     crops, kept, no_face, unreadable = load_crops(open_storage(images_location), names, detect, image_size)
     feats = torch.nn.functional.normalize(embed(encoder.to(device), crops, image_size, device), dim=1)
     index = {n: i for i, n in enumerate(kept)}
@@ -147,13 +213,15 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
                "photos_without_detected_face": no_face, "unreadable_photos": unreadable,
                **result, "roc_auc": float(roc_auc_score(same, scores)),
                "threshold_all_pairs": best_threshold(scores, same), "encoder": encoder_location,
-               "image_size": image_size, "seconds": round(time.time() - started, 1)}
-    out = open_storage(output_location)
+               "image_size": image_size, "detection": detect is not None, "seconds": round(time.time() - started, 1)}
     writer = RunWriter(out)
-    writer.write_json("metrics.json", metrics)
-    out.write_text("scores.csv", "image_a,image_b,same_identity,cosine_similarity\n" + "".join(
-        f"{a},{b},{s},{score:.6f}\n" for (a, b, s), score in zip(usable, scores)))
+    table = io.StringIO()
+    rows = csv.writer(table, lineterminator="\n")  # quoted where a path holds a comma or a quote
+    rows.writerow(["image_a", "image_b", "same_identity", "cosine_similarity"])
+    rows.writerows([a, b, s, f"{score:.6f}"] for (a, b, s), score in zip(usable, scores))
+    out.write_text("scores.csv", table.getvalue())
     writer.write_plot("roc.png", lambda p: plot_roc(fpr, tpr, metrics["roc_auc"], metrics["accuracy"], folds, p))
+    writer.write_json("metrics.json", metrics)
     return metrics
 
 

@@ -63,7 +63,29 @@ def test_links_out_of_the_input_folder_are_refused_with_the_reason(tmp_path):
             "--workers", 1, "--image-size", 32)
     assert r.exit_code == 3, r.output
     assert "no identity has at least 1 usable images" in r.output
-    assert "3 x could not read file" in r.output and "resolves outside" in r.output
+    assert "3 x a symlink (to the file or to a folder above it) points outside the input" in r.output
+
+
+def test_linked_identity_folders_are_followed_or_recorded_never_silently_dropped(tmp_path):
+    """A folder link inside the input is followed, one leading out of it gives every file the same recorded
+    skip reason, and a link back to an ancestor (a loop) is not walked forever."""
+    raw = tmp_path / "raw"
+    (raw / "Keira").mkdir(parents=True)
+    for src in sorted((GLINT24 / "Keira Knightley").iterdir())[:4]:
+        shutil.copyfile(src, raw / "Keira" / src.name)
+    os.symlink(raw / "Keira", raw / "Keira2")  # inside: followed (its photos are duplicates of Keira's)
+    os.symlink(GLINT24 / "Tom Hanks", raw / "Tom")  # outside: recorded
+    os.symlink("..", raw / "Keira" / "loop")  # back to the input's root
+    out = tmp_path / "prepared"
+    r = run(prepare_main, "--input", raw, "--output", out, "--min-images", 1, "--workers", 1, "--image-size", 32,
+            "--on-no-face", "keep-full")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    tom = len(list((GLINT24 / "Tom Hanks").iterdir()))
+    reasons = manifest["counts"]["skip_reasons"]
+    assert reasons["a symlink (to the file or to a folder above it) points outside the input (use a hard link or a copy)"] == tom
+    assert reasons["duplicate"] == 4 and manifest["classes"] == ["Keira"]
+    assert not any("/loop/" in rec["source"] for rec in manifest["records"])
 
 
 def test_failed_rerun_leaves_no_stale_manifest(tmp_path):

@@ -21,10 +21,15 @@ _spec.loader.exec_module(suite)
 
 def test_reduced_suite_table_and_simclr_beats_scratch_on_glint24_20(tmp_path):
     out = tmp_path / "suite"
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "suite.py"), "--out", str(out), "--reduced",
-                        "--benchmarks", "glint24-20", "--arms", "scratch,simclr-fine-tune", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=3600,
-                       env={**os.environ, "FACESSL_SHARED": str(SHARED), "OMP_NUM_THREADS": "2"})
+    cmd = [sys.executable, str(REPO / "benchmarks" / "suite.py"), "--out", str(out), "--reduced",
+           "--benchmarks", "glint24-20", "--arms", "scratch,simclr-fine-tune", "--device", "cpu"]
+    env = {**os.environ, "FACESSL_SHARED": str(SHARED), "OMP_NUM_THREADS": "2"}
+    # the two stages apart, as on a GPU machine that receives only the prepared data (benchmarks/gpu/)
+    r = subprocess.run(cmd + ["--stage", "prepare"], capture_output=True, text=True, timeout=3600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / "glint24-20" / "prepared" / "manifest.json").is_file() and not (out / "results.md").exists()
+    r = subprocess.run(cmd + ["--stage", "train"], capture_output=True, text=True, timeout=3600,
+                       env={**env, "FACESSL_SHARED": str(tmp_path / "no-raw-data-needed")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (out / "results.md").read_text()
     assert "| glint24-20 | scratch |" in table and "| glint24-20 | SimCLR + fine-tune |" in table
@@ -67,6 +72,28 @@ def test_unknown_or_empty_benchmarks_and_missing_data_are_usage_errors(tmp_path)
     r = subprocess.run([*cmd[:-1], str(tmp_path / "results.json"), "--benchmarks", "glint6"], capture_output=True,
                        text=True, env=real_data)
     assert r.returncode == 2 and "--out" in r.stderr
+
+
+def test_bad_stage_device_weights_or_pairs_file_stop_the_suite_before_any_work(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "suite.py"), "--out", str(tmp_path / "out"), "--reduced"]
+    real_data = {**os.environ, "FACESSL_SHARED": str(SHARED)}
+    r = subprocess.run(cmd + ["--benchmarks", "glint6", "--stage", "train"], capture_output=True, text=True)
+    assert r.returncode == 2 and "needs an earlier --stage prepare" in r.stderr and "glint6" in r.stderr
+    r = subprocess.run(cmd + ["--benchmarks", "glint6", "--device", "tpu"], capture_output=True, text=True, env=real_data)
+    assert r.returncode == 2 and "unknown device 'tpu'" in r.stderr
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"not a checkpoint")
+    r = subprocess.run(cmd + ["--benchmarks", "glint6", "--imagenet-weights", str(weights), "--device", "cpu"],
+                       capture_output=True, text=True, env=real_data)
+    assert r.returncode == 3 and "resnet18.pth" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "glint6").exists()  # refused before prepare-data
+    faces = tmp_path / "shared" / "data" / "faces" / "celeba-wild"
+    (faces / "1").mkdir(parents=True)
+    (faces / "pairs.csv").write_text("left,right,same_identity\n1/a.jpg,1/b.jpg,1\n")
+    r = subprocess.run(cmd + ["--benchmarks", "celeba-pairs", "--stage", "prepare"], capture_output=True, text=True,
+                       env={**os.environ, "FACESSL_SHARED": str(tmp_path / "shared")})
+    assert r.returncode == 3 and "must have the columns image_a,image_b,same_identity" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_pairs_pretraining_folder_holds_no_pair_photo_and_is_rebuilt(tmp_path, monkeypatch):

@@ -72,3 +72,90 @@ def test_evaluate_pairs_job_on_real_photos(tmp_path):
     assert (out / "roc.png").stat().st_size > 0
     assert len((out / "scores.csv").read_text().splitlines()) == 41
     assert "ROC AUC" in r.stdout
+
+
+def _pairs_sample(n_each: int = 10) -> list[dict]:
+    rows = list(csv.DictReader((CELEBA / "pairs.csv").open()))
+    return [r for r in rows if r["same_identity"] == "1"][:n_each] + [r for r in rows if r["same_identity"] == "0"][:n_each]
+
+
+def _random_encoder(path: Path) -> Path:
+    torch.manual_seed(0)
+    torch.save(build_encoder().state_dict(), path)
+    return path
+
+
+def test_pair_crops_made_once_score_like_detecting_inside_evaluate_pairs(tmp_path):
+    """The suite's CPU stage crops the pair photos once (write_pair_crops) and the GPU stage embeds the crops
+    whole (--no-detect): the pair scores match those of evaluate-pairs detecting by itself, up to the JPEG
+    re-encoding of the crops."""
+    from click.testing import CliRunner
+
+    from common.verify import evaluate_pairs, write_pair_crops
+    from jobs.evaluate_pairs import main as evaluate_main
+
+    pairs = tmp_path / "pairs.csv"
+    with pairs.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_a", "image_b", "same_identity"])
+        writer.writeheader()
+        writer.writerows(_pairs_sample())
+    encoder = _random_encoder(tmp_path / "encoder.pt")
+    direct = evaluate_pairs(str(pairs), str(CELEBA), str(encoder), str(tmp_path / "direct"), 48, 5, "cpu",
+                            log=lambda *a: None)
+    crops = write_pair_crops(str(pairs), str(CELEBA), str(tmp_path / "crops"), 48, log=lambda *a: None)
+    assert crops["photos"] == direct["photos"] and not crops["unreadable_photos"]
+    assert len(crops["without_detected_face"]) == direct["photos_without_detected_face"]
+    assert json.loads((tmp_path / "crops" / "crops.json").read_text())["image_size"] == 48
+    r = CliRunner().invoke(evaluate_main, ["--pairs", str(pairs), "--images", str(tmp_path / "crops"), "--no-detect",
+                                           "--encoder", str(encoder), "--output", str(tmp_path / "from-crops"),
+                                           "--image-size", "48", "--folds", "5", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    from_crops = json.loads((tmp_path / "from-crops" / "metrics.json").read_text())
+    assert from_crops["photos_without_detected_face"] == 0 and from_crops["detection"] is False
+    scores = [np.array([float(row["cosine_similarity"]) for row in csv.DictReader((tmp_path / run / "scores.csv").open())])
+              for run in ("direct", "from-crops")]
+    assert len(scores[0]) == len(scores[1]) == 20
+    assert np.corrcoef(*scores)[0, 1] > 0.99 and np.abs(scores[0] - scores[1]).max() < 0.02
+
+
+def test_messy_pairs_file_byte_order_mark_and_commas_in_paths(tmp_path):
+    """Excel's UTF-8 CSV starts with a byte-order mark; a folder name may hold a comma: both work, and
+    scores.csv quotes such paths so it reads back."""
+    images = tmp_path / "images"
+    chosen = _pairs_sample(5)
+    for row in chosen:
+        for key in ("image_a", "image_b"):
+            dst = images / row[key].replace("/", ", the one/", 1)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes((CELEBA / row[key]).read_bytes())
+            row[key] = dst.relative_to(images).as_posix()
+    pairs = tmp_path / "pairs.csv"
+    with pairs.open("w", newline="", encoding="utf-8-sig") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_a", "image_b", "same_identity"])
+        writer.writeheader()
+        writer.writerows(chosen)
+    assert pairs.read_bytes().startswith(b"\xef\xbb\xbf")
+    out = tmp_path / "out"
+    r = subprocess.run([str(Path(sys.executable).parent / "evaluate-pairs"), "--pairs", str(pairs), "--images",
+                        str(images), "--encoder", str(_random_encoder(tmp_path / "encoder.pt")), "--output", str(out),
+                        "--image-size", "32", "--folds", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 10 and rows[0]["image_a"] == chosen[0]["image_a"] and ", the one/" in rows[0]["image_a"]
+
+
+def test_unusable_output_or_images_are_named_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from jobs.evaluate_pairs import main as evaluate_main
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("image_a,image_b,same_identity\na/1.jpg,b/2.jpg,0\n")
+    encoder = str(_random_encoder(tmp_path / "encoder.pt"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = ["--pairs", str(pairs), "--encoder", encoder, "--device", "cpu", "--folds", "2"]
+    r = CliRunner().invoke(evaluate_main, [*args, "--images", str(tmp_path / "nowhere"), "--output", str(blocker)])
+    assert r.exit_code == 3 and "a-file" in r.output, r.output  # the output, before the (missing) photos
+    r = CliRunner().invoke(evaluate_main, [*args, "--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    assert r.exit_code == 3 and "none of the 2 pair images could be read (for example a/1.jpg: not found" in r.output
