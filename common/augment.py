@@ -20,6 +20,7 @@ per batch rather than per image), ``RandomGrayscale`` and ``GaussianBlur`` (sigm
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -74,9 +75,16 @@ def supervised_preset() -> AugmentConfig:
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device, x.dtype)
     return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) tensors, made once per device: building them from Python lists
+    at every call is a host-to-device copy, which waits for the GPU twice per batch."""
+    return (torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1))
 
 
 def eval_transform(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -7,6 +7,12 @@ ImageNet file (``init``), or random weights. Modes:
                    (Wu et al. 2018, the kNN monitor's classifier), the usual SSL representation check
     linear-probe   the encoder is frozen (eval mode, no gradients); only the linear layer trains, on
                    embeddings computed once (the standard linear evaluation protocol, Chen et al. 2020)
+    distill        SimCLRv2's third step (Chen et al. 2020, "Big Self-Supervised Models are Strong
+                   Semi-Supervised Learners", arXiv:2006.10029, section 2.3): a student trains on every
+                   image of the train split to match a fine-tuned ``teacher``'s softened predictions
+                   (Hinton et al. 2015, arXiv:1503.02531), plus ``distill_label_weight`` times the cross-entropy
+                   of the labelled subset. The train split's other labels are never read; val and test
+                   images are never trained on.
 
 Each epoch reports train top-1 and val top-1/top-3; the best-by-val weights are evaluated on the test
 split. Outputs under the run's location: ``model.pt``, ``metrics.json``, ``metrics.jsonl``,
@@ -55,8 +61,52 @@ class ClassifierConfig:
     label_smoothing: float = 0.0
     labels_per_class: int | None = None
     knn_k: int = 20
+    teacher: str | None = None
+    distill_temperature: float = 1.0
+    distill_label_weight: float = 1.0
     seed: int = 1337
     device: str = "auto"
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
+    """Cross-entropy of the student's softened distribution to the teacher's, times T^2 so gradients keep
+    their scale across temperatures (Hinton et al. 2015, arXiv:1503.02531; SimCLRv2 eq. 2).
+
+    Args:
+        student_logits, teacher_logits: float (N, C). temperature: T > 0.
+    Returns:
+        scalar float32, the mean over the N images.
+    """
+    target = F.softmax(teacher_logits / temperature, dim=1)
+    return -(target * F.log_softmax(student_logits / temperature, dim=1)).sum(1).mean() * temperature ** 2
+
+
+def endless_batches(pool: MemoryPool, batch_size: int, seed: int, rank: int = 0):
+    """``(images, labels)`` batches of ``pool`` forever, one fresh seeded permutation per pass."""
+    steps = len(pool) // batch_size
+    passes = 0
+    while True:
+        yield from pool.batches(epoch_generator(seed, passes, rank), batch_size, steps)
+        passes += 1
+
+
+def load_teacher(location: str, classes: list[str], device: torch.device) -> torch.nn.Module:
+    """A fine-tuned train-classifier model (``model.pt`` or its run location) for distillation, in eval
+    mode on ``device`` with frozen weights.
+
+    Raises:
+        BadInputError: not a train-classifier model, or trained on other identities than ``classes``.
+    """
+    from common.identify import load_classifier
+
+    teacher, teacher_classes, _ = load_classifier(location)
+    if teacher_classes != list(classes):
+        raise BadInputError(f"the teacher {location} knows other identities than this dataset: distil a teacher "
+                            "trained on the same prepared data")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher = teacher.to(device).eval()
+    return teacher.to(memory_format=torch.channels_last) if device.type == "cuda" else teacher
 
 
 def subsample_per_class(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
@@ -107,7 +157,7 @@ def _is_run_location(location: str) -> bool:
 
 def _optimizer(cfg: ClassifierConfig, model: Classifier, lr: float):
     groups = [{"params": model.fc.parameters(), "lr": lr}]
-    if cfg.mode == "finetune":
+    if cfg.mode in ("finetune", "distill"):
         groups.append({"params": model.encoder.parameters(), "lr": lr * cfg.encoder_lr_scale})
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
@@ -142,18 +192,25 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
 def _train_classifier(data_location, output_location, cfg, info, device, stop, log) -> dict:
     if cfg.encoder and cfg.init != "scratch":
         raise UsageError("give either --encoder (a SimCLR encoder) or --init (other weights), not both")
-    if cfg.mode not in ("finetune", "linear-probe", "knn"):
-        raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune, linear-probe or knn")
+    if cfg.mode not in ("finetune", "linear-probe", "knn", "distill"):
+        raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune, linear-probe, knn or distill")
+    if (cfg.mode == "distill") != bool(cfg.teacher):
+        raise UsageError("--mode distill needs --teacher (a fine-tuned train-classifier model.pt), and --teacher "
+                         "needs --mode distill")
     data = PreparedDataset(data_location, cfg.image_size)
     classes = data.classes
-    distributed = info.enabled and cfg.mode == "finetune"
+    distributed = info.enabled and cfg.mode in ("finetune", "distill")
     world, rank = (info.world_size, info.rank) if distributed else (1, 0)
     evals = {s: data.load(s) for s in ("val", "test")}
-    if distributed and not cfg.labels_per_class:  # each rank decodes only its share of the train shards
+    unlabelled = None  # distill: this rank's share of every train image, its labels replaced by zeros
+    if distributed and not cfg.labels_per_class and cfg.mode != "distill":  # each rank decodes its shards only
         train_x, train_y = data.decode(rank_share(data, ["train"], rank, world))
         n_train = sum(data.shard_sizes("train"))
     else:  # the labelled subset is drawn from the whole split, identically on every rank
         train_x, train_y = data.load("train")
+        if cfg.mode == "distill":
+            images = train_x[rank::world]
+            unlabelled = MemoryPool(images, torch.zeros(len(images), dtype=torch.long))
         if cfg.labels_per_class:
             keep = subsample_per_class(train_y, cfg.labels_per_class, cfg.seed)
             train_x, train_y = train_x[keep], train_y[keep]
@@ -161,6 +218,7 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         train_x, train_y = train_x[rank::world], train_y[rank::world]
     seed_everything(cfg.seed)
     encoder, source = initial_encoder(cfg)
+    teacher = load_teacher(cfg.teacher, classes, device) if cfg.mode == "distill" else None
     model = Classifier(encoder, len(classes))
     if distributed:
         model = sync_batchnorm(model, device)
@@ -173,8 +231,10 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         writer.write_json("config.json", {**asdict(cfg), "data": data_location, "output": out.uri,
                                           "weights": source, "train_images": n_train, "classes": classes,
                                           "device": str(device), "world_size": info.world_size,
+                                          "unlabelled_images": len(unlabelled) * world if unlabelled is not None else 0,
                                           "torch": torch.__version__})
-    log(f"{cfg.mode} from {source}: {n_train} labelled train images, {len(classes)} classes, {device}")
+    log(f"{cfg.mode} from {source}: {n_train} labelled train images, {len(classes)} classes, {device}"
+        + (f"; distilling {cfg.teacher} on {len(unlabelled) * world} train images" if unlabelled is not None else ""))
 
     if cfg.mode in ("linear-probe", "knn"):  # the frozen encoder's embeddings, computed once
         for p in model.encoder.parameters():
@@ -194,23 +254,35 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
             train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        def run(x, train=False):
+        def run(x, train=False, with_teacher=0):
+            """Logits (float32) of the model for a uint8 batch; with ``with_teacher`` n, also the teacher's
+            for the batch's first n images, on the same augmented views."""
             x = x.to(device, non_blocking=True)
             x = augment(x, cfg.image_size, aug_gen) if train else eval_transform(x, cfg.image_size)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
-                return (train_model if train else model)(x).float()
+                logits = (train_model if train else model)(x).float()
+                if not with_teacher:
+                    return logits
+                with torch.no_grad():
+                    return logits, teacher(x[:with_teacher]).float()
     train_pool = MemoryPool(train_x, train_y)
+    step_pool = train_pool if unlabelled is None else unlabelled  # an epoch is one pass over this pool
 
-    batch = max(1, min(cfg.batch_size, n_train)) // world * world
+    n_step = n_train if unlabelled is None else len(unlabelled) * world
+    batch = max(1, min(cfg.batch_size, n_step)) // world * world
     per_rank = batch // world
+    labelled_batches = None
+    if unlabelled is not None:  # the labelled subset, reshuffled whenever it runs out, beside every distillation batch
+        labelled_per_rank = max(1, min(per_rank, len(train_pool)))
+        labelled_batches = endless_batches(train_pool, labelled_per_rank, cfg.seed + 7919, rank)
     if distributed:
-        steps_per_epoch = min_across_ranks(len(train_pool) // max(1, per_rank))  # same steps on every rank
+        steps_per_epoch = min_across_ranks(len(step_pool) // max(1, per_rank))  # same steps on every rank
     else:  # every sample each epoch; a last batch of one is dropped (batch norm cannot train on one sample)
-        steps_per_epoch = -(-n_train // batch) - (n_train % batch == 1 and n_train > batch)
+        steps_per_epoch = -(-n_step // batch) - (n_step % batch == 1 and n_step > batch)
     if batch < world or steps_per_epoch < 1:
-        raise BadInputError(f"{n_train} training images cannot feed {world} processes")
+        raise BadInputError(f"{n_step} training images cannot feed {world} processes")
     lr = cfg.lr
     optimizer = _optimizer(cfg, model, lr)
     total = cfg.epochs * steps_per_epoch
@@ -230,10 +302,17 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         if cfg.mode == "linear-probe":
             model.encoder.eval()
         correct, seen, loss_sum = 0, 0, 0.0
-        for x, y in train_pool.batches(epoch_generator(cfg.seed, epoch, rank), per_rank, steps_per_epoch):
-            logits = run(x, train=True)
-            target = y.to(device)
-            loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+        for x, y in step_pool.batches(epoch_generator(cfg.seed, epoch, rank), per_rank, steps_per_epoch):
+            if labelled_batches is None:
+                logits = run(x, train=True)
+                target = y.to(device)
+                loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+            else:  # x: unlabelled images (y is all zeros, unused); the labelled batch goes through with them
+                lx, y = next(labelled_batches)
+                both, soft = run(torch.cat([x, lx.to(x.device)]), train=True, with_teacher=len(x))
+                logits, target = both[len(x):], y.to(device)
+                loss = distillation_loss(both[:len(x)], soft, cfg.distill_temperature) + cfg.distill_label_weight * \
+                    F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise DivergedError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)

@@ -38,12 +38,21 @@ class DistInfo:
 
 
 def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1; returns the info and this rank's device."""
+    """Join the torchrun process group when WORLD_SIZE > 1; returns the info and this rank's device.
+
+    Raises:
+        UsageError: on CUDA, more processes on this node than it has GPUs (``--nproc-per-node``).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(), device
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
+        if info.local_rank >= torch.cuda.device_count():
+            from common.errors import UsageError
+
+            raise UsageError(f"local rank {info.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                             "start at most that many processes per node, or use --device cpu")
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -40,14 +40,20 @@ class NTXentLoss(nn.Module):
         self.gather_distributed = gather_distributed
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """z1, z2: float (N, D), row i of both the two views of image i. Returns a scalar float32 tensor."""
+        """z1, z2: float (N, D), row i of both the two views of image i. Returns a scalar float32 tensor,
+        computed in float32 also under autocast (bf16 similarity logits would shift the loss by percents
+        and grow worse as the positives get close and tau small)."""
         if z1.shape != z2.shape or z1.dim() != 2:
             raise ValueError(f"expected two (N, D) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        with torch.autocast(device_type=z1.device.type, enabled=False):  # float32 logits even inside bf16 autocast
+            return self._loss(z1.float(), z2.float())
+
+    def _loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         from common.distributed import gather_with_grad, rank_and_world
 
         n = z1.shape[0]
         rank, world = rank_and_world() if self.gather_distributed else (0, 1)
-        z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+        z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
         if world > 1:
             z1_all, z2_all = gather_with_grad(z1), gather_with_grad(z2)
         else:

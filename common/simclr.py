@@ -177,7 +177,13 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        aug_gen.set_state(state["aug_rng"])
+        if world == 1 and state.get("aug_rng_device", device.type) == device.type:
+            aug_gen.set_state(state["aug_rng"])  # the same process and device kind: the run continues bitwise
+        else:  # another device kind's generator state does not load; and only rank 0's state was saved
+            aug_gen.manual_seed(hash((cfg.seed, info.rank, int(state["epoch"]), int(state["step"]))) % 2**63)
+            log(f"note: augmentation stream reseeded on resume ({world} process(es), checkpoint from "
+                f"{state.get('aug_rng_device', 'the same device kind')}, now {device.type}): the run continues, "
+                "not bitwise equal to an uninterrupted one")
         restore_rng_states(state["rng"])
         writer.history = list(state["history"])
         start_epoch, start_step, partial = int(state["epoch"]), int(state["step"]), list(state["partial_losses"])
@@ -190,7 +196,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         if info.is_main:
             save_checkpoint(out, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "aug_rng": aug_gen.get_state().cpu(), "rng": capture_rng_states(), "epoch": epoch, "step": step,
+                "scheduler": scheduler.state_dict(), "aug_rng": aug_gen.get_state().cpu(), "aug_rng_device": device.type, "rng": capture_rng_states(), "epoch": epoch, "step": step,
                 "partial_losses": losses, "history": list(writer.history), "finished": finished,
                 "summary": summary or {}, "options": {**asdict(cfg), "world_size": world},
                 "data_order": order_kind}, epoch)
@@ -304,8 +310,8 @@ def restore_rng_states(states: dict) -> None:
     random.setstate((states["python_version"], tuple(states["python"].tolist()), None))
     np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), states["numpy_pos"], 0, 0.0))
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and torch.cuda.is_available():  # as many GPUs' states as both runs have
+        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
 
 
 def knn_monitor(encoder, train_images, train_labels, val_images, val_labels, num_classes, cfg, device) -> float:

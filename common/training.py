@@ -136,7 +136,7 @@ class Throughput:
 
     def rate(self) -> float:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         return self.images / max(1e-9, time.perf_counter() - self.start)
 
 

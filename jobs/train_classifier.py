@@ -12,8 +12,9 @@ from common.cli import is_main_process, report_errors
 @click.option("--output", "output_location", required=True, help="Run location for model.pt and metrics.json: path or s3:// URI.")
 @click.option("--encoder", default=None, help="SimCLR encoder: an encoder.pt file or a pretrain-simclr run location (path or s3:// URI).")
 @click.option("--init", default="scratch", help="Without --encoder: 'scratch' or a ResNet18 weights file such as torchvision's ImageNet file.")
-@click.option("--mode", type=click.Choice(["finetune", "linear-probe", "knn"]), default="finetune",
-              help="Train everything, only a linear layer on the frozen encoder, or no training: a kNN vote of the train embeddings.")
+@click.option("--mode", type=click.Choice(["finetune", "linear-probe", "knn", "distill"]), default="finetune",
+              help="Train everything, only a linear layer on the frozen encoder, no training (a kNN vote of the train "
+              "embeddings), or distil --teacher's predictions on every train image into a new network (SimCLRv2).")
 @click.option("--knn-k", type=click.IntRange(min=1), default=20, help="--mode knn: neighbours that vote.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, help="Training epochs.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, help="Images per step; capped at the number of training images.")
@@ -26,6 +27,11 @@ from common.cli import is_main_process, report_errors
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", help="LR schedule after the warm-up.")
 @click.option("--label-smoothing", type=click.FloatRange(min=0, max=0.5), default=0.0, help="Cross-entropy label smoothing.")
 @click.option("--labels-per-class", type=click.IntRange(min=1), default=None, help="Train on at most N labelled train images per identity.")
+@click.option("--teacher", default=None, help="--mode distill: a fine-tuned train-classifier model.pt (or its run location).")
+@click.option("--distill-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              help="--mode distill: softmax temperature of teacher and student.")
+@click.option("--distill-label-weight", type=click.FloatRange(min=0), default=1.0,
+              help="--mode distill: weight of the labelled images' cross-entropy beside the distillation loss.")
 @click.option("--seed", type=int, default=1337, help="Random seed.")
 @click.option("--device", default="auto", envvar="FACESSL_DEVICE", help="auto, cpu, cuda or cuda:N.")
 @report_errors

@@ -15,6 +15,9 @@ from common.losses import NTXentLoss
 from common.models import ProjectionHead, SimCLRModel, build_encoder
 from common.simclr import simclr_loss
 
+# The torchrun tests run gloo CPU ranks (FACESSL_DEVICE=cpu in their environment) so that they mean the same on
+# a one-GPU machine, where a second CUDA rank would have no GPU.
+
 N, SIZE = 8, 32
 
 
@@ -74,7 +77,7 @@ def one_and_two_processes(script, args, tmp_path):
     assert one.returncode == 0, one.stdout + one.stderr
     two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", str(bin_dir / script),
                           *args, "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", "FACESSL_DEVICE": "cpu"})
     assert two.returncode == 0, two.stdout + two.stderr
     return two
 
@@ -118,7 +121,7 @@ def test_spec_wrapper_exits_with_the_failing_ranks_code(prepared_sharded, tmp_pa
     torchrun = (f'{bin_dir / "torchrun"} --standalone --nproc-per-node 2 {bin_dir / "pretrain-simclr"} '
                 f'--data {data} --output {tmp_path / "out"} --epochs 1 --image-size 32 --data-mode memory')
     script = f'rm -f "$FACESSL_EXIT_CODE_FILE"; {torchrun}; {EXIT_WRAPPER_TAIL}'
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FACESSL_EXIT_CODE_FILE": str(tmp_path / "exit-code"),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FACESSL_DEVICE": "cpu", "FACESSL_EXIT_CODE_FILE": str(tmp_path / "exit-code"),
            "FACESSL_CACHE": str(tmp_path / "cache")}
     bare = subprocess.run(["sh", "-c", torchrun], capture_output=True, text=True, timeout=600, env=env)
     assert bare.returncode == 1, "torchrun on its own loses the code"
@@ -137,5 +140,5 @@ def test_resuming_with_another_process_count_is_refused(prepared_sharded, tmp_pa
     assert one.returncode == 0, one.stderr
     two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2",
                           str(bin_dir / "pretrain-simclr"), *args], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "FACESSL_DEVICE": "cpu"})
     assert two.returncode != 0 and "world_size: 1 -> 2" in two.stderr

@@ -53,3 +53,17 @@ def test_nt_xent_rejects_bad_temperature(tau):
 def test_nt_xent_rejects_mismatched_views():
     with pytest.raises(ValueError, match="equal shape"):
         NTXentLoss()(torch.randn(4, 8), torch.randn(5, 8))
+
+
+def test_loss_is_float32_inside_bf16_autocast():
+    """Under bf16 autocast (the CUDA training path; CPU autocast applies the same matmul rule) the
+    similarity logits must stay float32: in bf16 the loss moves by percents."""
+    torch.manual_seed(0)
+    z1 = torch.randn(64, 128)
+    z2 = z1 + 0.05 * torch.randn(64, 128)  # close positives: where bf16 rounding hurts most
+    loss_fn = NTXentLoss(0.1, gather_distributed=False)
+    exact = loss_fn(z1.double(), z2.double())
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        amp = loss_fn(z1, z2)
+    assert amp.dtype == torch.float32
+    assert abs(amp.item() - exact.item()) < 1e-4 * exact.item()

@@ -176,3 +176,51 @@ def test_knn_mode_reports_without_training(prepared_subset, simclr_run, tmp_path
     assert metrics["mode"] == "knn" and metrics["best_epoch"] is None and metrics["test"]["n"] == 24
     assert metrics["test"]["top1"] > 0.45, metrics["test"]  # chance is 1/3
     assert not (out / "model.pt").exists() and (out / "confusion_matrix.png").is_file()
+
+
+def test_distillation_student_learns_the_teacher_from_unlabelled_train_images(prepared_subset, simclr_run, tmp_path):
+    """SimCLRv2's distillation: a fine-tuned teacher; a student from the SimCLR encoder that sees only 10
+    labels per identity, with label weight 0 (so it learns from every train image's teacher predictions
+    alone), then agrees with the teacher on the test photos and names them well above chance."""
+    teacher = tmp_path / "teacher"
+    common = ["--data", str(prepared_subset), "--image-size", "48", "--lr", "1e-3", "--device", "cpu",
+              "--encoder", str(simclr_run)]
+    r = CliRunner().invoke(classifier_main, [*common, "--output", str(teacher), "--epochs", "8"])
+    assert r.exit_code == 0, r.output
+    student = tmp_path / "student"
+    r = CliRunner().invoke(classifier_main, [*common, "--output", str(student), "--labels-per-class", "10",
+                                             "--mode", "distill", "--teacher", str(teacher), "--epochs", "6",
+                                             "--batch-size", "32", "--distill-label-weight", "0"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((student / "config.json").read_text())
+    manifest = json.loads((prepared_subset / "manifest.json").read_text())
+    assert config["unlabelled_images"] == manifest["counts"]["splits"]["train"] > config["train_images"] == 30
+    assert "distilling" in r.output
+    t, s = (json.loads((run / "metrics.json").read_text()) for run in (teacher, student))
+    assert s["test"]["top1"] >= 0.6, s["test"]  # chance is 1/3
+    assert abs(s["test"]["top1"] - t["test"]["top1"]) <= 0.25, (s["test"], t["test"])
+    from common.identify import load_classifier
+
+    (t_model, _, _), (s_model, _, _) = load_classifier(str(teacher)), load_classifier(str(student))
+    from common.data import PreparedDataset
+    from common.augment import eval_transform
+
+    x, _ = PreparedDataset(str(prepared_subset), 48).load("test")
+    with torch.no_grad():
+        same = (t_model(eval_transform(x, 48)).argmax(1) == s_model(eval_transform(x, 48)).argmax(1)).float().mean()
+    assert same >= 0.7, f"student agrees with the teacher on {same:.2f} of the test photos"
+
+
+def test_distillation_needs_a_teacher_of_the_same_identities(prepared_subset, tmp_path):
+    r = CliRunner().invoke(classifier_main, ["--data", str(prepared_subset), "--output", str(tmp_path / "x"),
+                                             "--mode", "distill", "--image-size", "32"])
+    assert r.exit_code == 2 and "--mode distill needs --teacher" in r.output
+    from common.models import Classifier, build_encoder
+
+    saved = {"model": Classifier(build_encoder(), 3).state_dict(), "classes": ["Someone", "Else", "Entirely"],
+             "image_size": 32}
+    torch.save(saved, tmp_path / "other.pt")
+    r = CliRunner().invoke(classifier_main, ["--data", str(prepared_subset), "--output", str(tmp_path / "x"),
+                                             "--mode", "distill", "--teacher", str(tmp_path / "other.pt"),
+                                             "--image-size", "32"])
+    assert r.exit_code == 3 and "knows other identities" in r.output

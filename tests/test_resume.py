@@ -15,7 +15,7 @@ from common.checkpoints import load_latest_checkpoint, load_torch
 from common.storage import open_storage
 
 ARGS = ["--epochs", "3", "--batch-size", "32", "--image-size", "32", "--warmup-epochs", "2", "--knn-every", "0",
-        "--log-every", "1", "--checkpoint-every", "1"]
+        "--log-every", "1", "--checkpoint-every", "1", "--device", "cpu"]  # bitwise equality: a CPU property
 SCRIPT = str(Path(sys.executable).parent / "pretrain-simclr")
 
 
@@ -68,6 +68,22 @@ def test_sigterm_then_resume_matches_uninterrupted_run(where, prepared_subset, u
 
     again = pretrain(prepared_subset, out, env=env)
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_resume_of_a_checkpoint_from_another_device_kind_reseeds_instead_of_crashing(prepared_subset, tmp_path):
+    """A preempted GPU run resumed on a CPU node (or the reverse): the augmentation generator's saved state
+    belongs to the other device kind and cannot be loaded; the run goes on from the checkpoint, reseeded."""
+    out = tmp_path / "run"
+    code, stdout, stderr = interrupt_mid_epoch(prepared_subset, str(out), {})
+    assert code == 4, stdout + stderr
+    path = out / json.loads((out / "checkpoints" / "latest.json").read_text())["key"]
+    state = torch.load(path, weights_only=True)
+    state["aug_rng"], state["aug_rng_device"] = torch.zeros(16, dtype=torch.uint8), "cuda"  # a CUDA generator's state
+    torch.save(state, path)
+    resumed = pretrain(prepared_subset, str(out))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "augmentation stream reseeded on resume" in resumed.stdout and "resuming at epoch 2" in resumed.stdout
+    assert (out / "encoder.pt").is_file()
 
 
 def test_nan_loss_stops_with_exit_code_5_and_keeps_checkpoint(prepared_subset, tmp_path):
