@@ -229,7 +229,9 @@ class BatchAugment:
 
         blur = torch.rand(b, generator=gen, device=dev) < cfg.blur_p
         sigma = _uniform(b, cfg.blur_sigma[0], cfg.blur_sigma[1], gen, dev)
-        if bool(blur.any()):
+        if dev.type == "cuda":  # blur all, keep the chosen: no host round trip to find which (same values)
+            x = torch.where(_per(blur), gaussian_blur(x, sigma), x)
+        elif bool(blur.any()):  # on the CPU, where nothing waits on the host, blur only the chosen
             idx = blur.nonzero().squeeze(1)
             x = x.index_copy(0, idx, gaussian_blur(x.index_select(0, idx), sigma.index_select(0, idx)))
         return _normalize(x)

@@ -22,6 +22,7 @@ split. Outputs under the run's location: ``model.pt``, ``metrics.json``, ``metri
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -313,8 +314,9 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
                 logits, target = both[len(x):], y.to(device)
                 loss = distillation_loss(both[:len(x)], soft, cfg.distill_temperature) + cfg.distill_label_weight * \
                     F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
+            value = loss.item()  # the step's one wait for the GPU: a NaN/inf never reaches the weights
+            if not math.isfinite(value):
+                raise DivergedError(f"loss became {value} at epoch {epoch + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -322,9 +324,10 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
             if stop_requested(stop):  # minutes of work: no checkpoint, the retry starts over
                 raise PreemptedError(f"stopped by SIGTERM at epoch {epoch + 1}; train-classifier keeps no checkpoint: "
                                      "run it again to start over")
-            correct += (logits.argmax(1) == target).sum().item()
+            correct += (logits.argmax(1) == target).sum()  # a tensor on the device until the epoch ends
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += value * len(y)
+        correct = int(correct)
         if distributed:
             correct, seen, loss_sum = (mean_across_ranks(v) * world for v in (correct, seen, loss_sum))
         val_logits = evaluate("val")

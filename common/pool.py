@@ -83,9 +83,10 @@ class MemoryPool:
         """Yield ``(images, labels)`` for steps ``start .. steps-1`` of the epoch whose order ``generator``
         draws (one permutation of all samples; the last batch may be short when ``steps * batch_size > N``)."""
         order = torch.randperm(len(self), generator=generator)
+        on_device = order.to(self.images.device) if isinstance(self.images, torch.Tensor) else order  # one copy
         for step in range(start, steps):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            yield self._rows(idx), self.labels[idx]
+            rows = slice(step * batch_size, (step + 1) * batch_size)
+            yield self._rows(on_device[rows]), self.labels[order[rows]]
 
     def labelled(self, split_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``split_rows`` samples (the train split's, which come first) in memory."""

@@ -12,6 +12,7 @@ Outputs under the run's location: ``encoder.pt`` (backbone state_dict), ``config
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -223,14 +224,15 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
             with autocast(device):
                 loss = simclr_loss(forward, v1, v2, loss_fn)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower --lr "
+            value = loss.item()  # the step's one wait for the GPU: a NaN/inf never reaches the weights
+            if not math.isfinite(value):
+                raise DivergedError(f"loss became {value} at epoch {epoch + 1}, step {step + 1}; lower --lr "
                                     "or raise --temperature in a new --output (earlier checkpoints are kept)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(mean_across_ranks(loss.item()))
+            losses.append(mean_across_ranks(value))
             meter.add(2 * batch)
             if cfg.log_every and (step + 1) % cfg.log_every == 0:
                 log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {losses[-1]:.4f}")

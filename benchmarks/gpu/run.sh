@@ -29,6 +29,6 @@ timeout "${BUDGET_S:-530}" python3 benchmarks/suite.py --out "$suite_out" "${arg
   ${SUITE_ARGS:-} 2>&1 | tee "$out/log-$part.txt"
 rc=${PIPESTATUS[0]}
 cp "$suite_out"/results.md "$suite_out"/results.json "$out"/ 2>/dev/null
-[ -d "$suite_out/figures" ] && tar -C "$suite_out" -cf "$out/figures-$part.tar" figures
+mkdir -p "$suite_out/figures" && tar -C "$suite_out" -cf "$out/figures-$part.tar" figures
 echo "suite exit code $rc"
 exit "$rc"
