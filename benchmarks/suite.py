@@ -9,6 +9,8 @@ then the arms, each a train-classifier run on the same prepared data:
     SimCLR + kNN         weighted kNN vote of the SimCLR train embeddings (no training)
     SimCLR + linear      linear probe on the SimCLR encoder
     SimCLR + fine-tune   fine-tuning from the SimCLR encoder
+    SimCLR + distill     SimCLRv2's distillation: a student from the SimCLR encoder learns the SimCLR +
+                         fine-tune model's predictions on every train image, beside the labelled subset
     ImageNet + fine-tune fine-tuning from torchvision's ImageNet ResNet18 file, when --imagenet-weights is given
 ``celeba-pairs`` pretrains on the celeba-wild photos that are in no pair and runs evaluate-pairs.
 
@@ -62,8 +64,10 @@ SETTINGS = {  # full: the GPU recipe of the shared README; reduced: what a 2-cor
 }
 FINETUNE = ["--mode", "finetune", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05",
             "--label-smoothing", "0.1", "--warmup-epochs", "1"]
+DISTILL = ["--mode", "distill", *FINETUNE[2:]]  # the fine-tune recipe; the teacher is the SimCLR + fine-tune run
 PROBE = ["--mode", "linear-probe", "--optimizer", "adamw", "--lr", "1e-2", "--weight-decay", "0"]
-ARMS = ("scratch", "random + linear", "SimCLR + kNN", "SimCLR + linear", "SimCLR + fine-tune", "ImageNet + fine-tune")
+ARMS = ("scratch", "random + linear", "SimCLR + kNN", "SimCLR + linear", "SimCLR + fine-tune", "SimCLR + distill",
+        "ImageNet + fine-tune")
 
 
 def job(name: str, *args, log) -> float:
@@ -90,7 +94,7 @@ def pairs_raw_folder(out: Path) -> Path:
     shutil.rmtree(dst, ignore_errors=True)  # rebuilt every time: a changed pairs.csv must not leave pair photos in
     for photo in sorted(src.glob("*/*")):
         rel = f"{photo.parent.name}/{photo.name}"
-        if rel not in in_pairs:
+        if rel not in in_pairs and photo.is_file():
             (dst / photo.parent.name).mkdir(parents=True, exist_ok=True)
             try:  # prepare-data refuses symlinks out of its input: hard link, else copy
                 os.link(photo, dst / rel)
@@ -143,7 +147,13 @@ def prepared_problem(name: str, out: Path, s: dict, unlabeled_pool: bool) -> str
         needed += [root / "pairs.csv", root / "pair-crops" / "crops.json"]
     if missing := [str(p) for p in needed if not p.is_file()]:
         return f"{name}: {', '.join(missing)} missing"
-    done = json.loads((root / "prepare.json").read_text())
+    try:
+        done = json.loads((root / "prepare.json").read_text())
+        crops = json.loads((root / "pair-crops" / "crops.json").read_text()) if name == "celeba-pairs" else {}
+        assert isinstance(done, dict) and isinstance(done["seconds"], (int, float))
+        assert isinstance(crops, dict) and (name != "celeba-pairs" or isinstance(crops["without_detected_face"], list))
+    except (ValueError, KeyError, TypeError, AssertionError, OSError):
+        return f"{name}: its prepare.json or crops.json is damaged: run --stage prepare again"
     if (done.get("image_size"), done.get("unlabeled_pool")) != (s["size"], uses_pool(name, unlabeled_pool)):
         return (f"{name} was prepared at {done.get('image_size')} px, unlabeled pool {done.get('unlabeled_pool')}; "
                 f"this run needs {s['size']} px, unlabeled pool {uses_pool(name, unlabeled_pool)}")
@@ -185,6 +195,8 @@ def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | No
         ("SimCLR + kNN", ["--mode", "knn", "--encoder", simclr]),
         ("SimCLR + linear", [*PROBE, "--epochs", s["probe_epochs"], "--encoder", simclr]),
         ("SimCLR + fine-tune", [*FINETUNE, "--epochs", s["ft_epochs"], "--encoder", simclr]),
+        ("SimCLR + distill", [*DISTILL, "--epochs", s["ft_epochs"], "--encoder", simclr,
+                              "--teacher", root / arm_slug("SimCLR + fine-tune")]),
     ]
     if imagenet:
         arms.append(("ImageNet + fine-tune", [*FINETUNE, "--epochs", s["ft_epochs"], "--init", imagenet]))
@@ -294,7 +306,7 @@ def main():
     parser.add_argument("--simclr-epochs", type=int, default=None, help="override the settings' SimCLR epochs")
     parser.add_argument("--imagenet-weights", default=None, help="torchvision resnet18 ImageNet file: adds that arm")
     parser.add_argument("--arms", default="", help="comma-separated subset of arms by folder name "
-                        "(scratch, random-linear, simclr-knn, simclr-linear, simclr-fine-tune, imagenet-fine-tune); "
+                        "(scratch, random-linear, simclr-knn, simclr-linear, simclr-fine-tune, simclr-distill, imagenet-fine-tune); "
                         "default all; celeba-pairs has its one arm, evaluate-pairs, whatever this says")
     parser.add_argument("--unlabeled-pool", action=argparse.BooleanOptionalAction, default=False,
                         help="glint6, celeba-wild-75: also pretrain on the photos of the raw set's other identities "
@@ -309,6 +321,11 @@ def main():
     only = {a.strip() for a in args.arms.split(",") if a.strip()} or None
     if only and only - known_arms:
         parser.error(f"unknown arms {sorted(only - known_arms)}: choose from {', '.join(sorted(known_arms))}")
+    if only and "simclr-distill" in only and "simclr-fine-tune" not in only:
+        if lacking := [n for n in names if n != "celeba-pairs" and
+                       not (Path(args.out) / n / "simclr-fine-tune" / "model.pt").is_file()]:
+            parser.error(f"--arms simclr-distill needs its teacher, the simclr-fine-tune arm: add it, or run it "
+                         f"first into this --out ({', '.join(lacking)} lack it)")
     if only and "imagenet-fine-tune" in only and not args.imagenet_weights:
         parser.error("--arms imagenet-fine-tune needs --imagenet-weights")
     if args.imagenet_weights and not Path(args.imagenet_weights).is_file():
@@ -345,6 +362,8 @@ def main():
     try:
         if args.stage != "prepare":  # a wrong device or weights file fails now, not after the CPU stage
             check_training_options(args.device, args.imagenet_weights)
+        if args.stage != "train" and "celeba-pairs" in names:  # nor a broken pairs.csv after other benchmarks
+            check_pairs_file(FACES / "celeba-wild")
         if args.stage != "train":
             for name in names:
                 prepare_benchmark(name, out, s, log, args.unlabeled_pool)
@@ -365,6 +384,21 @@ def main():
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     print((out / "results.md").read_text())
+
+
+def check_pairs_file(root: Path, folds: int = 10) -> None:
+    """Raise BadInputError when ``root/pairs.csv`` is not a pairs file, names photos missing under ``root``,
+    or has fewer than ``folds`` pairs of either kind (evaluate-pairs would refuse it after pretraining)."""
+    from common.errors import BadInputError
+    from common.verify import read_pairs_file
+
+    pairs = read_pairs_file(str(root / "pairs.csv"))
+    if missing := sorted({n for a, b, _ in pairs for n in (a, b) if not (root / n).is_file()}):
+        raise BadInputError(f"{root / 'pairs.csv'} names {len(missing)} photos missing under {root}, e.g. {missing[0]}")
+    same = sum(s for _, _, s in pairs)
+    if min(same, len(pairs) - same) < folds:
+        raise BadInputError(f"{root / 'pairs.csv'} has {same} same and {len(pairs) - same} different pairs: "
+                            f"{folds}-fold verification needs at least {folds} of each")
 
 
 def check_training_options(device: str, imagenet_weights: str | None) -> None:

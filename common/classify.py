@@ -91,16 +91,19 @@ def endless_batches(pool: MemoryPool, batch_size: int, seed: int, rank: int = 0)
         passes += 1
 
 
-def load_teacher(location: str, classes: list[str], device: torch.device) -> torch.nn.Module:
+def load_teacher(location: str, classes: list[str], image_size: int, device: torch.device) -> torch.nn.Module:
     """A fine-tuned train-classifier model (``model.pt`` or its run location) for distillation, in eval
     mode on ``device`` with frozen weights.
 
     Raises:
         BadInputError: not a train-classifier model, or trained on other identities than ``classes``.
+        UsageError: trained at another image size than ``image_size``.
     """
     from common.identify import load_classifier
 
-    teacher, teacher_classes, _ = load_classifier(location)
+    teacher, teacher_classes, teacher_size = load_classifier(location)
+    if teacher_size != image_size:
+        raise UsageError(f"the teacher {location} was trained at {teacher_size} px: distil at --image-size {teacher_size}")
     if teacher_classes != list(classes):
         raise BadInputError(f"the teacher {location} knows other identities than this dataset: distil a teacher "
                             "trained on the same prepared data")
@@ -219,7 +222,7 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         train_x, train_y = train_x[rank::world], train_y[rank::world]
     seed_everything(cfg.seed)
     encoder, source = initial_encoder(cfg)
-    teacher = load_teacher(cfg.teacher, classes, device) if cfg.mode == "distill" else None
+    teacher = load_teacher(cfg.teacher, classes, cfg.image_size, device) if cfg.mode == "distill" else None
     model = Classifier(encoder, len(classes))
     if distributed:
         model = sync_batchnorm(model, device)
@@ -284,6 +287,8 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         steps_per_epoch = -(-n_step // batch) - (n_step % batch == 1 and n_step > batch)
     if batch < world or steps_per_epoch < 1:
         raise BadInputError(f"{n_step} training images cannot feed {world} processes")
+    if cfg.mode in ("finetune", "distill") and n_train < 2:
+        raise BadInputError(f"{n_train} labelled training image: fine-tuning needs at least 2 (batch norm)")
     lr = cfg.lr
     optimizer = _optimizer(cfg, model, lr)
     total = cfg.epochs * steps_per_epoch

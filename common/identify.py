@@ -33,8 +33,8 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
     try:
         saved = load_torch(location)
     except NotFoundError:
-        raise BadInputError(f"{location} not found: --model needs a finetune or linear-probe run of train-classifier "
-                            "(a --mode knn run writes no model)") from None
+        raise BadInputError(f"{location} not found: this needs a finetune, linear-probe or distill run of "
+                            "train-classifier (a --mode knn run writes no model)") from None
     if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("classes"), list)):
         raise BadInputError(f"{location} is not a train-classifier model.pt (model, classes, image_size)")
     model = Classifier(build_encoder(), len(saved["classes"]))

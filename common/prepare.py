@@ -30,7 +30,9 @@ from common.errors import BadInputError, StorageError, UsageError
 from common.faces import DetectConfig, process_photo
 from common.storage import Storage, UnsafeKeyError, open_storage
 
-OUTSIDE_LINK = "a symlink (to the file or to a folder above it) points outside the input (use a hard link or a copy)"
+OUTSIDE_LINK = "a symlink points outside the input (use a hard link or a copy)"
+FOLDER_LINK = ("a symlink to a folder, not followed: it can loop, leave the input, or show a folder's photos "
+               "under a second identity (link the photos themselves, or copy the folder)")
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
 
 
@@ -70,9 +72,11 @@ def list_raw_files(storage: Storage) -> tuple[list[tuple[str, int]], list[dict]]
     """Files of the raw input as ``(relative path, size)``, and records for files that are not in an
     identity folder (skipped). Raises BadInputError when the input holds nothing."""
     listing = storage.list()
-    if not listing:
+    links = [rel for rel in storage.folder_links() if not is_ignored(rel)]
+    if not listing and not links:
         raise BadInputError(f"the input {storage.uri} is empty or does not exist")
-    files, skipped = [], []
+    files = []
+    skipped = [{"source": rel, "status": "skipped", "reason": FOLDER_LINK} for rel in links]
     for rel, size in listing.items():
         if is_ignored(rel):
             continue

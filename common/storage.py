@@ -97,6 +97,10 @@ class Storage:
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")
 
+    def folder_links(self, prefix: str = "") -> list[str]:
+        """Links to folders that :meth:`list` leaves out (object stores have none)."""
+        return []
+
 
 def _local_errors(method):
     """LocalStorage methods: a missing file -> NotFoundError, any other OSError (a file where a folder
@@ -189,24 +193,15 @@ class LocalStorage(Storage):
 
     @_local_errors
     def list(self, prefix=""):
-        """Regular files under ``prefix``, symlinks to files and to folders followed (a folder reached again
-        along its own path, a link loop, is not entered twice); dangling links, FIFOs and other special files
-        are left out. A file reached through a link that leaves the root is listed, and reading it raises
-        UnsafeKeyError."""
+        """Regular files under ``prefix`` (links to files followed; links to folders are not walked, see
+        :meth:`folder_links`; dangling links, FIFOs and other special files are left out). A file reached
+        through a link that leaves the root is listed, and reading it raises UnsafeKeyError."""
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return {}
         out = {}
-        along: dict[str, set[str]] = {str(base): {os.path.realpath(base)}}  # real folders on each walked path
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(base):
             dirnames.sort()
-            chain = along.pop(dirpath)
-            for name in list(dirnames):
-                real = os.path.realpath(os.path.join(dirpath, name))
-                if real in chain:
-                    dirnames.remove(name)
-                else:
-                    along[os.path.join(dirpath, name)] = chain | {real}
             for name in sorted(filenames):
                 if name.startswith(".tmp-"):
                     continue
@@ -215,6 +210,19 @@ class LocalStorage(Storage):
                     continue
                 out[full.relative_to(self.root).as_posix()] = full.stat().st_size
         return out
+
+    @_local_errors
+    def folder_links(self, prefix=""):
+        """Keys of the symbolic links to folders under ``prefix``, which :meth:`list` does not walk (walking
+        them can loop, leave the root, or list a folder twice under another name)."""
+        base = self._path(prefix) if prefix else self.root
+        links = []
+        for dirpath, dirnames, _ in os.walk(base):
+            for name in sorted(dirnames):
+                full = Path(dirpath) / name
+                if full.is_symlink():
+                    links.append(full.relative_to(self.root).as_posix())
+        return links
 
     @_local_errors
     def exists(self, key):

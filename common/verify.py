@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -24,24 +24,29 @@ from common.data import image_to_chw
 from common.errors import BadInputError, UsageError
 from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face, encode_jpeg
 from common.classify import load_encoder
-from common.storage import NotFoundError, open_file_location, open_storage
+from common.storage import NotFoundError, UnsafeKeyError, open_file_location, open_storage, safe_key
 from common.training import RunWriter, embed, pick_device
 
 
 def read_pairs(text: str, where: str) -> list[tuple[str, str, int]]:
-    """Rows ``(image_a, image_b, same)`` of a pairs CSV with header ``image_a,image_b,same_identity``.
+    """Rows ``(image_a, image_b, same)`` of a pairs CSV with header ``image_a,image_b,same_identity``; the
+    paths normalised as storage keys (``./`` and doubled slashes dropped).
 
     Raises:
-        BadInputError: missing columns, a label other than 0/1, or no rows.
+        BadInputError: missing columns, a label other than 0/1, a path leaving the image folder, or no rows.
     """
     reader = csv.DictReader(io.StringIO(text))
     if not {"image_a", "image_b", "same_identity"} <= set(reader.fieldnames or []):
         raise BadInputError(f"{where} must have the columns image_a,image_b,same_identity")
     pairs = []
-    for line, row in enumerate(reader, start=2):
-        if (row["same_identity"] or "").strip() not in ("0", "1") or not row["image_a"] or not row["image_b"]:
-            raise BadInputError(f"{where} line {line}: expected two image paths and same_identity 0 or 1")
-        pairs.append((row["image_a"].strip(), row["image_b"].strip(), int(row["same_identity"])))
+    for row in reader:
+        a, b, same = ((row.get(k) or "").strip() for k in ("image_a", "image_b", "same_identity"))
+        if same not in ("0", "1") or not a or not b:
+            raise BadInputError(f"{where} line {reader.line_num}: expected two image paths and same_identity 0 or 1")
+        try:  # one spelling per photo ('./a/1.jpg' is 'a/1.jpg'), so a photo is recognised wherever it is named
+            pairs.append((safe_key(a), safe_key(b), int(same)))
+        except UnsafeKeyError as exc:
+            raise BadInputError(f"{where} line {reader.line_num}: {exc}: paths must stay inside the image folder") from None
     if not pairs:
         raise BadInputError(f"{where} holds no pairs")
     return pairs
@@ -141,6 +146,19 @@ def read_pairs_file(pairs_location: str) -> list[tuple[str, str, int]]:
     return read_pairs(text.removeprefix("\ufeff"), pairs_location)  # a byte-order mark (Excel's CSV) is not a column
 
 
+def check_writable(out) -> None:
+    """Write and remove a small file at the output, so an unusable location fails before any work.
+
+    Raises:
+        BadInputError: the location cannot be written (a file where a folder should be, permissions...).
+    """
+    try:
+        out.write_text(".facessl-write-check", "")
+        out.delete(".facessl-write-check")
+    except NotFoundError as exc:  # e.g. a read-only pseudo file system reporting the probe as missing
+        raise BadInputError(f"cannot write to {out.uri}: {exc}") from None
+
+
 def write_pair_crops(pairs_location: str, images_location: str, output_location: str, image_size: int = 112,
                      detect: DetectConfig = DetectConfig(), log=print) -> dict:
     """The face crop of every photo of a pairs CSV, made once, as JPEG files under ``output_location`` at
@@ -151,9 +169,13 @@ def write_pair_crops(pairs_location: str, images_location: str, output_location:
     Raises:
         BadInputError: unusable pairs file, output location, or not one readable photo.
     """
+    if image_size < 16:
+        raise UsageError(f"image_size must be at least 16 pixels, got {image_size}")
     names = sorted({n for a, b, _ in read_pairs_file(pairs_location) for n in (a, b)})
     src, out = open_storage(images_location), open_storage(output_location)
-    out.delete("crops.json")  # also checks early that the output is usable; written last, it marks completion
+    if out.uri.rstrip("/") == src.uri.rstrip("/"):
+        raise UsageError(f"the crops would overwrite the photos: give an output other than {images_location}")
+    check_writable(out)  # written last, crops.json marks completion
     log(f"cropping the faces of {len(names)} pair photos at {image_size} px")
     no_face, unreadable = [], {}
     for name, crop, detected, reason in crop_photos(src, names, detect, image_size):
@@ -167,7 +189,8 @@ def write_pair_crops(pairs_location: str, images_location: str, output_location:
         raise BadInputError(f"none of the {len(names)} pair photos could be read, for example "
                             f"{names[0]}: {unreadable[names[0]]}")
     summary = {"photos": len(names), "image_size": image_size, "without_detected_face": no_face,
-               "unreadable_photos": unreadable, "detect": asdict(detect)}
+               "unreadable_photos": unreadable,
+               "detect": asdict(replace(detect, image_size=image_size)) if detect is not None else None}
     RunWriter(out).write_json("crops.json", summary)
     return summary
 
@@ -189,7 +212,7 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
     device = pick_device(device_name)
     pairs = read_pairs_file(pairs_location)
     out = open_storage(output_location)
-    out.delete("metrics.json")  # checks now, not after the embedding, that the output is usable
+    check_writable(out)  # now, not after the embedding
     encoder, _ = load_encoder(encoder_location)
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
     log(f"{len(pairs)} pairs over {len(names)} photos; {'detecting and ' if detect else ''}embedding at "

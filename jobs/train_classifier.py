@@ -28,9 +28,9 @@ from common.cli import is_main_process, report_errors
 @click.option("--label-smoothing", type=click.FloatRange(min=0, max=0.5), default=0.0, help="Cross-entropy label smoothing.")
 @click.option("--labels-per-class", type=click.IntRange(min=1), default=None, help="Train on at most N labelled train images per identity.")
 @click.option("--teacher", default=None, help="--mode distill: a fine-tuned train-classifier model.pt (or its run location).")
-@click.option("--distill-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option("--distill-temperature", type=click.FloatRange(min=0.01, max=100), default=1.0,
               help="--mode distill: softmax temperature of teacher and student.")
-@click.option("--distill-label-weight", type=click.FloatRange(min=0), default=1.0,
+@click.option("--distill-label-weight", type=click.FloatRange(min=0, max=100), default=1.0,
               help="--mode distill: weight of the labelled images' cross-entropy beside the distillation loss.")
 @click.option("--seed", type=int, default=1337, help="Random seed.")
 @click.option("--device", default="auto", envvar="FACESSL_DEVICE", help="auto, cpu, cuda or cuda:N.")

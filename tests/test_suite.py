@@ -90,10 +90,17 @@ def test_bad_stage_device_weights_or_pairs_file_stop_the_suite_before_any_work(t
     faces = tmp_path / "shared" / "data" / "faces" / "celeba-wild"
     (faces / "1").mkdir(parents=True)
     (faces / "pairs.csv").write_text("left,right,same_identity\n1/a.jpg,1/b.jpg,1\n")
-    r = subprocess.run(cmd + ["--benchmarks", "celeba-pairs", "--stage", "prepare"], capture_output=True, text=True,
-                       env={**os.environ, "FACESSL_SHARED": str(tmp_path / "shared")})
+    fake = {**os.environ, "FACESSL_SHARED": str(tmp_path / "shared")}
+    (faces.parent / "glint24" / "Someone").mkdir(parents=True)
+    r = subprocess.run(cmd + ["--benchmarks", "glint24-20,celeba-pairs", "--stage", "prepare"], capture_output=True,
+                       text=True, env=fake)
     assert r.returncode == 3 and "must have the columns image_a,image_b,same_identity" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "glint24-20").exists()  # before any benchmark
+    (faces / "pairs.csv").write_text("image_a,image_b,same_identity\n" + "".join(
+        f"1/{i}.jpg,1/{i + 1}.jpg,{i % 2}\n" for i in range(30)))
+    r = subprocess.run(cmd + ["--benchmarks", "celeba-pairs", "--stage", "prepare"], capture_output=True, text=True,
+                       env=fake)
+    assert r.returncode == 3 and "names 31 photos missing" in r.stderr
 
 
 def test_pairs_pretraining_folder_holds_no_pair_photo_and_is_rebuilt(tmp_path, monkeypatch):

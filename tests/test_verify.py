@@ -42,7 +42,12 @@ def test_fold_accuracy_needs_enough_pairs_of_each_kind():
 
 def test_read_pairs_rejects_bad_files():
     assert read_pairs("image_a,image_b,same_identity\na.jpg,b.jpg,1\n", "p.csv") == [("a.jpg", "b.jpg", 1)]
-    for text in ("a,b,c\n1,2,3\n", "image_a,image_b,same_identity\na.jpg,b.jpg,yes\n", "image_a,image_b,same_identity\n"):
+    # one spelling per photo: the suite keeps pair photos out of pretraining by name
+    assert read_pairs("image_a,image_b,same_identity\n./7/a.jpg,7//b.jpg,0\n", "p.csv") == [("7/a.jpg", "7/b.jpg", 0)]
+    with pytest.raises(BadInputError, match="line 4"):  # the line of the file, blank lines counted
+        read_pairs("image_a,image_b,same_identity\na.jpg,b.jpg,1\n\n../x.jpg,b.jpg,1\n", "p.csv")
+    for text in ("a,b,c\n1,2,3\n", "image_a,image_b,same_identity\na.jpg,b.jpg,yes\n", "image_a,image_b,same_identity\n",
+                 "image_a,image_b,same_identity\n   ,b.jpg,1\n"):
         with pytest.raises(BadInputError):
             read_pairs(text, "p.csv")
 

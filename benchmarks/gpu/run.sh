@@ -7,14 +7,15 @@
 # boto3 is only needed for s3:// locations). Stops the suite after BUDGET_S seconds (default 530) so that what
 # it finished comes back: results.md, results.json, figures-<part>.tar and log-<part>.txt under $OUT.
 set -uo pipefail
-part=${1:?usage: run.sh glint|celeba}
+part=${1:-}
+case "$part" in glint|celeba) ;; *) echo "usage: run.sh glint|celeba (got '$part')" >&2; exit 2 ;; esac
 out=${OUT:-/tmp/facessl-gpu-out}
 work=/tmp/facessl-$part
+rm -rf "$work"   # a rerun on a warm machine starts from the archive, not from the last run's outputs
 mkdir -p "$out" "$work"
-case "$part" in glint|celeba) ;; *) echo "unknown part $part: glint or celeba" >&2; exit 2 ;; esac
 tar -C "$work" -xzf ".devdata/$part.tgz" || { echo "no .devdata/$part.tgz: run pack.sh and carry it" >&2; exit 3; }
 export PYTHONUNBUFFERED=1 FACESSL_COMMIT
-FACESSL_COMMIT=$(cat "$work/$part/commit")
+FACESSL_COMMIT=$(cat "$work/$part/commit" 2>/dev/null || echo unknown)
 nvidia-smi -L
 python3 -c "import torch, torchvision, cv2, sklearn, click, matplotlib, tqdm; print('torch', torch.__version__, \
 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available(), 'opencv', cv2.__version__)" || exit 3
