@@ -46,7 +46,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # common/ and jobs/ from this checkout, installed or not (a GPU machine's python)
-FACES = Path(os.environ.get("FACESSL_SHARED", REPO.parent / "shared")) / "data" / "faces"
+FACES = Path(os.environ.get("FACESSL_SHARED") or next(  # unset: beside the checkout, else this project's /work/shared
+    (c for c in (REPO.parent / "shared", Path("/work/shared")) if (c / "data" / "faces").is_dir()), REPO.parent / "shared")
+) / "data" / "faces"
 GLINT6 = "Leonardo DiCaprio,Barack Obama,Keanu Reeves,Tom Hanks,Keira Knightley,Jennifer Aniston"
 
 # name -> (raw folder, prepare-data options, labels per class for the arms or None for all)
