@@ -152,9 +152,10 @@ def prepared_problem(name: str, out: Path, s: dict, unlabeled_pool: bool) -> str
     try:
         done = json.loads((root / "prepare.json").read_text())
         crops = json.loads((root / "pair-crops" / "crops.json").read_text()) if name == "celeba-pairs" else {}
-        assert isinstance(done, dict) and isinstance(done["seconds"], (int, float))
-        assert isinstance(crops, dict) and (name != "celeba-pairs" or isinstance(crops["without_detected_face"], list))
-    except (ValueError, KeyError, TypeError, AssertionError, OSError):
+        if not (isinstance(done, dict) and isinstance(done["seconds"], (int, float)) and isinstance(crops, dict)
+                and (name != "celeba-pairs" or isinstance(crops["without_detected_face"], list))):
+            raise ValueError("damaged")  # (not assert: python -O would drop the check)
+    except (ValueError, KeyError, TypeError, OSError):
         return f"{name}: its prepare.json or crops.json is damaged: run --stage prepare again"
     if (done.get("image_size"), done.get("unlabeled_pool")) != (s["size"], uses_pool(name, unlabeled_pool)):
         return (f"{name} was prepared at {done.get('image_size')} px, unlabeled pool {done.get('unlabeled_pool')}; "
