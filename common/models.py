@@ -41,7 +41,7 @@ def encoder_state_from_file(state: dict, where: str) -> dict:
     (``encoder.`` prefix) or torchvision's ImageNet ``resnet18`` file (``fc.*`` dropped).
 
     Raises:
-        ValueError: the dict does not hold ResNet18 backbone weights.
+        ValueError: the dict does not hold ResNet18 backbone weights, or some of them are NaN or infinite.
     """
     if not isinstance(state, dict):
         raise ValueError(f"{where} does not hold a state dict")
@@ -56,6 +56,9 @@ def encoder_state_from_file(state: dict, where: str) -> dict:
         missing = sorted(expected - set(state))[:3]
         extra = sorted(set(state) - expected)[:3]
         raise ValueError(f"{where} is not a ResNet18 backbone (missing {missing}, unexpected {extra})")
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a diverged or damaged file: refused here, not after hours of training on NaN features
+        raise ValueError(f"{where} holds NaN or infinite weights in {len(bad)} tensors, e.g. {bad[0]}")
     return state
 
 

@@ -28,27 +28,44 @@ from common.storage import NotFoundError, UnsafeKeyError, open_file_location, op
 from common.training import RunWriter, embed, pick_device
 
 
-def read_pairs(text: str, where: str) -> list[tuple[str, str, int]]:
+def read_pairs(text: str, where: str, dropped: dict | None = None) -> list[tuple[str, str, int]]:
     """Rows ``(image_a, image_b, same)`` of a pairs CSV with header ``image_a,image_b,same_identity``; the
-    paths normalised as storage keys (``./`` and doubled slashes dropped).
+    paths normalised as storage keys (``./`` and doubled slashes dropped). A pair named again (in either
+    order) and a photo paired with itself are left out, each recorded in ``dropped`` (``"line N"`` ->
+    reason) when a dict is given: counted twice, a pair would weigh twice in the accuracy.
 
     Raises:
-        BadInputError: missing columns, a label other than 0/1, a path leaving the image folder, or no rows.
+        BadInputError: missing columns, a label other than 0/1, a path leaving the image folder, a pair
+        named again with the other label, or no rows.
     """
     reader = csv.DictReader(io.StringIO(text))
     if not {"image_a", "image_b", "same_identity"} <= set(reader.fieldnames or []):
         raise BadInputError(f"{where} must have the columns image_a,image_b,same_identity")
-    pairs = []
+    pairs, seen, skipped = [], {}, {}
     for row in reader:
         a, b, same = ((row.get(k) or "").strip() for k in ("image_a", "image_b", "same_identity"))
         if same not in ("0", "1") or not a or not b:
             raise BadInputError(f"{where} line {reader.line_num}: expected two image paths and same_identity 0 or 1")
         try:  # one spelling per photo ('./a/1.jpg' is 'a/1.jpg'), so a photo is recognised wherever it is named
-            pairs.append((safe_key(a), safe_key(b), int(same)))
+            a, b = safe_key(a), safe_key(b)
         except UnsafeKeyError as exc:
             raise BadInputError(f"{where} line {reader.line_num}: {exc}: paths must stay inside the image folder") from None
+        key = frozenset((a, b))
+        if a == b:
+            skipped[f"line {reader.line_num}"] = f"{a} paired with itself"
+        elif key in seen:
+            first, label = seen[key]
+            if label != int(same):
+                raise BadInputError(f"{where} line {reader.line_num}: {a} and {b} are labelled same_identity "
+                                    f"{same} here and {label} on line {first}")
+            skipped[f"line {reader.line_num}"] = f"the pair of line {first} again"
+        else:
+            seen[key] = (reader.line_num, int(same))
+            pairs.append((a, b, int(same)))
     if not pairs:
         raise BadInputError(f"{where} holds no pairs")
+    if dropped is not None:
+        dropped.update(skipped)
     return pairs
 
 
@@ -130,8 +147,8 @@ def load_crops(storage, names: list[str], cfg: DetectConfig | None, size: int):
     return torch.stack(crops), kept, no_face, unreadable
 
 
-def read_pairs_file(pairs_location: str) -> list[tuple[str, str, int]]:
-    """The rows of the pairs CSV at a path or ``s3://`` URI (see :func:`read_pairs`).
+def read_pairs_file(pairs_location: str, dropped: dict | None = None) -> list[tuple[str, str, int]]:
+    """The rows of the pairs CSV at a path or ``s3://`` URI (see :func:`read_pairs`, also for ``dropped``).
 
     Raises:
         BadInputError: missing, not UTF-8 text, or not a pairs CSV.
@@ -143,7 +160,7 @@ def read_pairs_file(pairs_location: str) -> list[tuple[str, str, int]]:
         raise BadInputError(f"pairs file {pairs_location} not found") from None
     except UnicodeDecodeError:
         raise BadInputError(f"pairs file {pairs_location} is not UTF-8 text") from None
-    return read_pairs(text.removeprefix("\ufeff"), pairs_location)  # a byte-order mark (Excel's CSV) is not a column
+    return read_pairs(text.removeprefix("\ufeff"), pairs_location, dropped)  # a byte-order mark (Excel's CSV) is not a column
 
 
 def check_writable(out) -> None:
@@ -210,11 +227,15 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
         raise UsageError("--folds must be at least 2")
     started = time.time()
     device = pick_device(device_name)
-    pairs = read_pairs_file(pairs_location)
+    dropped = {}
+    pairs = read_pairs_file(pairs_location, dropped)
     out = open_storage(output_location)
     check_writable(out)  # now, not after the embedding
     encoder, _ = load_encoder(encoder_location)
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
+    if dropped:
+        log(f"left out {len(dropped)} rows of {pairs_location} (repeated pairs, photos paired with themselves), "
+            f"listed in metrics.json")
     log(f"{len(pairs)} pairs over {len(names)} photos; {'detecting and ' if detect else ''}embedding at "
         f"{image_size} px on {device}")
     crops, kept, no_face, unreadable = load_crops(open_storage(images_location), names, detect, image_size)
@@ -232,7 +253,7 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
 
     result = fold_accuracy(scores, same, folds)
     fpr, tpr, _ = roc_curve(same, scores)
-    metrics = {"pairs": len(pairs), "pairs_evaluated": len(usable), "photos": len(names),
+    metrics = {"pairs": len(pairs), "rows_left_out": dropped, "pairs_evaluated": len(usable), "photos": len(names),
                "photos_without_detected_face": no_face, "unreadable_photos": unreadable,
                **result, "roc_auc": float(roc_auc_score(same, scores)),
                "threshold_all_pairs": best_threshold(scores, same), "encoder": encoder_location,

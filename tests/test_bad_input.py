@@ -160,6 +160,21 @@ def test_wrong_shape_weights_are_refused(prepared_subset, tmp_path):
     assert r.exit_code == 3 and "does not fit a ResNet18 backbone" in r.output, r.output
 
 
+def test_nan_weights_are_refused_before_training(prepared_subset, tmp_path):
+    import torch
+    import torchvision
+
+    state = torchvision.models.resnet18().state_dict()
+    state["layer3.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    r = run(classifier_main, "--data", prepared_subset, "--output", tmp_path / "o", "--encoder", tmp_path / "nan.pth")
+    assert r.exit_code == 3 and "NaN or infinite weights" in r.output and "layer3.0.conv1.weight" in r.output, r.output
+    assert not (tmp_path / "o" / "metrics.json").exists()
+    r = run(pretrain_main, "--data", prepared_subset, "--output", tmp_path / "p", "--init", tmp_path / "nan.pth",
+            "--epochs", 1, "--image-size", 32)
+    assert r.exit_code == 3 and "NaN or infinite weights" in r.output, r.output
+
+
 def test_missing_output_bucket_fails_before_detection(s3_env, tmp_path):
     r = subprocess.run([str(Path(sys.executable).parent / "prepare-data"), "--input", str(CASES / "raw"),
                         "--output", "s3://no-such-bucket-here/prepared", "--min-images", "1"],

@@ -52,6 +52,17 @@ def test_read_pairs_rejects_bad_files():
             read_pairs(text, "p.csv")
 
 
+def test_repeated_pairs_and_self_pairs_are_left_out_and_recorded():
+    dropped = {}
+    text = ("image_a,image_b,same_identity\na.jpg,b.jpg,1\nb.jpg,./a.jpg,1\nc.jpg,c.jpg,1\nc.jpg,d.jpg,0\n"
+            "a.jpg,b.jpg,1\n")
+    assert read_pairs(text, "p.csv", dropped) == [("a.jpg", "b.jpg", 1), ("c.jpg", "d.jpg", 0)]
+    assert dropped == {"line 3": "the pair of line 2 again", "line 4": "c.jpg paired with itself",
+                       "line 6": "the pair of line 2 again"}
+    with pytest.raises(BadInputError, match="line 3: b.jpg and a.jpg are labelled same_identity 0 here and 1 on line 2"):
+        read_pairs("image_a,image_b,same_identity\na.jpg,b.jpg,1\nb.jpg,a.jpg,0\n", "p.csv")
+
+
 def test_evaluate_pairs_job_on_real_photos(tmp_path):
     """40 real celeba-wild pairs (20 same, 20 different), a random-init encoder: the job runs end to end,
     writes its three outputs, and an untrained network scores near chance."""
@@ -63,6 +74,7 @@ def test_evaluate_pairs_job_on_real_photos(tmp_path):
         writer.writeheader()
         writer.writerows(chosen)
         writer.writerow({"image_a": "missing/x.jpg", "image_b": chosen[0]["image_b"], "same_identity": "1"})
+        writer.writerow({"image_a": chosen[1]["image_b"], "image_b": chosen[1]["image_a"], "same_identity": "1"})
     torch.manual_seed(0)
     torch.save(build_encoder().state_dict(), tmp_path / "encoder.pt")
     out = tmp_path / "out"
@@ -71,7 +83,8 @@ def test_evaluate_pairs_job_on_real_photos(tmp_path):
                         "--folds", "5"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["pairs"] == 41 and metrics["pairs_evaluated"] == 40
+    assert metrics["pairs"] == 41 and metrics["pairs_evaluated"] == 40  # the repeated pair counted once
+    assert metrics["rows_left_out"] == {"line 43": "the pair of line 3 again"}
     assert list(metrics["unreadable_photos"]) == ["missing/x.jpg"]
     assert 0.0 <= metrics["roc_auc"] <= 1.0 and 0.3 <= metrics["accuracy"] <= 0.9 and metrics["folds"] == 5
     assert (out / "roc.png").stat().st_size > 0
