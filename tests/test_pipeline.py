@@ -39,6 +39,8 @@ def test_pretraining_writes_its_outputs(simclr_run):
     history = [json.loads(line) for line in (simclr_run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert all(h["loss"] > 0 for h in history) and "knn_top1" in history[-1]
+    # each epoch logs the LR its last step ran with: the warm-up's end, then the cosine short of zero
+    assert history[0]["lr"] == pytest.approx(1e-3 * 64 / 256) and 0 < history[2]["lr"] < history[1]["lr"]
     state = load_torch(str(simclr_run / "encoder.pt"))
     assert "conv1.weight" in state and not any(k.startswith("fc.") for k in state)
 
