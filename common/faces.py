@@ -46,7 +46,8 @@ class DetectConfig:
         max_pixels: photos with more pixels are refused before decoding (bounded memory).
         fallback: try the other cascades, the mirror image and upscaling when the default cascade finds
             nothing (``detect_face``); False reproduces the original single-cascade detector.
-        upscale_below: photos whose longest side is shorter are also searched at 2x size (fallback only).
+        upscale_below: photos whose longest side is shorter are also searched at 2x size (fallback only),
+            unless the 2x copy would exceed ``max_pixels``.
     """
 
     scale_factor: float = 1.1
@@ -184,7 +185,8 @@ def detect_face(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> tuple[t
     if not cfg.fallback:
         box = _largest(gray, cfg, FRONTAL)
         return (box, "frontal") if box else None
-    scales = [1] + ([2] if max(img.size) < cfg.upscale_below else [])
+    upscale = max(img.size) < cfg.upscale_below and 4 * img.size[0] * img.size[1] <= cfg.max_pixels
+    scales = [1] + ([2] if upscale else [])  # the 2x copy stays within the memory bound of max_pixels
     for scale in scales:
         g = gray if scale == 1 else cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
         for name, cascade, mirrored in CASCADE_CHAIN:

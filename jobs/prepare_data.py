@@ -29,7 +29,8 @@ from common.cli import parse_list, report_errors
 @click.option("--detector-fallback/--no-detector-fallback", default=True,
               help="When the default frontal cascade finds nothing, try the alt2 frontal and profile cascades, the mirror image, and 2x upscaling.")
 @click.option("--upscale-below", type=click.IntRange(min=0), default=500,
-              help="With the fallback, photos whose longest side is under this many pixels are also searched at 2x.")
+              help="With the fallback, photos whose longest side is under this many pixels are also searched at 2x "
+              "(unless 2x would exceed --max-pixels).")
 @click.option("--unlabeled-pool/--no-unlabeled-pool", default=False,
               help="Also write crops of the identities not selected as an 'unlabeled' split for pretraining.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=50_000_000,

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from common.data import iter_shard_samples
-from conftest import CASES
+from conftest import CASES, SHARED
 from jobs.prepare_data import main as prepare_main
 
 
@@ -140,3 +140,16 @@ def test_unlabeled_pool_keeps_other_identities(glint_subset, tmp_path):
     assert m["counts"]["splits"]["unlabeled"] == 80
     assert set(m["counts"]["per_class"]["unlabeled"]) == {"Keira Knightley"}
     assert (tmp_path / "p" / "unlabeled" / "shard-000000.tar").is_file()
+
+
+def test_small_photo_found_upscaled_unless_the_copy_exceeds_max_pixels():
+    """A real celeba-wild photo shrunk to 53x80 px: only the 2x search finds its face, and a --max-pixels
+    below the 2x copy's size skips that search rather than allocating past the bound."""
+    from common.faces import DetectConfig, detect_face
+
+    img = Image.open(SHARED / "data" / "faces" / "celeba-wild" / "7201" / "007710.jpg").convert("RGB")
+    img.thumbnail((80, 80))
+    found = detect_face(img, DetectConfig(min_face=20))
+    assert found is not None and found[1].endswith("_x2"), found
+    assert detect_face(img, DetectConfig(min_face=20, upscale_below=0)) is None
+    assert detect_face(img, DetectConfig(min_face=20, max_pixels=4 * img.size[0] * img.size[1] - 1)) is None
