@@ -264,7 +264,8 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
             raise BadInputError(f"--classes names identities with no folder in the input: {missing}")
         if not cfg.unlabeled_pool:  # nothing outside --classes can be used: do not decode it
             files = [(rel, size) for rel, size in files if rel.split("/", 1)[0] in set(cfg.classes)]
-    dst.delete(MANIFEST)  # before any shard changes; also checks early that the output is usable
+    dst.check_writable()  # an unusable output fails now, not after the detection
+    dst.delete(MANIFEST)  # before any shard changes: a run stopped halfway leaves no stale manifest
     log(f"{len(files)} raw files in {len({f.split('/', 1)[0] for f, _ in files})} identity folders")
     records = detect_all(src.uri, files, cfg)
     deduplicate(records)

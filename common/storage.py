@@ -101,6 +101,20 @@ class Storage:
         """Links to folders that :meth:`list` leaves out (object stores have none)."""
         return []
 
+    def check_writable(self) -> None:
+        """Write and remove a small probe object, so an unusable output fails before any work.
+
+        Raises:
+            BadInputError: the location cannot be written (a file where a folder should be, permissions, a
+            read-only or pseudo file system, a missing bucket). StorageError: S3 unreachable.
+        """
+        probe = ".facessl-write-check"
+        try:
+            self.write_text(probe, "")
+            self.delete(probe)
+        except NotFoundError as exc:  # e.g. /proc reporting the probe it refused as missing
+            raise BadInputError(f"cannot write to {self.uri}: {exc}") from None
+
 
 def _local_errors(method):
     """LocalStorage methods: a missing file -> NotFoundError, any other OSError (a file where a folder

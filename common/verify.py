@@ -163,19 +163,6 @@ def read_pairs_file(pairs_location: str, dropped: dict | None = None) -> list[tu
     return read_pairs(text.removeprefix("\ufeff"), pairs_location, dropped)  # a byte-order mark (Excel's CSV) is not a column
 
 
-def check_writable(out) -> None:
-    """Write and remove a small file at the output, so an unusable location fails before any work.
-
-    Raises:
-        BadInputError: the location cannot be written (a file where a folder should be, permissions...).
-    """
-    try:
-        out.write_text(".facessl-write-check", "")
-        out.delete(".facessl-write-check")
-    except NotFoundError as exc:  # e.g. a read-only pseudo file system reporting the probe as missing
-        raise BadInputError(f"cannot write to {out.uri}: {exc}") from None
-
-
 def write_pair_crops(pairs_location: str, images_location: str, output_location: str, image_size: int = 112,
                      detect: DetectConfig = DetectConfig(), log=print) -> dict:
     """The face crop of every photo of a pairs CSV, made once, as JPEG files under ``output_location`` at
@@ -192,7 +179,7 @@ def write_pair_crops(pairs_location: str, images_location: str, output_location:
     src, out = open_storage(images_location), open_storage(output_location)
     if out.uri.rstrip("/") == src.uri.rstrip("/"):
         raise UsageError(f"the crops would overwrite the photos: give an output other than {images_location}")
-    check_writable(out)  # written last, crops.json marks completion
+    out.check_writable()  # written last, crops.json marks completion
     log(f"cropping the faces of {len(names)} pair photos at {image_size} px")
     no_face, unreadable = [], {}
     for name, crop, detected, reason in crop_photos(src, names, detect, image_size):
@@ -230,7 +217,7 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
     dropped = {}
     pairs = read_pairs_file(pairs_location, dropped)
     out = open_storage(output_location)
-    check_writable(out)  # now, not after the embedding
+    out.check_writable()  # now, not after the embedding
     encoder, _ = load_encoder(encoder_location)
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
     if dropped:

@@ -175,6 +175,15 @@ def test_nan_weights_are_refused_before_training(prepared_subset, tmp_path):
     assert r.exit_code == 3 and "NaN or infinite weights" in r.output, r.output
 
 
+def test_unwritable_output_fails_before_detection(tmp_path):
+    # /proc takes no new files (even for root): the write probe fails before any photo is decoded
+    r = subprocess.run([str(Path(sys.executable).parent / "prepare-data"), "--input", str(CASES / "raw"),
+                        "--output", "/proc/facessl-prepared", "--min-images", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3 and "cannot write to /proc/facessl-prepared" in r.stderr, r.stdout + r.stderr
+    assert "detect faces" not in r.stderr and "Traceback" not in r.stderr
+
+
 def test_missing_output_bucket_fails_before_detection(s3_env, tmp_path):
     r = subprocess.run([str(Path(sys.executable).parent / "prepare-data"), "--input", str(CASES / "raw"),
                         "--output", "s3://no-such-bucket-here/prepared", "--min-images", "1"],
