@@ -40,7 +40,7 @@ from common.models import Classifier, build_encoder, load_encoder_weights
 from common.storage import open_storage
 from common.pool import MemoryPool, epoch_generator, rank_share
 from common.training import (RunWriter, StopRequest, autocast, embed, knn_predict, pick_device, seed_everything,
-                             stop_requested, warmup_cosine)
+                             last_step_lr, stop_requested, warmup_cosine)
 
 
 @dataclass
@@ -308,7 +308,6 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         if cfg.mode == "linear-probe":
             model.encoder.eval()
         correct, seen, loss_sum = 0, 0, 0.0
-        lr_used = optimizer.param_groups[0]["lr"]
         for x, y in step_pool.batches(epoch_generator(cfg.seed, epoch, rank), per_rank, steps_per_epoch):
             if labelled_batches is None:
                 logits = run(x, train=True)
@@ -325,7 +324,6 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
                 raise DivergedError(f"loss became {value} at epoch {epoch + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            lr_used = optimizer.param_groups[0]["lr"]  # the LR this step ran with (a float, no sync)
             optimizer.step()
             scheduler.step()
             if stop_requested(stop):  # minutes of work: no checkpoint, the retry starts over
@@ -340,9 +338,11 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         val_logits = evaluate("val")
         val_acc = topk_accuracy(val_logits, labels["val"], (1, 3))
         val_loss = F.cross_entropy(val_logits, labels["val"]).item()
+        if not math.isfinite(val_loss):  # e.g. weights that overflow in eval mode: no metrics worth writing
+            raise DivergedError(f"val loss became {val_loss} at epoch {epoch + 1}; lower --lr or check the weights")
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                   "val_loss": val_loss, "val_top1": val_acc[1], "val_top3": val_acc[3],
-                  "lr": lr_used, "elapsed_s": round(time.time() - started, 1)}
+                  "lr": last_step_lr(scheduler, epoch, steps_per_epoch), "elapsed_s": round(time.time() - started, 1)}
         if info.is_main:
             writer.log_epoch(record)
         log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))

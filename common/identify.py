@@ -16,7 +16,7 @@ from common.checkpoints import load_torch
 from common.data import image_to_chw
 from common.errors import BadInputError
 from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_faces
-from common.models import Classifier, build_encoder
+from common.models import Classifier, build_encoder, check_weight_values
 from common.storage import NotFoundError, open_file_location
 from common.training import autocast, pick_device
 
@@ -26,7 +26,7 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
     the image size it was trained at.
 
     Raises:
-        BadInputError: not a train-classifier model file.
+        BadInputError: not a train-classifier model file, or weights no network holds (NaN, inf...).
     """
     if not location.rstrip("/").endswith((".pt", ".pth")):
         location = location.rstrip("/") + "/model.pt"
@@ -39,7 +39,10 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
         raise BadInputError(f"{location} is not a train-classifier model.pt (model, classes, image_size)")
     model = Classifier(build_encoder(), len(saved["classes"]))
     try:
+        check_weight_values(saved["model"], location)
         model.load_state_dict(saved["model"])
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from None
     except (RuntimeError, TypeError) as exc:
         raise BadInputError(f"{location} does not fit a ResNet18 classifier: {str(exc).splitlines()[0][:200]}") from None
     return model.eval(), [str(c) for c in saved["classes"]], int(saved.get("image_size", 112))

@@ -41,7 +41,8 @@ def encoder_state_from_file(state: dict, where: str) -> dict:
     (``encoder.`` prefix) or torchvision's ImageNet ``resnet18`` file (``fc.*`` dropped).
 
     Raises:
-        ValueError: the dict does not hold ResNet18 backbone weights, or some of them are NaN or infinite.
+        ValueError: the dict does not hold ResNet18 backbone weights, or values no network holds
+        (:func:`check_weight_values`).
     """
     if not isinstance(state, dict):
         raise ValueError(f"{where} does not hold a state dict")
@@ -56,10 +57,27 @@ def encoder_state_from_file(state: dict, where: str) -> dict:
         missing = sorted(expected - set(state))[:3]
         extra = sorted(set(state) - expected)[:3]
         raise ValueError(f"{where} is not a ResNet18 backbone (missing {missing}, unexpected {extra})")
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:  # a diverged or damaged file: refused here, not after hours of training on NaN features
-        raise ValueError(f"{where} holds NaN or infinite weights in {len(bad)} tensors, e.g. {bad[0]}")
+    check_weight_values(state, where)
     return state
+
+
+def check_weight_values(state: dict, where: str) -> None:
+    """Refuse a state dict whose values no trained network holds: NaN or infinite floats, complex tensors
+    (``load_state_dict`` would keep their real part), negative batch-norm ``running_var``. A diverged or
+    damaged file is refused at load, not after hours of training on NaN features.
+
+    Raises:
+        ValueError: naming the first tensor at fault.
+    """
+    for key, v in state.items():
+        if not torch.is_tensor(v):
+            continue
+        if v.is_complex():
+            raise ValueError(f"{where} holds a complex tensor at {key}: weights are real numbers")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{where} holds NaN or infinite weights, e.g. in {key}")
+        if key.endswith("running_var") and (v < 0).any():
+            raise ValueError(f"{where} holds a negative batch-norm variance in {key}")
 
 
 class ProjectionHead(nn.Module):

@@ -28,7 +28,7 @@ from multiprocessing import get_context
 from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter
 from common.errors import BadInputError, StorageError, UsageError
 from common.faces import DetectConfig, process_photo
-from common.storage import Storage, UnsafeKeyError, open_storage
+from common.storage import Storage, UnsafeKeyError, location_within, open_storage
 
 OUTSIDE_LINK = "a symlink points outside the input (use a hard link or a copy)"
 FOLDER_LINK = ("a symlink to a folder, not followed: it can loop, leave the input, or show a folder's photos "
@@ -252,10 +252,17 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
 
     An earlier manifest at the output is removed first, so a run that fails half-way never leaves an old
     manifest describing new shards.
+
+    Raises:
+        UsageError: bad split ratios, or an output at or inside the input. BadInputError: an unusable input
+        or output (see the stages). StorageError: S3 unreachable.
     """
     if not all(math.isfinite(r) and r >= 0 for r in cfg.ratios) or abs(sum(cfg.ratios) - 1.0) > 1e-6:
         raise UsageError(f"split ratios must be finite, >= 0 and sum to 1, got {cfg.ratios}")
     started = time.time()
+    if location_within(output_location, input_location):  # the next run would read the shards as photos
+        raise UsageError(f"the output {output_location} lies inside the input {input_location}: give a folder "
+                         "outside it")
     src, dst = open_storage(input_location), open_storage(output_location)
     files, records_outside = list_raw_files(src)
     if cfg.classes:

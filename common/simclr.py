@@ -30,7 +30,7 @@ from common.models import ProjectionHead, SimCLRModel, build_encoder, load_encod
 from common.storage import open_storage
 from common.pool import epoch_generator, open_pool
 from common.training import (RunWriter, StopRequest, Throughput, autocast, embed, knn_predict, pick_device,
-                             seed_everything, stop_requested, warmup_cosine)
+                             last_step_lr, seed_everything, stop_requested, warmup_cosine)
 
 
 @dataclass
@@ -215,7 +215,6 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         model.train()
         meter = Throughput(device)
         losses = partial if epoch == start_epoch else []
-        lr_used = optimizer.param_groups[0]["lr"]
         first = start_step if epoch == start_epoch else 0
         batches = pool.batches(epoch_generator(cfg.seed, epoch, info.rank), per_rank, steps_per_epoch, first)
         for step, (x, _) in enumerate(batches, start=first):
@@ -231,7 +230,6 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
                                     "or raise --temperature in a new --output (earlier checkpoints are kept)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            lr_used = optimizer.param_groups[0]["lr"]  # the LR this step ran with (a float, no sync)
             optimizer.step()
             scheduler.step()
             losses.append(mean_across_ranks(value))
@@ -243,7 +241,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
                 raise PreemptedError(f"stopped by SIGTERM at epoch {epoch + 1}, step {step + 1}; checkpoint written "
                                      f"to {out.url('checkpoints/latest.json')}: run again to resume")
         record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
-                  "lr": lr_used, "images_per_s": round(meter.rate(), 1),
+                  "lr": last_step_lr(scheduler, epoch, steps_per_epoch), "images_per_s": round(meter.rate(), 1),
                   "elapsed_s": round(time.time() - started, 1)}
         last = epoch + 1 == cfg.epochs
         if info.is_main and val is not None and cfg.knn_every > 0 and ((epoch + 1) % cfg.knn_every == 0 or last):

@@ -64,6 +64,19 @@ def safe_key(*parts: str) -> str:
     return "/".join(out)
 
 
+def location_within(inner: str | os.PathLike, outer: str | os.PathLike) -> bool:
+    """True when location ``inner`` is ``outer`` or lies inside it: local paths compared after resolving
+    links and ``..``, ``s3://`` URIs by bucket and key segments; a local path and a URI never overlap."""
+    inner, outer = str(inner), str(outer)
+    if is_s3(inner) != is_s3(outer):
+        return False
+    if is_s3(inner):
+        a, b = ([seg for seg in loc[len("s3://"):].split("/") if seg not in ("", ".")] for loc in (inner, outer))
+        return a[:len(b)] == b
+    a, b = Path(inner).resolve(), Path(outer).resolve()
+    return a == b or b in a.parents
+
+
 def join_location(location: str, *parts: str) -> str:
     """``location`` with ``parts`` appended (works for local paths and ``s3://`` URIs)."""
     key = safe_key(*parts)

@@ -60,6 +60,12 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def last_step_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, steps_per_epoch: int) -> float:
+    """The learning rate (of the first parameter group) that the last step of 0-based ``epoch`` ran with,
+    from the schedule itself: the same whether the run went straight through or resumed mid-epoch."""
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0]((epoch + 1) * steps_per_epoch - 1)
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA, a no-op context elsewhere."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -24,8 +24,12 @@ from common.data import image_to_chw
 from common.errors import BadInputError, UsageError
 from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face, encode_jpeg
 from common.classify import load_encoder
-from common.storage import NotFoundError, UnsafeKeyError, open_file_location, open_storage, safe_key
+from common.storage import (NotFoundError, UnsafeKeyError, join_location, location_within, open_file_location,
+                            open_storage, safe_key)
 from common.training import RunWriter, embed, pick_device
+
+
+OUTPUTS = ("scores.csv", "roc.png", "metrics.json")  # what evaluate_pairs writes under its output location
 
 
 def read_pairs(text: str, where: str, dropped: dict | None = None) -> list[tuple[str, str, int]]:
@@ -63,7 +67,8 @@ def read_pairs(text: str, where: str, dropped: dict | None = None) -> list[tuple
             seen[key] = (reader.line_num, int(same))
             pairs.append((a, b, int(same)))
     if not pairs:
-        raise BadInputError(f"{where} holds no pairs")
+        left = f" ({len(skipped)} rows left out: repeated pairs or photos paired with themselves)" if skipped else ""
+        raise BadInputError(f"{where} holds no pairs{left}")
     if dropped is not None:
         dropped.update(skipped)
     return pairs
@@ -177,8 +182,8 @@ def write_pair_crops(pairs_location: str, images_location: str, output_location:
         raise UsageError(f"image_size must be at least 16 pixels, got {image_size}")
     names = sorted({n for a, b, _ in read_pairs_file(pairs_location) for n in (a, b)})
     src, out = open_storage(images_location), open_storage(output_location)
-    if out.uri.rstrip("/") == src.uri.rstrip("/"):
-        raise UsageError(f"the crops would overwrite the photos: give an output other than {images_location}")
+    if location_within(output_location, images_location):
+        raise UsageError(f"the crops would overwrite or join the photos: give an output outside {images_location}")
     out.check_writable()  # written last, crops.json marks completion
     log(f"cropping the faces of {len(names)} pair photos at {image_size} px")
     no_face, unreadable = [], {}
@@ -214,6 +219,8 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
         raise UsageError("--folds must be at least 2")
     started = time.time()
     device = pick_device(device_name)
+    if any(location_within(pairs_location, join_location(output_location, name)) for name in OUTPUTS):
+        raise UsageError(f"the output {output_location} would overwrite the pairs file {pairs_location}")
     dropped = {}
     pairs = read_pairs_file(pairs_location, dropped)
     out = open_storage(output_location)
@@ -226,7 +233,10 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
     log(f"{len(pairs)} pairs over {len(names)} photos; {'detecting and ' if detect else ''}embedding at "
         f"{image_size} px on {device}")
     crops, kept, no_face, unreadable = load_crops(open_storage(images_location), names, detect, image_size)
-    feats = torch.nn.functional.normalize(embed(encoder.to(device), crops, image_size, device), dim=1)
+    feats = embed(encoder.to(device), crops, image_size, device)
+    if not torch.isfinite(feats).all():
+        raise BadInputError(f"the encoder {encoder_location} gives NaN or infinite embeddings: not a usable network")
+    feats = torch.nn.functional.normalize(feats, dim=1)
     index = {n: i for i, n in enumerate(kept)}
     usable = [(a, b, s) for a, b, s in pairs if a in index and b in index]
     if not usable:

@@ -184,6 +184,17 @@ def test_unwritable_output_fails_before_detection(tmp_path):
     assert "detect faces" not in r.stderr and "Traceback" not in r.stderr
 
 
+def test_output_inside_the_input_is_refused(tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(CASES / "raw" / "Tom Hanks", raw / "Tom Hanks")
+    (tmp_path / "rawlink").symlink_to(raw)
+    for output in (raw, tmp_path / "rawlink" / "prepared", raw / ".." / "raw"):
+        r = subprocess.run([str(Path(sys.executable).parent / "prepare-data"), "--input", str(raw), "--output",
+                            str(output), "--min-images", "1"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "lies inside the input" in r.stderr, (output, r.stdout + r.stderr)
+    assert sorted(p.name for p in raw.iterdir()) == ["Tom Hanks"]  # nothing written into the photos
+
+
 def test_missing_output_bucket_fails_before_detection(s3_env, tmp_path):
     r = subprocess.run([str(Path(sys.executable).parent / "prepare-data"), "--input", str(CASES / "raw"),
                         "--output", "s3://no-such-bucket-here/prepared", "--min-images", "1"],

@@ -62,3 +62,20 @@ def test_no_face_and_bad_input(model_file, tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     r = identify("--model", tmp_path / "other.pt", "--photo", CASES / "raw" / "Tom Hanks" / "plain.jpg")
     assert r.returncode == 3 and "not a train-classifier model.pt" in r.stderr
+
+
+def test_weights_no_network_holds_are_refused(tmp_path):
+    """NaN, a complex tensor or a negative batch-norm variance: exit 3 naming the tensor, not NaN scores."""
+    photo = CASES / "raw" / "Tom Hanks" / "plain.jpg"
+    for name, key, value in [("nan", "fc.weight", float("nan")), ("inf", "encoder.bn1.running_var", float("inf")),
+                             ("negvar", "encoder.layer1.0.bn1.running_var", -1.0)]:
+        state = Classifier(build_encoder(), 3).state_dict()
+        state[key][0] = value
+        torch.save({"model": state, "classes": CLASSES, "image_size": 48}, tmp_path / f"{name}.pt")
+        r = identify("--model", tmp_path / f"{name}.pt", "--photo", photo, "--no-detect", "--json")
+        assert r.returncode == 3 and key in r.stderr and "Traceback" not in r.stderr, (name, r.stdout + r.stderr)
+    state = Classifier(build_encoder(), 3).state_dict()
+    state["fc.bias"] = state["fc.bias"].to(torch.complex64)
+    torch.save({"model": state, "classes": CLASSES, "image_size": 48}, tmp_path / "complex.pt")
+    r = identify("--model", tmp_path / "complex.pt", "--photo", photo, "--no-detect")
+    assert r.returncode == 3 and "complex tensor at fc.bias" in r.stderr, r.stdout + r.stderr

@@ -226,3 +226,9 @@ def test_distillation_needs_a_teacher_of_the_same_identities(prepared_subset, tm
                                              "--mode", "distill", "--teacher", str(tmp_path / "other.pt"),
                                              "--image-size", "32"])
     assert r.exit_code == 3 and "knows other identities" in r.output
+    saved["model"]["encoder.layer4.1.conv2.weight"][0] = float("nan")
+    torch.save(saved, tmp_path / "nan.pt")
+    r = CliRunner().invoke(classifier_main, ["--data", str(prepared_subset), "--output", str(tmp_path / "x"),
+                                             "--mode", "distill", "--teacher", str(tmp_path / "nan.pt"),
+                                             "--image-size", "32"])
+    assert r.exit_code == 3 and "NaN or infinite weights, e.g. in encoder.layer4.1.conv2.weight" in r.output, r.output

@@ -107,3 +107,20 @@ def test_sigterm_stops_train_classifier_with_the_retry_code(prepared_subset, tmp
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 4, stdout + stderr
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+
+
+def test_logged_lr_is_the_last_steps_whatever_step_a_run_resumed_at():
+    """Each epoch's logged LR comes from the schedule (the LR its last step ran with), so a run resumed on an
+    epoch's last step logs what an uninterrupted run logs."""
+    from common.training import last_step_lr, warmup_cosine
+
+    steps, epochs = 3, 4
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps * epochs, steps))
+    ran = []
+    for _ in range(steps * epochs):
+        ran.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert [last_step_lr(scheduler, e, steps) for e in range(epochs)] == [ran[(e + 1) * steps - 1] for e in range(epochs)]
+    assert ran[steps - 1] == 0.5 and 0 < last_step_lr(scheduler, epochs - 1, steps) < 0.1

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from common.errors import BadInputError
-from common.storage import NotFoundError, open_storage, safe_key
+from common.storage import NotFoundError, location_within, open_storage, safe_key
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -71,3 +71,13 @@ def test_s3_errors_name_the_uri_and_never_the_secret(s3_env, monkeypatch):
 def test_unsupported_scheme_is_refused():
     with pytest.raises(BadInputError, match="unsupported location"):
         open_storage("gs://bucket/x")
+
+
+def test_location_within_sees_through_links_and_dots(tmp_path):
+    (tmp_path / "raw" / "a").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "raw")
+    assert location_within(tmp_path / "raw", tmp_path / "raw/../raw")
+    assert location_within(tmp_path / "link" / "a" / "out", tmp_path / "raw")
+    assert not location_within(tmp_path / "raw-2", tmp_path / "raw")  # a prefix of the name is not inside
+    assert location_within("s3://b/data/raw/x", "s3://b/data//raw/")
+    assert not location_within("s3://b/data/rawx", "s3://b/data/raw") and not location_within("s3://b/raw", str(tmp_path))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import BadInputError
+from common.errors import BadInputError, UsageError
 from common.models import build_encoder
 from common.verify import best_threshold, fold_accuracy, read_pairs
 from conftest import SHARED
@@ -177,3 +177,42 @@ def test_unusable_output_or_images_are_named_before_any_work(tmp_path):
     assert r.exit_code == 3 and "a-file" in r.output, r.output  # the output, before the (missing) photos
     r = CliRunner().invoke(evaluate_main, [*args, "--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
     assert r.exit_code == 3 and "none of the 2 pair images could be read (for example a/1.jpg: not found" in r.output
+
+
+def test_outputs_over_the_inputs_and_overflowing_encoders_are_refused(tmp_path):
+    """evaluate-pairs writing its scores.csv over the pairs file, pair crops written over the photos through
+    '..' or a link: exit 2 before anything is written. An encoder whose finite weights overflow to inf in
+    the embeddings: exit 3, not a traceback from scikit-learn."""
+    from click.testing import CliRunner
+
+    from common.verify import write_pair_crops
+    from jobs.evaluate_pairs import main as evaluate_main
+
+    images = tmp_path / "images"
+    chosen = _pairs_sample(10)
+    for row in chosen:
+        for key in ("image_a", "image_b"):
+            (images / row[key]).parent.mkdir(parents=True, exist_ok=True)
+            (images / row[key]).write_bytes((CELEBA / row[key]).read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    pairs = out / "scores.csv"
+    with pairs.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_a", "image_b", "same_identity"])
+        writer.writeheader()
+        writer.writerows(chosen)
+    before = pairs.read_bytes()
+    args = ["--pairs", str(pairs), "--images", str(images), "--device", "cpu", "--folds", "2", "--image-size", "32",
+            "--no-detect"]
+    r = CliRunner().invoke(evaluate_main, [*args, "--encoder", str(_random_encoder(tmp_path / "e.pt")),
+                                           "--output", str(tmp_path / "out" / ".." / "out")])
+    assert r.exit_code == 2 and "would overwrite the pairs file" in r.output and pairs.read_bytes() == before, r.output
+    (tmp_path / "photos-link").symlink_to(images)
+    for crops in (images / ".." / "images", tmp_path / "photos-link"):
+        with pytest.raises(UsageError, match="would overwrite or join the photos"):
+            write_pair_crops(str(pairs), str(images), str(crops), 32)
+    state = build_encoder().state_dict()
+    state["conv1.weight"].fill_(1e38)  # finite, but conv1's sums overflow float32
+    torch.save(state, tmp_path / "overflow.pt")
+    r = CliRunner().invoke(evaluate_main, [*args, "--encoder", str(tmp_path / "overflow.pt"), "--output", str(tmp_path / "o")])
+    assert r.exit_code == 3 and "NaN or infinite embeddings" in r.output, r.output
