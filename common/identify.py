@@ -44,7 +44,8 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
     except ValueError as exc:
         raise BadInputError(str(exc)) from None
     except (RuntimeError, TypeError) as exc:
-        raise BadInputError(f"{location} does not fit a ResNet18 classifier: {str(exc).splitlines()[0][:200]}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # the second names the tensor
+        raise BadInputError(f"{location} does not fit a ResNet18 classifier: {' '.join(lines[:2])[:300]}") from None
     return model.eval(), [str(c) for c in saved["classes"]], int(saved.get("image_size", 112))
 
 

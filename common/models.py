@@ -32,8 +32,8 @@ def load_encoder_weights(encoder: nn.Module, state, where: str) -> None:
     try:
         encoder.load_state_dict(encoder_state_from_file(state, where))
     except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{where} does not fit a ResNet18 backbone: {first[:300]}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch's first line names no tensor
+        raise ValueError(f"{where} does not fit a ResNet18 backbone: {' '.join(lines[:2])[:300] or type(exc).__name__}") from None
 
 
 def encoder_state_from_file(state: dict, where: str) -> dict:

@@ -157,7 +157,7 @@ def test_wrong_shape_weights_are_refused(prepared_subset, tmp_path):
     net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
     torch.save(net.state_dict(), tmp_path / "gray.pth")
     r = run(classifier_main, "--data", prepared_subset, "--output", tmp_path / "o", "--encoder", tmp_path / "gray.pth")
-    assert r.exit_code == 3 and "does not fit a ResNet18 backbone" in r.output, r.output
+    assert r.exit_code == 3 and "does not fit a ResNet18 backbone" in r.output and "conv1.weight" in r.output, r.output
 
 
 def test_nan_weights_are_refused_before_training(prepared_subset, tmp_path):
