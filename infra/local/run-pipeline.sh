@@ -6,7 +6,7 @@
 #   RAW_DIR  raw photos, one folder per identity (default ../shared/data/faces/glint24, beside the repo)
 #   OUT_DIR  where prepared/, simclr/ and classifier/ go (default ./runs/glint6); may be s3://bucket/prefix
 # The first run creates .venv with the package installed. Settings are sized for a 2-core CPU
-# (about 15 minutes); on a GPU raise EPOCHS_* and the image sizes (see README, "Measured results").
+# (about 8 minutes on an idle 2-core CPU); on a GPU raise EPOCHS_* and the image sizes (see README, "Measured results").
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 default_raw=$repo/../shared/data/faces/glint24
