@@ -16,7 +16,7 @@ from common.checkpoints import load_torch
 from common.data import image_to_chw
 from common.errors import BadInputError
 from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_faces
-from common.models import Classifier, build_encoder, check_weight_values
+from common.models import Classifier, build_encoder, check_weight_values, load_error_summary
 from common.storage import NotFoundError, open_file_location
 from common.training import autocast, pick_device
 
@@ -44,8 +44,7 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
     except ValueError as exc:
         raise BadInputError(str(exc)) from None
     except (RuntimeError, TypeError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # the second names the tensor
-        raise BadInputError(f"{location} does not fit a ResNet18 classifier: {' '.join(lines[:2])[:300]}") from None
+        raise BadInputError(f"{location} does not fit a ResNet18 classifier: {load_error_summary(exc)}") from None
     return model.eval(), [str(c) for c in saved["classes"]], int(saved.get("image_size", 112))
 
 

@@ -32,8 +32,14 @@ def load_encoder_weights(encoder: nn.Module, state, where: str) -> None:
     try:
         encoder.load_state_dict(encoder_state_from_file(state, where))
     except (RuntimeError, TypeError, AttributeError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch's first line names no tensor
-        raise ValueError(f"{where} does not fit a ResNet18 backbone: {' '.join(lines[:2])[:300] or type(exc).__name__}") from None
+        raise ValueError(f"{where} does not fit a ResNet18 backbone: {load_error_summary(exc)}") from None
+
+
+def load_error_summary(exc: Exception) -> str:
+    """The first two non-blank lines of a ``load_state_dict`` error, joined (at most 300 characters): torch's
+    first line names no tensor, its second does. The exception's type name when it has no message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] or type(exc).__name__
 
 
 def encoder_state_from_file(state: dict, where: str) -> dict:

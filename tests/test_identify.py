@@ -79,3 +79,12 @@ def test_weights_no_network_holds_are_refused(tmp_path):
     torch.save({"model": state, "classes": CLASSES, "image_size": 48}, tmp_path / "complex.pt")
     r = identify("--model", tmp_path / "complex.pt", "--photo", photo, "--no-detect")
     assert r.returncode == 3 and "complex tensor at fc.bias" in r.stderr, r.stdout + r.stderr
+
+
+def test_model_of_other_shape_is_refused_naming_the_tensor(tmp_path):
+    """A model.pt whose classes do not match its layer (5 outputs, 3 names): exit 3 naming fc.weight."""
+    state = Classifier(build_encoder(), 5).state_dict()
+    torch.save({"model": state, "classes": CLASSES, "image_size": 48}, tmp_path / "five.pt")
+    r = identify("--model", tmp_path / "five.pt", "--photo", CASES / "raw" / "Tom Hanks" / "plain.jpg", "--no-detect")
+    assert r.returncode == 3 and "does not fit a ResNet18 classifier" in r.stderr and "fc.weight" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
