@@ -271,7 +271,7 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
             raise BadInputError(f"--classes names identities with no folder in the input: {missing}")
         if not cfg.unlabeled_pool:  # nothing outside --classes can be used: do not decode it
             files = [(rel, size) for rel, size in files if rel.split("/", 1)[0] in set(cfg.classes)]
-    dst.check_writable()  # an unusable output fails now, not after the detection
+    dst.check_writable(*SPLITS, *([UNLABELED] if cfg.unlabeled_pool else []))  # fails now, not after detection
     dst.delete(MANIFEST)  # before any shard changes: a run stopped halfway leaves no stale manifest
     log(f"{len(files)} raw files in {len({f.split('/', 1)[0] for f, _ in files})} identity folders")
     records = detect_all(src.uri, files, cfg)

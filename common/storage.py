@@ -114,17 +114,18 @@ class Storage:
         """Links to folders that :meth:`list` leaves out (object stores have none)."""
         return []
 
-    def check_writable(self) -> None:
-        """Write and remove a small probe object, so an unusable output fails before any work.
+    def check_writable(self, *folders: str) -> None:
+        """Write and remove a small probe object at the top and in each of ``folders`` (keys the job will write
+        under), so an unusable output fails before any work.
 
         Raises:
             BadInputError: the location cannot be written (a file where a folder should be, permissions, a
             read-only or pseudo file system, a missing bucket). StorageError: S3 unreachable.
         """
-        probe = ".facessl-write-check"
         try:
-            self.write_text(probe, "")
-            self.delete(probe)
+            for probe in [".facessl-write-check"] + [f"{folder}/.facessl-write-check" for folder in folders]:
+                self.write_text(probe, "")
+                self.delete(probe)
         except NotFoundError as exc:  # e.g. /proc reporting the probe it refused as missing
             raise BadInputError(f"cannot write to {self.uri}: {exc}") from None
 
@@ -140,6 +141,9 @@ def _local_errors(method):
             return method(self, key, *args, **kwargs)
         except FileNotFoundError:
             raise NotFoundError(f"not found: {self.url(key) if key else self.uri}") from None
+        except (FileExistsError, NotADirectoryError):  # mkdir/open through a path component that is a file
+            raise BadInputError(f"cannot use {self.url(key) if key else self.uri}: a file stands on the path where "
+                                "a folder is needed") from None
         except OSError as exc:
             raise BadInputError(f"cannot use {self.url(key) if key else self.uri}: {exc.strerror or exc}") from None
 

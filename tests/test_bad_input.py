@@ -182,6 +182,14 @@ def test_unwritable_output_fails_before_detection(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 3 and "cannot write to /proc/facessl-prepared" in r.stderr, r.stdout + r.stderr
     assert "detect faces" not in r.stderr and "Traceback" not in r.stderr
+    # a file where a split's folder goes is found by the same probe, also before the detection
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "val").write_text("not a folder")
+    r = subprocess.run([str(Path(sys.executable).parent / "prepare-data"), "--input", str(CASES / "raw"),
+                        "--output", str(tmp_path / "out"), "--min-images", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3 and "a file stands on the path where a folder is needed" in r.stderr, r.stdout + r.stderr
+    assert str(tmp_path / "out" / "val") in r.stderr and "detect faces" not in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "out" / "val").read_text() == "not a folder"
 
 
 def test_output_inside_the_input_is_refused(tmp_path):
