@@ -53,6 +53,21 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf`` (usage error, exit 2): a NaN passes every
+    range comparison and would otherwise reach the optimizer or the loss."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
 def parse_list(value: str | None) -> tuple[str, ...]:
     """Comma-separated option value -> tuple of stripped, non-empty names."""
     if not value:

@@ -6,13 +6,13 @@ import json
 
 import click
 
-from common.cli import report_errors
+from common.cli import FiniteFloatRange, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--model", "model_location", required=True, help="train-classifier model.pt or its run location (path or s3:// URI).")
 @click.option("--photo", "photo_location", required=True, help="Photo to read: path or s3:// URI.")
-@click.option("--threshold", type=click.FloatRange(min=0, max=1), default=0.5, help="Below this top probability a face is 'unknown'.")
+@click.option("--threshold", type=FiniteFloatRange(min=0, max=1), default=0.5, help="Below this top probability a face is 'unknown'.")
 @click.option("--annotate", "annotate_location", default=None, help="Also write the photo with boxes and names drawn on it (path or s3:// URI, JPEG).")
 @click.option("--detect/--no-detect", default=True, help="--no-detect: the photo is already a face crop (classify it whole).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import parse_list, report_errors
+from common.cli import FiniteFloatRange, parse_list, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -19,9 +19,9 @@ from common.cli import parse_list, report_errors
 @click.option("--split", "ratios", default="0.8,0.1,0.1", help="train,val,test fractions.")
 @click.option("--seed", type=int, default=1337, help="Seed of the stratified split.")
 @click.option("--image-size", type=click.IntRange(min=16, max=1024), default=224, help="Side of the square crops, pixels.")
-@click.option("--margin", type=click.FloatRange(min=0, max=2), default=0.2,
+@click.option("--margin", type=FiniteFloatRange(min=0, max=2), default=0.2,
               help="Margin around the face box, as a fraction of the box side on each side.")
-@click.option("--scale-factor", type=click.FloatRange(min=1.01, max=2), default=1.1, help="Haar cascade pyramid step.")
+@click.option("--scale-factor", type=FiniteFloatRange(min=1.01, max=2), default=1.1, help="Haar cascade pyramid step.")
 @click.option("--min-neighbors", type=click.IntRange(min=0), default=5, help="Haar cascade min neighbours.")
 @click.option("--min-face", type=click.IntRange(min=8), default=30, help="Smallest face side, pixels.")
 @click.option("--on-no-face", type=click.Choice(["skip", "keep-full"]), default="skip",

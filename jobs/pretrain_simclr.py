@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import is_main_process, report_errors
+from common.cli import FiniteFloatRange, is_main_process, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -14,15 +14,15 @@ from common.cli import is_main_process, report_errors
 @click.option("--batch-size", type=click.IntRange(min=2), default=256, help="Images per step (2x views); capped at the dataset size.")
 @click.option("--image-size", type=click.IntRange(min=16, max=1024), default=112, help="Side of the views fed to the network, pixels.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", help="Optimizer.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Learning rate per 256 images (scaled linearly with the batch).")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, help="Weight decay.")
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3, help="Learning rate per 256 images (scaled linearly with the batch).")
+@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=1e-4, help="Weight decay.")
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, help="Linear LR warm-up epochs before the cosine decay.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.2, help="NT-Xent temperature tau.")
+@click.option("--temperature", type=FiniteFloatRange(min=0, min_open=True), default=0.2, help="NT-Xent temperature tau.")
 @click.option("--proj-dim", type=click.IntRange(min=1), default=128, help="Projection head output size.")
 @click.option("--proj-hidden-dim", type=click.IntRange(min=1), default=512, help="Projection head hidden size.")
-@click.option("--jitter-strength", type=click.FloatRange(min=0, max=2.5), default=0.5, help="Colour jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s).")
-@click.option("--crop-min", type=click.FloatRange(min=0.01, max=1), default=0.2, help="Smallest random-resized-crop area fraction.")
-@click.option("--blur-p", type=click.FloatRange(min=0, max=1), default=0.5, help="Probability of Gaussian blur per view.")
+@click.option("--jitter-strength", type=FiniteFloatRange(min=0, max=2.5), default=0.5, help="Colour jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s).")
+@click.option("--crop-min", type=FiniteFloatRange(min=0.01, max=1), default=0.2, help="Smallest random-resized-crop area fraction.")
+@click.option("--blur-p", type=FiniteFloatRange(min=0, max=1), default=0.5, help="Probability of Gaussian blur per view.")
 @click.option("--use-unlabeled/--no-use-unlabeled", default=False, help="Also train on the dataset's unlabeled pool.")
 @click.option("--knn-every", type=click.IntRange(min=0), default=5, help="Run the kNN monitor on the val split every N epochs (0: never).")
 @click.option("--init", default="scratch", help="'scratch' or a ResNet18 weights file (path or s3:// URI), e.g. torchvision's ImageNet file.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import is_main_process, report_errors
+from common.cli import FiniteFloatRange, is_main_process, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -20,17 +20,17 @@ from common.cli import is_main_process, report_errors
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, help="Images per step; capped at the number of training images.")
 @click.option("--image-size", type=click.IntRange(min=16, max=1024), default=112, help="Side of the images fed to the network, pixels.")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", help="Optimizer.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, help="Learning rate (of the linear layer; the encoder's is scaled by --encoder-lr-scale).")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=8e-4, help="Weight decay.")
-@click.option("--encoder-lr-scale", type=click.FloatRange(min=0), default=1.0, help="Encoder LR as a fraction of --lr when fine-tuning.")
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=3e-4, help="Learning rate (of the linear layer; the encoder's is scaled by --encoder-lr-scale).")
+@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=8e-4, help="Weight decay.")
+@click.option("--encoder-lr-scale", type=FiniteFloatRange(min=0), default=1.0, help="Encoder LR as a fraction of --lr when fine-tuning.")
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=0, help="Linear LR warm-up epochs.")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", help="LR schedule after the warm-up.")
-@click.option("--label-smoothing", type=click.FloatRange(min=0, max=0.5), default=0.0, help="Cross-entropy label smoothing.")
+@click.option("--label-smoothing", type=FiniteFloatRange(min=0, max=0.5), default=0.0, help="Cross-entropy label smoothing.")
 @click.option("--labels-per-class", type=click.IntRange(min=1), default=None, help="Train on at most N labelled train images per identity.")
 @click.option("--teacher", default=None, help="--mode distill: a fine-tuned train-classifier model.pt (or its run location).")
-@click.option("--distill-temperature", type=click.FloatRange(min=0.01, max=100), default=1.0,
+@click.option("--distill-temperature", type=FiniteFloatRange(min=0.01, max=100), default=1.0,
               help="--mode distill: softmax temperature of teacher and student.")
-@click.option("--distill-label-weight", type=click.FloatRange(min=0, max=100), default=1.0,
+@click.option("--distill-label-weight", type=FiniteFloatRange(min=0, max=100), default=1.0,
               help="--mode distill: weight of the labelled images' cross-entropy beside the distillation loss.")
 @click.option("--seed", type=int, default=1337, help="Random seed.")
 @click.option("--device", default="auto", envvar="FACESSL_DEVICE", help="auto, cpu, cuda or cuda:N.")

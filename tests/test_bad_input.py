@@ -209,3 +209,15 @@ def test_missing_output_bucket_fails_before_detection(s3_env, tmp_path):
                        capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert r.returncode == 3 and "does not exist" in r.stderr, r.stdout + r.stderr
     assert "detect faces" not in r.stderr
+
+
+@pytest.mark.parametrize("cmd,option,value", [
+    (pretrain_main, "--temperature", "nan"), (pretrain_main, "--lr", "inf"), (pretrain_main, "--crop-min", "nan"),
+    (classifier_main, "--label-smoothing", "nan"), (classifier_main, "--weight-decay", "nan"),
+    (prepare_main, "--margin", "nan"),
+])
+def test_non_finite_options_are_usage_errors(cmd, option, value, tmp_path):
+    """A NaN passes every range comparison: without the finite check it reached the loss or the optimizer."""
+    first = "--input" if cmd is prepare_main else "--data"
+    r = run(cmd, first, tmp_path / "none", "--output", tmp_path / "o", option, value)
+    assert r.exit_code == 2 and "is not a finite number" in r.output, r.output
