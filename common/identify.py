@@ -45,7 +45,10 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
         raise BadInputError(str(exc)) from None
     except (RuntimeError, TypeError) as exc:
         raise BadInputError(f"{location} does not fit a ResNet18 classifier: {load_error_summary(exc)}") from None
-    return model.eval(), [str(c) for c in saved["classes"]], int(saved.get("image_size", 112))
+    size = saved.get("image_size", 112)
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
+        raise BadInputError(f"{location} has image_size {size!r}: a train-classifier model.pt holds 16 to 4096 px")
+    return model.eval(), [str(c) for c in saved["classes"]], size
 
 
 def read_photo(location: str) -> bytes:

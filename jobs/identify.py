@@ -24,8 +24,15 @@ def main(model_location, photo_location, threshold, annotate_location, detect, a
     Example: identify --model runs/glint6/classifier --photo group.jpg --annotate group-named.jpg
     """
     from common.identify import annotate, identify, load_classifier, read_photo
-    from common.storage import open_file_location
+    from common.errors import UsageError
+    from common.storage import location_within, open_file_location
 
+    if annotate_location is not None:  # checked before any work; a JPEG name, so it cannot replace a manifest or model
+        if not annotate_location.lower().endswith((".jpg", ".jpeg")):
+            raise UsageError(f"--annotate {annotate_location!r} must name a .jpg or .jpeg file (it is written as JPEG)")
+        if location_within(annotate_location, photo_location):
+            raise UsageError(f"--annotate {annotate_location} would overwrite the photo: give another file name")
+        open_file_location(annotate_location)  # a bad location fails now, not after the faces are printed
     model, classes, size = load_classifier(model_location)
     img, faces = identify(read_photo(photo_location), model, classes, size, threshold, detect, device_name=device)
     if as_json:

@@ -88,3 +88,23 @@ def test_model_of_other_shape_is_refused_naming_the_tensor(tmp_path):
     r = identify("--model", tmp_path / "five.pt", "--photo", CASES / "raw" / "Tom Hanks" / "plain.jpg", "--no-detect")
     assert r.returncode == 3 and "does not fit a ResNet18 classifier" in r.stderr and "fc.weight" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_annotate_never_replaces_the_photo_or_a_non_jpeg(model_file, tmp_path):
+    photo = tmp_path / "mine.jpg"
+    photo.write_bytes((CASES / "raw" / "Tom Hanks" / "plain.jpg").read_bytes())
+    before = photo.read_bytes()
+    r = identify("--model", model_file, "--photo", photo, "--annotate", tmp_path / "." / "mine.jpg")
+    assert r.returncode == 2 and "would overwrite the photo" in r.stderr and photo.read_bytes() == before, r.stderr
+    (tmp_path / "manifest.json").write_text("{}")
+    r = identify("--model", model_file, "--photo", photo, "--annotate", tmp_path / "manifest.json")
+    assert r.returncode == 2 and ".jpg or .jpeg" in r.stderr and (tmp_path / "manifest.json").read_text() == "{}"
+    assert "face 1" not in r.stdout, "checked before any work"
+
+
+def test_model_with_a_bad_image_size_is_refused(tmp_path):
+    for size in ("abc", 0, True):
+        torch.save({"model": Classifier(build_encoder(), 3).state_dict(), "classes": CLASSES, "image_size": size},
+                   tmp_path / "m.pt")
+        r = identify("--model", tmp_path / "m.pt", "--photo", CASES / "raw" / "Tom Hanks" / "plain.jpg")
+        assert r.returncode == 3 and "image_size" in r.stderr and "Traceback" not in r.stderr, (size, r.stderr)
