@@ -86,8 +86,11 @@ def save_checkpoint(storage: Storage, state: dict, epoch: int, keep: int = 2) ->
     history_key = "checkpoints/history.json"
     try:
         history = json.loads(storage.read_text(history_key))
-    except (NotFoundError, json.JSONDecodeError):
+    except (NotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         history = []
+    # only keys this function wrote: a damaged history must never delete the run's other files
+    history = [k for k in history if isinstance(k, str) and k.startswith("checkpoints/ckpt-")] \
+        if isinstance(history, list) else []
     history.append(key)
     for old in history[:-keep]:
         storage.delete(old)

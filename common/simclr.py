@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,8 +27,9 @@ from common.distributed import (barrier, cleanup, init_distributed, mean_across_
 from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from common.losses import NTXentLoss
 from common.metrics import plot_curves, topk_accuracy
-from common.models import ProjectionHead, SimCLRModel, build_encoder, load_encoder_weights
-from common.storage import open_storage
+from common.models import (ProjectionHead, SimCLRModel, build_encoder, check_weight_values, load_encoder_weights,
+                           load_error_summary)
+from common.storage import is_s3, open_storage
 from common.pool import epoch_generator, open_pool
 from common.training import (RunWriter, StopRequest, Throughput, autocast, embed, knn_predict, pick_device,
                              last_step_lr, seed_everything, stop_requested, warmup_cosine)
@@ -170,14 +172,20 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
     start_epoch, start_step, partial = 0, 0, []
     order_kind = "shuffle-buffer" if data_mode == "stream" else "permutation"  # memory and mmap share one order
     state = load_latest_checkpoint(out) if cfg.resume == "auto" else None
+    options = {**asdict(cfg), "world_size": world, "data": data_identity(data_location)}
     if state is not None:
-        check_same_options(state.get("options", {}), {**asdict(cfg), "world_size": world}, out.uri)
+        check_same_options(state.get("options", {}), options, out.uri)
         if state.get("finished"):
             log(f"this run already finished ({out.url('checkpoints/latest.json')}): nothing to do")
             return state.get("summary", {})
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            check_weight_values(state["model"], out.url("checkpoints/latest.json"))
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise BadInputError(f"the checkpoint {out.url('checkpoints/latest.json')} points at is damaged "
+                                f"({load_error_summary(exc)}): use --resume never to start over") from None
         if world == 1 and state.get("aug_rng_device", device.type) == device.type:
             aug_gen.set_state(state["aug_rng"])  # the same process and device kind: the run continues bitwise
         else:  # another device kind's generator state does not load; and only rank 0's state was saved
@@ -199,7 +207,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "aug_rng": aug_gen.get_state().cpu(), "aug_rng_device": device.type, "rng": capture_rng_states(), "epoch": epoch, "step": step,
                 "partial_losses": losses, "history": list(writer.history), "finished": finished,
-                "summary": summary or {}, "options": {**asdict(cfg), "world_size": world},
+                "summary": summary or {}, "options": options,
                 "data_order": order_kind}, epoch)
         barrier()
 
@@ -271,6 +279,12 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
 
 RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "knn_every", "resume", "compile", "data_mode",
                      "shuffle_window"}
+
+
+def data_identity(location: str) -> str:
+    """The data location as resume compares it: local paths resolved (``./p`` is ``p``), URIs without a
+    trailing slash."""
+    return location.rstrip("/") if is_s3(location) else str(Path(location).resolve())
 
 
 def check_same_options(saved: dict, current: dict, where: str) -> None:

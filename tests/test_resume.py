@@ -124,3 +124,32 @@ def test_logged_lr_is_the_last_steps_whatever_step_a_run_resumed_at():
         scheduler.step()
     assert [last_step_lr(scheduler, e, steps) for e in range(epochs)] == [ran[(e + 1) * steps - 1] for e in range(epochs)]
     assert ran[steps - 1] == 0.5 and 0 < last_step_lr(scheduler, epochs - 1, steps) < 0.1
+
+
+def test_resume_refuses_other_data_and_damaged_checkpoints(prepared_subset, tmp_path):
+    """Another --data, a checkpoint without its optimizer or with NaN weights: exit 2 / 3 naming the cause, and
+    the checkpoint is left as it was. A damaged history.json never deletes the run's other files."""
+    import shutil
+
+    out = tmp_path / "run"
+    code, stdout, stderr = interrupt_mid_epoch(prepared_subset, str(out), {})
+    assert code == 4, stdout + stderr
+    other = tmp_path / "other-data"
+    shutil.copytree(prepared_subset, other)
+    r = pretrain(other, str(out))
+    assert r.returncode == 2 and "data:" in r.stderr and "other options" in r.stderr, r.stdout + r.stderr
+    path = out / json.loads((out / "checkpoints" / "latest.json").read_text())["key"]
+    good = torch.load(path, weights_only=True)
+    for damage in ("no optimizer", "nan"):
+        state = {k: v for k, v in good.items() if not (damage == "no optimizer" and k == "optimizer")}
+        if damage == "nan":
+            state["model"] = {**good["model"], "encoder.conv1.weight": torch.full_like(good["model"]["encoder.conv1.weight"], float("nan"))}
+        torch.save(state, path)
+        r = pretrain(prepared_subset, str(out))
+        assert r.returncode == 3 and "Traceback" not in r.stderr, (damage, r.stdout + r.stderr)
+        assert ("damaged" if damage == "no optimizer" else "NaN or infinite") in r.stderr, (damage, r.stderr)
+    torch.save(good, path)
+    (out / "keep.txt").write_text("the user's file")
+    (out / "checkpoints" / "history.json").write_text(json.dumps(["keep.txt", "../keep.txt", 3]))
+    r = pretrain(prepared_subset, str(out))
+    assert r.returncode == 0 and (out / "keep.txt").read_text() == "the user's file", r.stdout + r.stderr
