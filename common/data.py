@@ -109,9 +109,12 @@ def read_manifest(storage: Storage) -> dict:
              and all(isinstance(c, str) for c in manifest["classes"])
              and isinstance(manifest.get("shards"), dict)
              and all(isinstance(v, list) and all(isinstance(k, str) for k in v) for v in manifest["shards"].values())
-             and isinstance(manifest.get("image_size", 0), int))
+             and isinstance(manifest.get("shard_sizes", {}), dict)
+             and (manifest.get("image_size") is None or type(manifest["image_size"]) is int and manifest["image_size"] >= 1))
     if not valid:
         raise BadInputError(f"{where} is not a facessl manifest (classes, shards and image_size are required)")
+    if len(set(manifest["classes"])) != len(manifest["classes"]):
+        raise BadInputError(f"{where} names a class twice: one identity, one class index")
     return manifest
 
 
@@ -174,7 +177,7 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
     n = 0
     try:
         source = io.BytesIO(data.storage.read_bytes(part.key)) if stream else data.storage.local_copy(part.key, data.cache)
-        for i, (_, jpeg, label) in enumerate(iter_shard_samples(source)):
+        for i, (key, jpeg, label) in enumerate(iter_shard_samples(source)):
             if i % part.stride != part.offset:
                 continue
             if n == part.size:
@@ -183,6 +186,8 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
             images[n] = image_to_chw(img)
+            if label is None and part.split != UNLABELED:  # it would train as class -1
+                raise BadInputError(f"shard {part.key} sample {key} has no class label (.cls): re-run prepare-data")
             if label is not None:
                 if not 0 <= label < len(data.classes):
                     raise BadInputError(f"shard {part.key} has class index {label} but the manifest lists "

@@ -1,5 +1,6 @@
 """Messy input gets a clear error with the documented exit code, or a recorded skip; never a traceback."""
 
+import io
 import json
 import os
 import shutil
@@ -221,3 +222,33 @@ def test_non_finite_options_are_usage_errors(cmd, option, value, tmp_path):
     first = "--input" if cmd is prepare_main else "--data"
     r = run(cmd, first, tmp_path / "none", "--output", tmp_path / "o", option, value)
     assert r.exit_code == 2 and "is not a finite number" in r.output, r.output
+
+
+def test_tampered_manifest_and_unlabelled_sample_are_clear_errors(prepared_subset, tmp_path):
+    """Values no prepare-data writes, and a training sample without its .cls: exit 3, not a traceback or a
+    silent run on 1-pixel crops or class -1."""
+    import tarfile
+
+    good = json.loads((Path(prepared_subset) / "manifest.json").read_text())
+    cases = {"image_size": ({"image_size": -5}, "not a facessl manifest"),
+             "bool_size": ({"image_size": True}, "not a facessl manifest"),
+             "sizes": ({"shard_sizes": "x"}, "not a facessl manifest"),
+             "twice": ({"classes": [good["classes"][0]] * len(good["classes"])}, "names a class twice")}
+    for name, (change, message) in cases.items():
+        data = tmp_path / name
+        shutil.copytree(prepared_subset, data)
+        (data / "manifest.json").write_text(json.dumps({**good, **change}))
+        r = run(classifier_main, "--data", data, "--output", tmp_path / f"o-{name}", "--mode", "knn", "--image-size", 32)
+        assert r.exit_code == 3 and message in r.output, (name, r.output)
+    data = tmp_path / "nocls"
+    shutil.copytree(prepared_subset, data)
+    shard = data / good["shards"]["train"][0]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    dropped = next(m.name for m, _ in members if m.name.endswith(".cls"))
+    with tarfile.open(shard, "w") as tar:
+        for m, payload in members:
+            if m.name != dropped:
+                tar.addfile(m, io.BytesIO(payload))
+    r = run(classifier_main, "--data", data, "--output", tmp_path / "o-nocls", "--mode", "knn", "--image-size", 32)
+    assert r.exit_code == 3 and "has no class label" in r.output and dropped.rsplit(".", 1)[0] in r.output, r.output
