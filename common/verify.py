@@ -43,10 +43,17 @@ def read_pairs(text: str, where: str, dropped: dict | None = None) -> list[tuple
         named again with the other label, or no rows.
     """
     reader = csv.DictReader(io.StringIO(text))
-    if not {"image_a", "image_b", "same_identity"} <= set(reader.fieldnames or []):
-        raise BadInputError(f"{where} must have the columns image_a,image_b,same_identity")
+
+    def rows():  # the csv module's own errors (a field over its size limit...) as a bad-input line
+        try:
+            if not {"image_a", "image_b", "same_identity"} <= set(reader.fieldnames or []):
+                raise BadInputError(f"{where} must have the columns image_a,image_b,same_identity")
+            yield from reader
+        except csv.Error as exc:
+            raise BadInputError(f"{where}: the row after line {reader.line_num} is not a CSV row ({exc})") from None
+
     pairs, seen, skipped = [], {}, {}
-    for row in reader:
+    for row in rows():
         a, b, same = ((row.get(k) or "").strip() for k in ("image_a", "image_b", "same_identity"))
         if same not in ("0", "1") or not a or not b:
             raise BadInputError(f"{where} line {reader.line_num}: expected two image paths and same_identity 0 or 1")
@@ -74,6 +81,13 @@ def read_pairs(text: str, where: str, dropped: dict | None = None) -> list[tuple
     return pairs
 
 
+def check_fold_counts(n_same: int, n_different: int, folds: int) -> None:
+    """Raise BadInputError when stratified ``folds``-fold accuracy cannot run: fewer pairs of a kind than folds."""
+    if min(n_same, n_different) < folds:
+        raise BadInputError(f"{folds}-fold accuracy needs at least {folds} same and {folds} different pairs "
+                            f"({n_same} same, {n_different} different): give more pairs or a smaller --folds")
+
+
 def fold_accuracy(scores: np.ndarray, same: np.ndarray, folds: int = 10, seed: int = 0) -> dict:
     """LFW-style accuracy: threshold chosen on nine folds, applied to the tenth (stratified folds).
 
@@ -86,9 +100,7 @@ def fold_accuracy(scores: np.ndarray, same: np.ndarray, folds: int = 10, seed: i
     """
     from sklearn.model_selection import StratifiedKFold
 
-    if min(int(same.sum()), int((1 - same).sum())) < folds:
-        raise BadInputError(f"{folds}-fold accuracy needs at least {folds} same and {folds} different pairs: give "
-                            "more pairs or a smaller --folds")
+    check_fold_counts(int(same.sum()), int((1 - same).sum()), folds)
     accs, thresholds = [], []
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(scores, same):
         t = best_threshold(scores[train], same[train])
@@ -223,6 +235,8 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
         raise UsageError(f"the output {output_location} would overwrite the pairs file {pairs_location}")
     dropped = {}
     pairs = read_pairs_file(pairs_location, dropped)
+    n_same = sum(s for _, _, s in pairs)
+    check_fold_counts(n_same, len(pairs) - n_same, folds)  # now, not after the embedding (checked again on the pairs kept)
     out = open_storage(output_location)
     out.check_writable()  # now, not after the embedding
     encoder, _ = load_encoder(encoder_location)

@@ -46,6 +46,8 @@ def test_read_pairs_rejects_bad_files():
     assert read_pairs("image_a,image_b,same_identity\n./7/a.jpg,7//b.jpg,0\n", "p.csv") == [("7/a.jpg", "7/b.jpg", 0)]
     with pytest.raises(BadInputError, match="line 4"):  # the line of the file, blank lines counted
         read_pairs("image_a,image_b,same_identity\na.jpg,b.jpg,1\n\n../x.jpg,b.jpg,1\n", "p.csv")
+    with pytest.raises(BadInputError, match="after line 1 is not a CSV row"):  # over the csv module's field size limit
+        read_pairs("image_a,image_b,same_identity\n" + "x" * 200_000 + ".jpg,b.jpg,1\n", "p.csv")
     for text in ("a,b,c\n1,2,3\n", "image_a,image_b,same_identity\na.jpg,b.jpg,yes\n", "image_a,image_b,same_identity\n",
                  "image_a,image_b,same_identity\n   ,b.jpg,1\n"):
         with pytest.raises(BadInputError):
@@ -168,7 +170,8 @@ def test_unusable_output_or_images_are_named_before_any_work(tmp_path):
     from jobs.evaluate_pairs import main as evaluate_main
 
     pairs = tmp_path / "pairs.csv"
-    pairs.write_text("image_a,image_b,same_identity\na/1.jpg,b/2.jpg,0\n")
+    pairs.write_text("image_a,image_b,same_identity\na/1.jpg,b/2.jpg,0\na/1.jpg,a/3.jpg,1\nb/2.jpg,b/4.jpg,1\n"
+                     "a/3.jpg,b/4.jpg,0\n")
     encoder = str(_random_encoder(tmp_path / "encoder.pt"))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -176,7 +179,10 @@ def test_unusable_output_or_images_are_named_before_any_work(tmp_path):
     r = CliRunner().invoke(evaluate_main, [*args, "--images", str(tmp_path / "nowhere"), "--output", str(blocker)])
     assert r.exit_code == 3 and "a-file" in r.output, r.output  # the output, before the (missing) photos
     r = CliRunner().invoke(evaluate_main, [*args, "--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
-    assert r.exit_code == 3 and "none of the 2 pair images could be read (for example a/1.jpg: not found" in r.output
+    assert r.exit_code == 3 and "none of the 4 pair images could be read (for example a/1.jpg: not found" in r.output
+    # too few pairs for the folds: found from the pairs file, before any photo is read or embedded
+    r = CliRunner().invoke(evaluate_main, [*args[:-2], "--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    assert r.exit_code == 3 and "10-fold accuracy needs at least 10 same" in r.output and "none of" not in r.output
 
 
 def test_outputs_over_the_inputs_and_overflowing_encoders_are_refused(tmp_path):
