@@ -105,6 +105,14 @@ def _init_worker(location: str, cfg: DetectConfig, max_file_bytes: int):
     _WORKER.update(storage=open_storage(location), cfg=cfg, max_file_bytes=max_file_bytes)
 
 
+def _init_pool_worker(*args):
+    """A pool worker leaves Ctrl-C to the main process, which stops the pool (``detect_all``)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*args)
+
+
 def _process_one(item: tuple[str, int]) -> dict:
     rel, size = item
     record = {"source": rel, "identity": rel.split("/", 1)[0]}
@@ -139,11 +147,16 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     if workers == 1:
         _init_worker(*initargs)
         return [_process_one(f) for f in tqdm(files, desc="detect faces", unit="img", mininterval=interval)]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_pool_worker,
                              initargs=initargs) as pool:
         try:
             it = pool.map(_process_one, files, chunksize=16)
             return list(tqdm(it, total=len(files), desc="detect faces", unit="img", mininterval=interval))
+        except KeyboardInterrupt:  # stop now: leaving the with-block would first detect every queued photo
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in list((pool._processes or {}).values()):  # (Python 3.14's terminate_workers(); not in 3.11)
+                proc.terminate()
+            raise
         except BrokenProcessPool:
             raise StorageError("a face-detection worker process died (out of memory?); nothing was written, "
                                "run again (fewer --workers needs less memory)") from None

@@ -252,3 +252,36 @@ def test_tampered_manifest_and_unlabelled_sample_are_clear_errors(prepared_subse
                 tar.addfile(m, io.BytesIO(payload))
     r = run(classifier_main, "--data", data, "--output", tmp_path / "o-nocls", "--mode", "knn", "--image-size", 32)
     assert r.exit_code == 3 and "has no class label" in r.output and dropped.rsplit(".", 1)[0] in r.output, r.output
+
+
+@pytest.mark.parametrize("to_group", [False, True])
+def test_ctrl_c_stops_prepare_data_and_its_workers_at_once(to_group, tmp_path):
+    """SIGINT to the main process (or to the whole group, as a terminal's Ctrl-C): exit 130 within seconds,
+    workers gone. Before, leaving the pool waited for every queued photo, or hung."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prepare-data"), "--input", str(GLINT24),
+                             "--output", str(tmp_path / "o"), "--workers", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in iter(proc.stderr.readline, ""):
+        if "detect faces" in line:
+            break
+    time.sleep(3)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "the detection runs in worker processes"
+    sent = time.time()
+    (os.killpg if to_group else os.kill)(proc.pid, signal.SIGINT)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "interrupted" in rest and "Traceback" not in rest, rest
+    assert time.time() - sent < 30, "the queued photos were not dropped"
+    def running(pid):  # a zombie waiting for init to reap it runs no more
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 15
+    while any(running(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(running(pid) for pid in workers), [Path(f"/proc/{p}/cmdline").read_text() for p in workers if running(p)]
