@@ -39,8 +39,8 @@ from common.metrics import classification_summary, plot_confusion_matrix, plot_c
 from common.models import Classifier, build_encoder, load_encoder_weights
 from common.storage import open_storage
 from common.pool import MemoryPool, epoch_generator, rank_share
-from common.training import (RunWriter, StopRequest, autocast, embed, knn_predict, pick_device, seed_everything,
-                             last_step_lr, stop_requested, warmup_cosine)
+from common.training import (RunWriter, StopRequest, autocast, claim_output, embed, knn_predict, last_step_lr,
+                             pick_device, seed_everything, stop_requested, warmup_cosine)
 
 
 @dataclass
@@ -201,6 +201,9 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
     if (cfg.mode == "distill") != bool(cfg.teacher):
         raise UsageError("--mode distill needs --teacher (a fine-tuned train-classifier model.pt), and --teacher "
                          "needs --mode distill")
+    out = open_storage(output_location)
+    claim_output(out, "train-classifier")  # before any work: not another job's folder, and writable
+    out.check_writable()
     data = PreparedDataset(data_location, cfg.image_size)
     classes = data.classes
     distributed = info.enabled and cfg.mode in ("finetune", "distill")
@@ -229,9 +232,10 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    out = open_storage(output_location)
     writer = RunWriter(out)
     if info.is_main:
+        for key in ("metrics.json", "model.pt"):  # a rerun replaces the run: an interrupted one leaves no old results
+            out.delete(key)
         writer.write_json("config.json", {**asdict(cfg), "data": data_location, "output": out.uri,
                                           "weights": source, "train_images": n_train, "classes": classes,
                                           "device": str(device), "world_size": info.world_size,

@@ -31,8 +31,8 @@ from common.models import (ProjectionHead, SimCLRModel, build_encoder, check_wei
                            load_error_summary)
 from common.storage import is_s3, open_storage
 from common.pool import epoch_generator, open_pool
-from common.training import (RunWriter, StopRequest, Throughput, autocast, embed, knn_predict, pick_device,
-                             last_step_lr, seed_everything, stop_requested, warmup_cosine)
+from common.training import (RunWriter, StopRequest, Throughput, autocast, claim_output, embed, knn_predict,
+                             last_step_lr, pick_device, seed_everything, stop_requested, warmup_cosine)
 
 
 @dataclass
@@ -133,6 +133,9 @@ def pretrain(data_location: str, output_location: str, cfg: PretrainConfig, log=
 
 
 def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> dict:
+    out = open_storage(output_location)
+    claim_output(out, "pretrain-simclr")  # before any work: not another job's folder, and writable
+    out.check_writable()
     data, pool, data_mode, counts, n, (val, val_labels) = open_pretraining_data(
         data_location, cfg, info.rank, info.world_size, log)
     world = info.world_size
@@ -145,7 +148,6 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
     if device.type == "cuda" and data_mode == "memory" and pool.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
         pool = pool.to(device)  # uint8 crops live on the GPU: a step then never waits for host copies
     seed_everything(cfg.seed)
-    out = open_storage(output_location)
     writer = RunWriter(out)
 
     model = SimCLRModel(load_init_encoder(cfg.init), ProjectionHead(512, cfg.proj_hidden_dim, cfg.proj_dim))

@@ -412,7 +412,7 @@ def open_file_location(location: str | os.PathLike) -> tuple["Storage", str]:
     """The storage of a file's folder and the file's key in it, for a local file path or ``s3://bucket/key``.
 
     Raises:
-        BadInputError: an S3 URI that names no object.
+        BadInputError: an S3 URI that names no object, or another URI scheme (http...). UsageError: empty.
     """
     location = str(location)
     if is_s3(location):
@@ -422,6 +422,8 @@ def open_file_location(location: str | os.PathLike) -> tuple["Storage", str]:
         return open_storage(parent), name
     if not location.strip():
         raise UsageError("empty location: give a file path or s3://bucket/key")
+    if "://" in location:  # https://... would otherwise be looked for as a local folder named "https:"
+        raise BadInputError(f"unsupported location {location!r}: use a local path or s3://bucket/key")
     return open_storage(os.path.dirname(os.path.abspath(location))), os.path.basename(location)
 
 

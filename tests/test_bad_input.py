@@ -285,3 +285,27 @@ def test_ctrl_c_stops_prepare_data_and_its_workers_at_once(to_group, tmp_path):
     while any(running(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.5)
     assert not any(running(pid) for pid in workers), [Path(f"/proc/{p}/cmdline").read_text() for p in workers if running(p)]
+
+
+def test_a_job_never_writes_into_another_jobs_output(prepared_subset, tmp_path):
+    """A SimCLR run, a classifier run and a prepared dataset each keep their folder (exit 2 before any work);
+    a classifier rerun into its own folder replaces the old results; an unwritable output fails first."""
+    simclr, cls = tmp_path / "simclr", tmp_path / "cls"
+    assert run(pretrain_main, "--data", prepared_subset, "--output", simclr, "--epochs", 1, "--image-size", 32,
+               "--batch-size", 16, "--knn-every", 0, "--device", "cpu").exit_code == 0
+    r = run(classifier_main, "--data", prepared_subset, "--output", simclr, "--encoder", simclr, "--epochs", 1,
+            "--image-size", 32, "--device", "cpu")
+    assert r.exit_code == 2 and "holds a pretrain-simclr output (encoder.pt)" in r.output, r.output
+    config = json.loads((simclr / "config.json").read_text())
+    assert "mode" not in config and len((simclr / "metrics.jsonl").read_text().splitlines()) == 1, "SimCLR's own files"
+    assert run(classifier_main, "--data", prepared_subset, "--output", cls, "--encoder", simclr, "--epochs", 1,
+               "--image-size", 32, "--device", "cpu").exit_code == 0 and (cls / "model.pt").is_file()
+    for target, other in ((cls, "train-classifier output (model.pt)"), (prepared_subset, "prepare-data output")):
+        r = run(pretrain_main, "--data", prepared_subset, "--output", target, "--epochs", 1, "--image-size", 32)
+        assert r.exit_code == 2 and f"holds a {other}" in r.output, r.output
+    r = run(classifier_main, "--data", prepared_subset, "--output", cls, "--encoder", simclr, "--mode", "knn",
+            "--image-size", 32, "--device", "cpu")
+    assert r.exit_code == 0 and not (cls / "model.pt").exists(), "a knn rerun writes no model: the old one must go"
+    assert json.loads((cls / "config.json").read_text())["mode"] == "knn" == json.loads((cls / "metrics.json").read_text())["mode"]
+    r = run(classifier_main, "--data", prepared_subset, "--output", "/proc/facessl-cls", "--mode", "knn")
+    assert r.exit_code == 3 and "cannot write to /proc/facessl-cls" in r.output, r.output

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from common.errors import BadInputError
-from common.storage import NotFoundError, location_within, open_storage, safe_key
+from common.storage import NotFoundError, location_within, open_file_location, open_storage, safe_key
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -71,6 +71,8 @@ def test_s3_errors_name_the_uri_and_never_the_secret(s3_env, monkeypatch):
 def test_unsupported_scheme_is_refused():
     with pytest.raises(BadInputError, match="unsupported location"):
         open_storage("gs://bucket/x")
+    with pytest.raises(BadInputError, match="unsupported location"):  # a file option (identify --photo, --encoder)
+        open_file_location("https://example.com/face.jpg")
 
 
 def test_location_within_sees_through_links_and_dots(tmp_path):
