@@ -202,8 +202,7 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         raise UsageError("--mode distill needs --teacher (a fine-tuned train-classifier model.pt), and --teacher "
                          "needs --mode distill")
     out = open_storage(output_location)
-    claim_output(out, "train-classifier")  # before any work: not another job's folder, and writable
-    out.check_writable()
+    claim_output(out, "train-classifier")  # before any work
     data = PreparedDataset(data_location, cfg.image_size)
     classes = data.classes
     distributed = info.enabled and cfg.mode in ("finetune", "distill")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -29,7 +28,7 @@ from common.losses import NTXentLoss
 from common.metrics import plot_curves, topk_accuracy
 from common.models import (ProjectionHead, SimCLRModel, build_encoder, check_weight_values, load_encoder_weights,
                            load_error_summary)
-from common.storage import is_s3, open_storage
+from common.storage import open_storage
 from common.pool import epoch_generator, open_pool
 from common.training import (RunWriter, StopRequest, Throughput, autocast, claim_output, embed, knn_predict,
                              last_step_lr, pick_device, seed_everything, stop_requested, warmup_cosine)
@@ -134,8 +133,7 @@ def pretrain(data_location: str, output_location: str, cfg: PretrainConfig, log=
 
 def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> dict:
     out = open_storage(output_location)
-    claim_output(out, "pretrain-simclr")  # before any work: not another job's folder, and writable
-    out.check_writable()
+    claim_output(out, "pretrain-simclr")  # before any work
     data, pool, data_mode, counts, n, (val, val_labels) = open_pretraining_data(
         data_location, cfg, info.rank, info.world_size, log)
     world = info.world_size
@@ -174,7 +172,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
     start_epoch, start_step, partial = 0, 0, []
     order_kind = "shuffle-buffer" if data_mode == "stream" else "permutation"  # memory and mmap share one order
     state = load_latest_checkpoint(out) if cfg.resume == "auto" else None
-    options = {**asdict(cfg), "world_size": world, "data": data_identity(data_location)}
+    options = {**asdict(cfg), "world_size": world, "data": data.storage.uri}  # the location as storage spells it
     if state is not None:
         check_same_options(state.get("options", {}), options, out.uri)
         if state.get("finished"):
@@ -281,12 +279,6 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
 
 RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "knn_every", "resume", "compile", "data_mode",
                      "shuffle_window"}
-
-
-def data_identity(location: str) -> str:
-    """The data location as resume compares it: local paths resolved (``./p`` is ``p``), URIs without a
-    trailing slash."""
-    return location.rstrip("/") if is_s3(location) else str(Path(location).resolve())
 
 
 def check_same_options(saved: dict, current: dict, where: str) -> None:

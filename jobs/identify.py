@@ -32,7 +32,7 @@ def main(model_location, photo_location, threshold, annotate_location, detect, a
             raise UsageError(f"--annotate {annotate_location!r} must name a .jpg or .jpeg file (it is written as JPEG)")
         if location_within(annotate_location, photo_location):
             raise UsageError(f"--annotate {annotate_location} would overwrite the photo: give another file name")
-        open_file_location(annotate_location)  # a bad location fails now, not after the faces are printed
+        annotate_to = open_file_location(annotate_location)  # a bad location fails now, not after the faces
     model, classes, size = load_classifier(model_location)
     img, faces = identify(read_photo(photo_location), model, classes, size, threshold, detect, device_name=device)
     if as_json:
@@ -44,7 +44,7 @@ def main(model_location, photo_location, threshold, annotate_location, detect, a
         top3 = ", ".join(f"{name} {p:.2f}" for name, p in face["top3"])
         click.echo(f"face {n} at x={x} y={y} w={w} h={h}: {face['identity']}  (top-3: {top3})")
     if annotate_location:
-        storage, key = open_file_location(annotate_location)
+        storage, key = annotate_to
         storage.write_bytes(key, annotate(img, faces))
         if not as_json:
             click.echo(f"wrote {annotate_location}")
