@@ -59,9 +59,23 @@ done
 cert=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
 [[ -f $cert ]] && mounts+=(-v "$cert:/etc/ssl/certs/ca-certificates.crt:ro")
 
+# The build holds the 6 GB CUDA venv three times at its peak (the build stage, the final stage's copy, and
+# the blob written to /var/tmp while committing it), beside the previous image under this tag. Untagged
+# images are removed on every exit, failed builds included: each one otherwise leaves up to 6 GB behind
+# on a CI machine that is reused between runs, and a full disk fails the next build half-way through.
+trap 'rm -f "$conf"; podman image prune -f >/dev/null 2>&1 || true' EXIT
+podman image prune -f >/dev/null
+need_gb=${FACESSL_BUILD_FREE_GB:-24}
+for dir in "$(podman info --format '{{.Store.GraphRoot}}')" "${TMPDIR:-/var/tmp}"; do
+  free_gb=$(df --output=avail -BG "$dir" | tail -1 | tr -dc 0-9)
+  if (( free_gb < need_gb )); then
+    log "error: $dir has $free_gb GB free; the build needs about $need_gb GB there."
+    log "Free some (old images: podman image prune -a; old work folders under /tmp) and run this again."
+    exit 1
+  fi
+done
+
 log "podman build -t $tag (base $base)"
 podman build --network host --build-arg "BASE_IMAGE=$base" -v "$conf:/etc/pip.conf:ro" "${mounts[@]}" \
   -t "$tag" "$repo" >&2
-rm -f "$conf"
-podman image prune -f >/dev/null  # the build stage's untagged image (the venv, a second 6 GB)
 echo "$tag"
