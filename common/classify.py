@@ -205,6 +205,9 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
     claim_output(out, "train-classifier")  # before any work
     data = PreparedDataset(data_location, cfg.image_size)
     classes = data.classes
+    if len(classes) < 2:  # top-1 would be a trivial 1.0; pretrain-simclr can still use such a dataset
+        raise BadInputError(f"{data_location} has {len(classes)} class(es) {classes}: a classifier needs at least "
+                            "two identities; run prepare-data on two or more identity folders")
     distributed = info.enabled and cfg.mode in ("finetune", "distill")
     world, rank = (info.world_size, info.rank) if distributed else (1, 0)
     evals = {s: data.load(s) for s in ("val", "test")}

@@ -309,3 +309,14 @@ def test_a_job_never_writes_into_another_jobs_output(prepared_subset, tmp_path):
     assert json.loads((cls / "config.json").read_text())["mode"] == "knn" == json.loads((cls / "metrics.json").read_text())["mode"]
     r = run(classifier_main, "--data", prepared_subset, "--output", "/proc/facessl-cls", "--mode", "knn")
     assert r.exit_code == 3 and "cannot write to /proc/facessl-cls" in r.output, r.output
+
+
+def test_one_class_dataset_is_refused_by_the_classifier(tmp_path):
+    """One identity is a valid pretraining set but not a classification task (top-1 would be a trivial 1.0)."""
+    data = tmp_path / "one"
+    r = run(prepare_main, "--input", CASES / "raw", "--output", data, "--classes", "Tom Hanks", "--min-images", 1,
+            "--workers", 1, "--image-size", 32)
+    assert r.exit_code == 0, r.output
+    r = run(classifier_main, "--data", data, "--output", tmp_path / "o", "--mode", "knn", "--image-size", 32)
+    assert r.exit_code == 3 and "needs at least two identities" in r.output, r.output
+    assert not (tmp_path / "o" / "config.json").exists()
