@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 UNLABELED = "unlabeled"
 MANIFEST = "manifest.json"
+SHARD_NAME = re.compile(r"shard-\d{6}\.tar")  # <split>/shard-000000.tar, as ShardWriter names them
 
 
 class ShardWriter:
@@ -62,7 +64,7 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        key = f"{self.split}/shard-{len(self.shards):06d}.tar"
+        key = f"{self.split}/shard-{len(self.shards):06d}.tar"  # matches SHARD_NAME
         try:
             self.storage.upload_file(self._tmp, key)
         finally:
@@ -90,6 +92,19 @@ class ShardWriter:
         self._count += 1
         if self._count >= self.max_samples:
             self._close_shard()
+
+
+def remove_stale_shards(storage: Storage, shards: dict[str, list[str]]) -> list[str]:
+    """Delete the shards of an earlier run that ``shards`` (this run's manifest entry, split -> keys) does
+    not list: every ``<split>/shard-NNNNNN.tar`` under the split folders, the unlabelled pool's included.
+    A rerun that writes fewer shards would otherwise leave old ones beside the new manifest. Other files
+    in those folders are left alone. Returns the deleted keys."""
+    keep = {key for keys in shards.values() for key in keys}
+    stale = [key for split in (*SPLITS, UNLABELED) for key in storage.list(split)
+             if key not in keep and SHARD_NAME.fullmatch(key.split("/", 1)[1])]
+    for key in stale:
+        storage.delete(key)
+    return stale
 
 
 def read_manifest(storage: Storage) -> dict:

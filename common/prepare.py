@@ -6,7 +6,8 @@ Stages, in order (``prepare_dataset`` runs them):
     3. deduplicate          byte-identical files kept once (the first by path), before splitting
     4. select_classes       ``--classes`` and/or ``--min-images`` on the number of usable crops
     5. stratified_split     per identity, per source photo, seeded: 80/10/10 by default
-    6. write                tar shards per split, then ``manifest.json`` last (its presence marks completion)
+    6. write                tar shards per split (an earlier run's extra shards removed), then ``manifest.json``
+                            last (its presence marks completion)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
-from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter
+from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, remove_stale_shards
 from common.errors import BadInputError, StorageError, UsageError
 from common.faces import DetectConfig, process_photo
 from common.storage import Storage, UnsafeKeyError, location_within, open_storage
@@ -310,6 +311,9 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
         per_class = counts.setdefault(split, {})
         for rec in members:
             per_class[rec["identity"]] = per_class.get(rec["identity"], 0) + 1
+
+    if stale := remove_stale_shards(dst, shards):
+        log(f"removed {len(stale)} shards of an earlier run that this one does not use")
 
     for rec in records:
         rec.pop("crop", None)

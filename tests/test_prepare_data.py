@@ -153,3 +153,20 @@ def test_small_photo_found_upscaled_unless_the_copy_exceeds_max_pixels():
     assert found is not None and found[1].endswith("_x2"), found
     assert detect_face(img, DetectConfig(min_face=20, upscale_below=0)) is None
     assert detect_face(img, DetectConfig(min_face=20, max_pixels=4 * img.size[0] * img.size[1] - 1)) is None
+
+
+def test_rerun_with_fewer_shards_removes_the_old_ones(tmp_path):
+    """The output holds only the shards the new manifest lists (and the user's own files)."""
+    out = tmp_path / "prepared"
+    args = ["--input", str(CASES / "raw"), "--output", str(out), "--min-images", "1", "--image-size", "32",
+            "--workers", "1"]
+    assert CliRunner().invoke(prepare_main, [*args, "--shard-size", "1"]).exit_code == 0
+    assert len(list((out / "train").glob("shard-*.tar"))) > 1
+    (out / "train" / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(prepare_main, [*args, "--shard-size", "1000"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    on_disk = sorted(str(p.relative_to(out)) for p in out.glob("*/shard-*.tar"))
+    assert on_disk == sorted(k for keys in manifest["shards"].values() for k in keys)
+    assert len(manifest["shards"]["train"]) == 1 and (out / "train" / "notes.txt").read_text() == "mine"
+    assert "removed" in result.output
