@@ -183,7 +183,6 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
         BadInputError: the shard cannot be read, holds a corrupt JPEG, a class index outside the manifest's
         classes, or fewer samples than the manifest says.
     """
-    import numpy as np
     import torch
     from PIL import Image
 

@@ -27,10 +27,12 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
 from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, remove_stale_shards
-from common.errors import BadInputError, StorageError, UsageError
+from common.errors import BadInputError, PreemptedError, StopRequest, StorageError, UsageError
 from common.faces import DetectConfig, process_photo
 from common.storage import Storage, UnsafeKeyError, location_within, open_storage
 
+PREEMPTED = ("stopped by SIGTERM during face detection; nothing was written (manifest.json comes last): "
+             "run again to start over")
 OUTSIDE_LINK = "a symlink points outside the input (use a hard link or a copy)"
 FOLDER_LINK = ("a symlink to a folder, not followed: it can loop, leave the input, or show a folder's photos "
                "under a second identity (link the photos themselves, or copy the folder)")
@@ -139,28 +141,46 @@ def _process_one(item: tuple[str, int]) -> dict:
 
 
 def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) -> list[dict]:
-    """Run decode + detection + crop over ``files`` with a worker per core; records in input order."""
+    """Run decode + detection + crop over ``files`` with a worker per core; records in input order.
+
+    Raises:
+        PreemptedError: SIGTERM arrived (exit 4: nothing is written yet, the retry starts over); the
+            workers are ended first, as on Ctrl-C.
+        StorageError: a worker died, or storage failed.
+    """
     from tqdm import tqdm
 
     workers = cfg.workers or os.cpu_count() or 1
     interval = 0.5 if sys.stderr.isatty() else 30  # a log file gets a progress line every 30 s, not hundreds
     initargs = (location, cfg.detect, cfg.max_file_bytes)
-    if workers == 1:
-        _init_worker(*initargs)
-        return [_process_one(f) for f in tqdm(files, desc="detect faces", unit="img", mininterval=interval)]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_pool_worker,
-                             initargs=initargs) as pool:
-        try:
-            it = pool.map(_process_one, files, chunksize=16)
-            return list(tqdm(it, total=len(files), desc="detect faces", unit="img", mininterval=interval))
-        except KeyboardInterrupt:  # stop now: leaving the with-block would first detect every queued photo
-            pool.shutdown(wait=False, cancel_futures=True)
-            for proc in list((pool._processes or {}).values()):  # (Python 3.14's terminate_workers(); not in 3.11)
-                proc.terminate()
-            raise
-        except BrokenProcessPool:
-            raise StorageError("a face-detection worker process died (out of memory?); nothing was written, "
-                               "run again (fewer --workers needs less memory)") from None
+    stop = StopRequest()
+
+    def unless_stopped(records):
+        for record in tqdm(records, total=len(files), desc="detect faces", unit="img", mininterval=interval):
+            if stop.requested:
+                raise PreemptedError(PREEMPTED)
+            yield record
+
+    try:
+        if workers == 1:
+            _init_worker(*initargs)
+            return list(unless_stopped(map(_process_one, files)))
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_pool_worker,
+                                 initargs=initargs) as pool:
+            try:
+                return list(unless_stopped(pool.map(_process_one, files, chunksize=16)))
+            except (KeyboardInterrupt, PreemptedError):  # stop now: leaving the with-block would first
+                pool.shutdown(wait=False, cancel_futures=True)  # detect every queued photo
+                for proc in list((pool._processes or {}).values()):  # (Python 3.14's terminate_workers())
+                    proc.terminate()
+                raise
+            except BrokenProcessPool:
+                if stop.requested:  # SIGTERM to the whole process group ended the workers too
+                    raise PreemptedError(PREEMPTED) from None
+                raise StorageError("a face-detection worker process died (out of memory?); nothing was written, "
+                                   "run again (fewer --workers needs less memory)") from None
+    finally:
+        stop.restore()
 
 
 # --- stages 3-5 -------------------------------------------------------------------------------------

@@ -254,10 +254,14 @@ def test_tampered_manifest_and_unlabelled_sample_are_clear_errors(prepared_subse
     assert r.exit_code == 3 and "has no class label" in r.output and dropped.rsplit(".", 1)[0] in r.output, r.output
 
 
-@pytest.mark.parametrize("to_group", [False, True])
-def test_ctrl_c_stops_prepare_data_and_its_workers_at_once(to_group, tmp_path):
+@pytest.mark.parametrize("signame,to_group,code,message", [
+    ("SIGINT", False, 130, "interrupted"), ("SIGINT", True, 130, "interrupted"),
+    ("SIGTERM", False, 4, "stopped by SIGTERM"), ("SIGTERM", True, 4, "stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_stop_prepare_data_and_its_workers_at_once(signame, to_group, code, message, tmp_path):
     """SIGINT to the main process (or to the whole group, as a terminal's Ctrl-C): exit 130 within seconds,
-    workers gone. Before, leaving the pool waited for every queued photo, or hung."""
+    workers gone. Before, leaving the pool waited for every queued photo, or hung. SIGTERM (a preemption;
+    tini forwards it to the main process, ``tini -g`` to the group): the retry code 4, which the Argo
+    workflow retries on; before, the job died with 143 and was not retried."""
     import signal
     import time
 
@@ -271,9 +275,10 @@ def test_ctrl_c_stops_prepare_data_and_its_workers_at_once(to_group, tmp_path):
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert workers, "the detection runs in worker processes"
     sent = time.time()
-    (os.killpg if to_group else os.kill)(proc.pid, signal.SIGINT)
+    (os.killpg if to_group else os.kill)(proc.pid, getattr(signal, signame))
     rest = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130 and "interrupted" in rest and "Traceback" not in rest, rest
+    assert proc.returncode == code and message in rest and "Traceback" not in rest, rest
+    assert not (tmp_path / "o" / "manifest.json").exists()
     assert time.time() - sent < 30, "the queued photos were not dropped"
     def running(pid):  # a zombie waiting for init to reap it runs no more
         try:
