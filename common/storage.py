@@ -376,7 +376,8 @@ class S3Storage(Storage):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
         for page in self._call(prefix, lambda: list(pages)):
             for obj in page.get("Contents", []):
-                out[obj["Key"][strip:]] = int(obj["Size"])
+                if not obj["Key"].endswith("/"):  # a folder marker (the S3 console's "Create folder"), no file
+                    out[obj["Key"][strip:]] = int(obj["Size"])
         return dict(sorted(out.items()))
 
     def exists(self, key):

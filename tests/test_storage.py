@@ -83,3 +83,14 @@ def test_location_within_sees_through_links_and_dots(tmp_path):
     assert not location_within(tmp_path / "raw-2", tmp_path / "raw")  # a prefix of the name is not inside
     assert location_within("s3://b/data/raw/x", "s3://b/data//raw/")
     assert not location_within("s3://b/data/rawx", "s3://b/data/raw") and not location_within("s3://b/raw", str(tmp_path))
+
+
+def test_s3_folder_markers_are_not_listed_as_files(s3_env, s3_server):
+    """Folders made in the S3 console are zero-byte keys ending in '/': prepare-data would record each as
+    a skipped photo."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    for key in ("raw/", "raw/Tom Hanks/", "raw/Tom Hanks/a.jpg"):
+        client.put_object(Bucket=s3_env, Key=key, Body=b"x" if key.endswith(".jpg") else b"")
+    assert open_storage(f"s3://{s3_env}/raw").list() == {"Tom Hanks/a.jpg": 1}
