@@ -48,23 +48,3 @@ class PreemptedError(FacesslError):
     prepare-data: before writing anything, so rerunning starts over)."""
 
     exit_code = EXIT_RETRY
-
-
-class StopRequest:
-    """Records SIGTERM (what Kubernetes and spot reclaims send) so a job stops at its next safe point and
-    exits with the retry code (PreemptedError) instead of dying mid-write: training checkpoints at the next
-    step boundary, prepare-data stops after the photo in hand. ``restore()`` puts the previous handler back."""
-
-    def __init__(self):
-        import signal
-
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        import signal
-
-        signal.signal(signal.SIGTERM, self._previous)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import uuid
@@ -27,7 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
 from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, remove_stale_shards
-from common.errors import BadInputError, PreemptedError, StopRequest, StorageError, UsageError
+from common.errors import BadInputError, PreemptedError, StorageError, UsageError
 from common.faces import DetectConfig, process_photo
 from common.storage import Storage, UnsafeKeyError, location_within, open_storage
 
@@ -110,8 +111,6 @@ def _init_worker(location: str, cfg: DetectConfig, max_file_bytes: int):
 
 def _init_pool_worker(*args):
     """A pool worker leaves Ctrl-C to the main process, which stops the pool (``detect_all``)."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker(*args)
 
@@ -153,34 +152,39 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     workers = cfg.workers or os.cpu_count() or 1
     interval = 0.5 if sys.stderr.isatty() else 30  # a log file gets a progress line every 30 s, not hundreds
     initargs = (location, cfg.detect, cfg.max_file_bytes)
-    stop = StopRequest()
+    preempted = []
 
-    def unless_stopped(records):
-        for record in tqdm(records, total=len(files), desc="detect faces", unit="img", mininterval=interval):
-            if stop.requested:
-                raise PreemptedError(PREEMPTED)
-            yield record
+    def on_sigterm(signum, frame):  # raised where the main thread waits, like Ctrl-C's KeyboardInterrupt
+        preempted.append(signum)
+        raise PreemptedError(PREEMPTED)
 
+    def progress(records):
+        return tqdm(records, total=len(files), desc="detect faces", unit="img", mininterval=interval)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         if workers == 1:
             _init_worker(*initargs)
-            return list(unless_stopped(map(_process_one, files)))
+            return list(progress(map(_process_one, files)))
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_pool_worker,
                                  initargs=initargs) as pool:
             try:
-                return list(unless_stopped(pool.map(_process_one, files, chunksize=16)))
-            except (KeyboardInterrupt, PreemptedError):  # stop now: leaving the with-block would first
-                pool.shutdown(wait=False, cancel_futures=True)  # detect every queued photo
-                for proc in list((pool._processes or {}).values()):  # (Python 3.14's terminate_workers())
+                return list(progress(pool.map(_process_one, files, chunksize=16)))
+            except (KeyboardInterrupt, PreemptedError):
+                # Stop now: leaving the with-block would first detect every queued photo. The workers are
+                # taken before shutdown(), which drops _processes (Python 3.14 has terminate_workers()).
+                procs = list((pool._processes or {}).values())
+                pool.shutdown(wait=False, cancel_futures=True)
+                for proc in procs:
                     proc.terminate()
                 raise
             except BrokenProcessPool:
-                if stop.requested:  # SIGTERM to the whole process group ended the workers too
+                if preempted:  # SIGTERM to the whole process group ended the workers too
                     raise PreemptedError(PREEMPTED) from None
                 raise StorageError("a face-detection worker process died (out of memory?); nothing was written, "
                                    "run again (fewer --workers needs less memory)") from None
     finally:
-        stop.restore()
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- stages 3-5 -------------------------------------------------------------------------------------

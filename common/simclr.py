@@ -23,14 +23,14 @@ from common.checkpoints import load_latest_checkpoint, load_torch, save_checkpoi
 from common.data import UNLABELED, PreparedDataset
 from common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
                                 sync_batchnorm)
-from common.errors import BadInputError, DivergedError, PreemptedError, StopRequest, UsageError
+from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from common.losses import NTXentLoss
 from common.metrics import plot_curves, topk_accuracy
 from common.models import (ProjectionHead, SimCLRModel, build_encoder, check_weight_values, load_encoder_weights,
                            load_error_summary)
 from common.storage import open_storage
 from common.pool import epoch_generator, open_pool
-from common.training import (RunWriter, Throughput, autocast, claim_output, embed, knn_predict,
+from common.training import (RunWriter, StopRequest, Throughput, autocast, claim_output, embed, knn_predict,
                              last_step_lr, pick_device, seed_everything, stop_requested, warmup_cosine)
 
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from common.augment import eval_transform
 from common.distributed import mean_across_ranks
-from common.errors import StopRequest
 from common.storage import Storage
 
 
@@ -168,6 +167,25 @@ class Throughput:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return self.images / max(1e-9, time.perf_counter() - self.start)
+
+
+class StopRequest:
+    """Records SIGTERM (what Kubernetes and spot reclaims send) so training can checkpoint at the next
+    step boundary and exit with the retry code instead of dying mid-write."""
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        import signal
+
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 def stop_requested(stop: StopRequest) -> bool:
