@@ -172,6 +172,13 @@ class LocalStorage(Storage):
             raise UnsafeKeyError(f"key {key!r} resolves outside {self.root}")
         return path
 
+    def _entry(self, key: str) -> Path:
+        """The key's own directory entry: its folder resolved and checked as in :meth:`_path`, its last part
+        not, so that writing or deleting a key that is a symbolic link replaces or removes the link, never
+        the file it points to (another run's model, a photo, a file outside the root)."""
+        parent, _, name = safe_key(key).rpartition("/")
+        return (self._path(parent) if parent else self.root.resolve()) / name
+
     @_local_errors
     def read_bytes(self, key):
         try:
@@ -182,7 +189,7 @@ class LocalStorage(Storage):
             raise NotFoundError(f"is a folder, not a file: {self.url(key)}") from None
 
     def _atomic_target(self, key):
-        path = self._path(key)
+        path = self._entry(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
@@ -209,9 +216,11 @@ class LocalStorage(Storage):
         os.close(fd)
         try:
             shutil.copyfile(local_path, tmp)
-            os.replace(tmp, path)
-        except BaseException:
+            os.replace(tmp, path)  # e.g. a folder standing where the file goes
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise BadInputError(f"cannot write {self.url(key)}: {exc.strerror or exc}") from None
             raise
 
     @_local_errors
@@ -261,7 +270,7 @@ class LocalStorage(Storage):
 
     @_local_errors
     def delete(self, key):
-        self._path(key).unlink(missing_ok=True)
+        self._entry(key).unlink(missing_ok=True)
 
     def sync_to_local(self, prefix, cache_dir):
         """A local folder already is local: returns the folder itself, copies nothing."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -32,7 +33,10 @@ def main(model_location, photo_location, threshold, annotate_location, detect, a
             raise UsageError(f"--annotate {annotate_location!r} must name a .jpg or .jpeg file (it is written as JPEG)")
         if location_within(annotate_location, photo_location):
             raise UsageError(f"--annotate {annotate_location} would overwrite the photo: give another file name")
+        if os.path.isdir(annotate_location):
+            raise UsageError(f"--annotate {annotate_location} is a folder: give a file name in it")
         annotate_to = open_file_location(annotate_location)  # a bad location fails now, not after the faces
+        annotate_to[0].check_writable()
     model, classes, size = load_classifier(model_location)
     img, faces = identify(read_photo(photo_location), model, classes, size, threshold, detect, device_name=device)
     if as_json:

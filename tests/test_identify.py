@@ -100,6 +100,16 @@ def test_annotate_never_replaces_the_photo_or_a_non_jpeg(model_file, tmp_path):
     r = identify("--model", model_file, "--photo", photo, "--annotate", tmp_path / "manifest.json")
     assert r.returncode == 2 and ".jpg or .jpeg" in r.stderr and (tmp_path / "manifest.json").read_text() == "{}"
     assert "face 1" not in r.stdout, "checked before any work"
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "model.pt")  # a .jpg name through a link: the link is replaced
+    r = identify("--model", model_file, "--photo", photo, "--annotate", tmp_path / "link.jpg")
+    assert r.returncode == 0 and (tmp_path / "model.pt").read_bytes() == b"weights", r.stderr
+    assert not (tmp_path / "link.jpg").is_symlink() and (tmp_path / "link.jpg").read_bytes()[:2] == b"\xff\xd8"
+    (tmp_path / "adir.jpg").mkdir()
+    r = identify("--model", model_file, "--photo", photo, "--annotate", tmp_path / "adir.jpg")
+    assert r.returncode == 2 and "is a folder" in r.stderr and "face 1" not in r.stdout, r.stderr
+    r = identify("--model", model_file, "--photo", photo, "--annotate", tmp_path / "model.pt" / "x.jpg")
+    assert r.returncode == 3 and "face 1" not in r.stdout, r.stderr
 
 
 def test_model_with_a_bad_image_size_is_refused(tmp_path):

@@ -94,3 +94,26 @@ def test_s3_folder_markers_are_not_listed_as_files(s3_env, s3_server):
     for key in ("raw/", "raw/Tom Hanks/", "raw/Tom Hanks/a.jpg"):
         client.put_object(Bucket=s3_env, Key=key, Body=b"x" if key.endswith(".jpg") else b"")
     assert open_storage(f"s3://{s3_env}/raw").list() == {"Tom Hanks/a.jpg": 1}
+
+
+def test_writing_or_deleting_a_link_never_touches_its_target(tmp_path):
+    """A key that is a symbolic link is replaced or removed as a link: the file it points to (here another
+    run's model) stays as it was. A folder where a file goes is a clear error, not a traceback."""
+    from common.errors import BadInputError
+
+    root, other = tmp_path / "root", tmp_path / "other"
+    root.mkdir(), other.mkdir()
+    (other / "model.pt").write_bytes(b"weights")
+    (other / "notes.txt").write_bytes(b"precious")
+    os.symlink(other / "model.pt", root / "out.jpg")
+    os.symlink(other / "notes.txt", root / "old.pt")
+    store = open_storage(str(root))
+    store.write_bytes("out.jpg", b"jpeg")
+    store.delete("old.pt")
+    assert (root / "out.jpg").read_bytes() == b"jpeg" and not (root / "out.jpg").is_symlink()
+    assert not os.path.lexists(root / "old.pt")
+    assert (other / "model.pt").read_bytes() == b"weights" and (other / "notes.txt").read_bytes() == b"precious"
+    (root / "encoder.pt").mkdir()
+    (tmp_path / "local.bin").write_bytes(b"x")
+    with pytest.raises(BadInputError, match="cannot write .*encoder.pt"):
+        store.upload_file(tmp_path / "local.bin", "encoder.pt")
