@@ -37,9 +37,9 @@ from common.distributed import (barrier, cleanup, init_distributed, mean_across_
 from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
 from common.models import Classifier, build_encoder, load_encoder_weights
-from common.storage import open_storage
+from common.storage import claim_output, open_storage
 from common.pool import MemoryPool, epoch_generator, rank_share
-from common.training import (RunWriter, StopRequest, autocast, claim_output, embed, knn_predict, last_step_lr,
+from common.training import (RunWriter, StopRequest, autocast, embed, knn_predict, last_step_lr,
                              pick_device, seed_everything, stop_requested, warmup_cosine)
 
 

@@ -30,7 +30,7 @@ from multiprocessing import get_context
 from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, remove_stale_shards
 from common.errors import BadInputError, PreemptedError, StorageError, UsageError
 from common.faces import DetectConfig, process_photo
-from common.storage import Storage, UnsafeKeyError, location_within, open_storage
+from common.storage import Storage, UnsafeKeyError, claim_output, location_within, open_storage
 
 PREEMPTED = ("stopped by SIGTERM during face detection; nothing was written (manifest.json comes last): "
              "run again to start over")
@@ -302,6 +302,7 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
         raise UsageError(f"the output {output_location} lies inside the input {input_location}: give a folder "
                          "outside it")
     src, dst = open_storage(input_location), open_storage(output_location)
+    claim_output(dst, "prepare-data")
     files, records_outside = list_raw_files(src)
     if cfg.classes:
         present = {rel.split("/", 1)[0] for rel, _ in files}

@@ -28,9 +28,9 @@ from common.losses import NTXentLoss
 from common.metrics import plot_curves, topk_accuracy
 from common.models import (ProjectionHead, SimCLRModel, build_encoder, check_weight_values, load_encoder_weights,
                            load_error_summary)
-from common.storage import open_storage
+from common.storage import claim_output, open_storage
 from common.pool import epoch_generator, open_pool
-from common.training import (RunWriter, StopRequest, Throughput, autocast, claim_output, embed, knn_predict,
+from common.training import (RunWriter, StopRequest, Throughput, autocast, embed, knn_predict,
                              last_step_lr, pick_device, seed_everything, stop_requested, warmup_cosine)
 
 
@@ -172,30 +172,40 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
     start_epoch, start_step, partial = 0, 0, []
     order_kind = "shuffle-buffer" if data_mode == "stream" else "permutation"  # memory and mmap share one order
     state = load_latest_checkpoint(out) if cfg.resume == "auto" else None
-    options = {**asdict(cfg), "world_size": world, "data": data.storage.uri}  # the location as storage spells it
+    options = {**asdict(cfg), "world_size": world, "data": data.storage.uri,  # the location as storage spells it,
+               "dataset_id": data.manifest.get("dataset_id")}  # and what is there (a prepare-data rerun changes it)
     if state is not None:
         check_same_options(state.get("options", {}), options, out.uri)
         if state.get("finished"):
             log(f"this run already finished ({out.url('checkpoints/latest.json')}): nothing to do")
             return state.get("summary", {})
-        try:
-            check_weight_values(state["model"], out.url("checkpoints/latest.json"))
+        where = out.url("checkpoints/latest.json")
+        try:  # every part of the state, so a damaged checkpoint is one clear error, not a traceback mid-setup
+            check_weight_values(state["model"], where)
+            for moments in state["optimizer"]["state"].values():  # NaN here is NaN weights after one step
+                check_weight_values(moments, f"{where} (optimizer state)")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            restore_rng_states(state["rng"])
+            if world == 1 and state.get("aug_rng_device", device.type) == device.type:
+                aug_gen.set_state(state["aug_rng"])  # the same process and device kind: the run continues bitwise
+            else:  # another device kind's generator state does not load; and only rank 0's state was saved
+                aug_gen.manual_seed(hash((cfg.seed, info.rank, int(state["epoch"]), int(state["step"]))) % 2**63)
+                log(f"note: augmentation stream reseeded on resume ({world} process(es), checkpoint from "
+                    f"{state.get('aug_rng_device', 'the same device kind')}, now {device.type}): the run "
+                    "continues, not bitwise equal to an uninterrupted one")
+            history, partial = list(state["history"]), [float(x) for x in state["partial_losses"]]
+            start_epoch, start_step = state["epoch"], state["step"]
+            if not (type(start_epoch) is int and type(start_step) is int and 0 <= start_epoch <= cfg.epochs
+                    and 0 <= start_step and all(isinstance(h, dict) for h in history)
+                    and all(math.isfinite(x) for x in partial)):
+                raise ValueError("its epoch, step, history or partial losses are not what a run writes")
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            raise BadInputError(f"the checkpoint {out.url('checkpoints/latest.json')} points at is damaged "
-                                f"({load_error_summary(exc)}): use --resume never to start over") from None
-        if world == 1 and state.get("aug_rng_device", device.type) == device.type:
-            aug_gen.set_state(state["aug_rng"])  # the same process and device kind: the run continues bitwise
-        else:  # another device kind's generator state does not load; and only rank 0's state was saved
-            aug_gen.manual_seed(hash((cfg.seed, info.rank, int(state["epoch"]), int(state["step"]))) % 2**63)
-            log(f"note: augmentation stream reseeded on resume ({world} process(es), checkpoint from "
-                f"{state.get('aug_rng_device', 'the same device kind')}, now {device.type}): the run continues, "
-                "not bitwise equal to an uninterrupted one")
-        restore_rng_states(state["rng"])
-        writer.history = list(state["history"])
-        start_epoch, start_step, partial = int(state["epoch"]), int(state["step"]), list(state["partial_losses"])
+            detail = f"no {exc}" if isinstance(exc, KeyError) else load_error_summary(exc)
+            raise BadInputError(f"the checkpoint {where} points at is damaged ({detail}): use --resume never "
+                                "to start over") from None
+        writer.history = history
         log(f"resuming at epoch {start_epoch + 1}, step {start_step} from {out.url('checkpoints/latest.json')}")
         if start_step and state.get("data_order", order_kind) != order_kind:
             log(f"warning: the checkpoint was taken mid-epoch with {state['data_order']} data order and this run "

@@ -418,6 +418,28 @@ class S3Storage(Storage):
         return dest
 
 
+# files that mark a location as one job's: each writes them and no other job does (metrics.json and config.json
+# are written by several)
+RUN_MARKERS = {"prepare-data": ("manifest.json",), "pretrain-simclr": ("encoder.pt", "checkpoints/latest.json"),
+               "train-classifier": ("model.pt", "classification_report.txt"), "evaluate-pairs": ("scores.csv",)}
+
+
+def claim_output(out: Storage, job: str) -> None:
+    """Refuse an output location that holds a prepared dataset or another job's run (writing there would
+    replace that run's ``config.json`` and ``metrics.jsonl``), then probe that it can be written
+    (:meth:`Storage.check_writable`). A location of the same job is reused (resume, or a rerun that replaces it).
+
+    Raises:
+        UsageError: naming the other job and the file that shows it. BadInputError / StorageError: the
+        location cannot be read or written.
+    """
+    for other, markers in RUN_MARKERS.items():
+        found = [key for key in markers if out.exists(key)] if other != job else []
+        if found:
+            raise UsageError(f"{out.uri} holds a {other} output ({found[0]}): give {job} a folder of its own")
+    out.check_writable()
+
+
 def open_file_location(location: str | os.PathLike) -> tuple["Storage", str]:
     """The storage of a file's folder and the file's key in it, for a local file path or ``s3://bucket/key``.
 

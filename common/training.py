@@ -103,29 +103,6 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
     return scores
 
 
-# files that mark a location as one job's (the prepared dataset's manifest, each training job's outputs)
-RUN_MARKERS = {"prepare-data": ("manifest.json",), "pretrain-simclr": ("encoder.pt", "checkpoints/latest.json"),
-               "train-classifier": ("model.pt", "metrics.json")}
-
-
-def claim_output(out: Storage, job: str) -> None:
-    """Refuse an output location that holds a prepared dataset or another job's run (writing there would
-    replace that run's ``config.json`` and ``metrics.jsonl``), then probe that it can be written
-    (:meth:`Storage.check_writable`). A location of the same job is reused (resume, or a rerun that replaces it).
-
-    Raises:
-        UsageError: naming the other job and the file that shows it. BadInputError / StorageError: the
-        location cannot be read or written.
-    """
-    from common.errors import UsageError
-
-    for other, markers in RUN_MARKERS.items():
-        found = [key for key in markers if out.exists(key)] if other != job else []
-        if found:
-            raise UsageError(f"{out.uri} holds a {other} output ({found[0]}): give {job} a folder of its own")
-    out.check_writable()
-
-
 class RunWriter:
     """Writes a run's outputs to its storage: JSON files, the per-epoch ``metrics.jsonl``, PNGs."""
 

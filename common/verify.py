@@ -24,8 +24,8 @@ from common.data import image_to_chw
 from common.errors import BadInputError, UsageError
 from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face, encode_jpeg
 from common.classify import load_encoder
-from common.storage import (NotFoundError, UnsafeKeyError, join_location, location_within, open_file_location,
-                            open_storage, safe_key)
+from common.storage import (NotFoundError, UnsafeKeyError, claim_output, join_location, location_within,
+                            open_file_location, open_storage, safe_key)
 from common.training import RunWriter, embed, pick_device
 
 
@@ -238,7 +238,7 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
     n_same = sum(s for _, _, s in pairs)
     check_fold_counts(n_same, len(pairs) - n_same, folds)  # now, not after the embedding (checked again on the pairs kept)
     out = open_storage(output_location)
-    out.check_writable()  # now, not after the embedding
+    claim_output(out, "evaluate-pairs")  # now, not after the embedding
     encoder, _ = load_encoder(encoder_location)
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
     if dropped:

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import CASES, GLINT24, SHARED
+from jobs.evaluate_pairs import main as evaluate_main
 from jobs.prepare_data import main as prepare_main
 from jobs.pretrain_simclr import main as pretrain_main
 from jobs.train_classifier import main as classifier_main
@@ -309,7 +310,8 @@ def test_ctrl_c_or_sigterm_stop_prepare_data_and_its_workers_at_once(signame, to
 
 
 def test_a_job_never_writes_into_another_jobs_output(prepared_subset, tmp_path):
-    """A SimCLR run, a classifier run and a prepared dataset each keep their folder (exit 2 before any work);
+    """A SimCLR run, a classifier run and a prepared dataset each keep their folder (exit 2 before any work;
+    evaluate-pairs and prepare-data too);
     a classifier rerun into its own folder replaces the old results; an unwritable output fails first."""
     simclr, cls = tmp_path / "simclr", tmp_path / "cls"
     assert run(pretrain_main, "--data", prepared_subset, "--output", simclr, "--epochs", 1, "--image-size", 32,
@@ -330,6 +332,13 @@ def test_a_job_never_writes_into_another_jobs_output(prepared_subset, tmp_path):
     assert json.loads((cls / "config.json").read_text())["mode"] == "knn" == json.loads((cls / "metrics.json").read_text())["mode"]
     r = run(classifier_main, "--data", prepared_subset, "--output", "/proc/facessl-cls", "--mode", "knn")
     assert r.exit_code == 3 and "cannot write to /proc/facessl-cls" in r.output, r.output
+    before = (cls / "metrics.json").read_bytes()
+    r = run(evaluate_main, "--pairs", SHARED / "data" / "faces" / "celeba-wild" / "pairs.csv", "--images",
+            SHARED / "data" / "faces" / "celeba-wild", "--encoder", simclr, "--output", cls, "--device", "cpu")
+    assert r.exit_code == 2 and "holds a train-classifier output" in r.output, r.output
+    assert (cls / "metrics.json").read_bytes() == before
+    r = run(prepare_main, "--input", CASES / "raw", "--output", simclr, "--min-images", 1, "--workers", 1)
+    assert r.exit_code == 2 and "holds a pretrain-simclr output" in r.output and not (simclr / "train").exists()
 
 
 def test_one_class_dataset_is_refused_by_the_classifier(tmp_path):

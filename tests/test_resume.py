@@ -127,29 +127,45 @@ def test_logged_lr_is_the_last_steps_whatever_step_a_run_resumed_at():
 
 
 def test_resume_refuses_other_data_and_damaged_checkpoints(prepared_subset, tmp_path):
-    """Another --data, a checkpoint without its optimizer or with NaN weights: exit 2 / 3 naming the cause, and
+    """Another --data or other data at the same location, a checkpoint without its optimizer or RNG state, with NaN weights or optimizer moments, or
+    a negative epoch: exit 2 / 3 naming the cause, and
     the checkpoint is left as it was. A damaged history.json never deletes the run's other files."""
     import shutil
 
-    out = tmp_path / "run"
-    code, stdout, stderr = interrupt_mid_epoch(prepared_subset, str(out), {})
+    out, data, other = tmp_path / "run", tmp_path / "data", tmp_path / "other-data"
+    shutil.copytree(prepared_subset, data)
+    code, stdout, stderr = interrupt_mid_epoch(data, str(out), {})
     assert code == 4, stdout + stderr
-    other = tmp_path / "other-data"
-    shutil.copytree(prepared_subset, other)
+    shutil.copytree(data, other)
     r = pretrain(other, str(out))
     assert r.returncode == 2 and "data:" in r.stderr and "other options" in r.stderr, r.stdout + r.stderr
+    manifest = (data / "manifest.json").read_text()  # a prepare-data rerun at the same location: other crops
+    (data / "manifest.json").write_text(json.dumps({**json.loads(manifest), "dataset_id": "0" * 32}))
+    r = pretrain(data, str(out))
+    assert r.returncode == 2 and "dataset_id:" in r.stderr, r.stdout + r.stderr
+    (data / "manifest.json").write_text(manifest)
     path = out / json.loads((out / "checkpoints" / "latest.json").read_text())["key"]
     good = torch.load(path, weights_only=True)
-    for damage in ("no optimizer", "nan"):
-        state = {k: v for k, v in good.items() if not (damage == "no optimizer" and k == "optimizer")}
-        if damage == "nan":
-            state["model"] = {**good["model"], "encoder.conv1.weight": torch.full_like(good["model"]["encoder.conv1.weight"], float("nan"))}
+    nan_like = lambda t: torch.full_like(t, float("nan"))  # noqa: E731
+    first_moments = next(iter(good["optimizer"]["state"]))
+    damages = {  # name: (changed entries, message)
+        "no optimizer": ({"optimizer": None}, "damaged"),
+        "nan": ({"model": {**good["model"], "encoder.conv1.weight": nan_like(good["model"]["encoder.conv1.weight"])}},
+                "NaN or infinite"),
+        "nan optimizer state": ({"optimizer": {**good["optimizer"], "state": {**good["optimizer"]["state"], first_moments: {
+            k: nan_like(v) if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in good["optimizer"]["state"][first_moments].items()}}}}, "optimizer state"),
+        "no rng": ({"rng": None}, "damaged"),
+        "negative epoch": ({"epoch": -3}, "damaged"),
+    }
+    for damage, (change, message) in damages.items():
+        state = {k: v for k, v in {**good, **change}.items() if v is not None}
         torch.save(state, path)
-        r = pretrain(prepared_subset, str(out))
+        r = pretrain(data, str(out))
         assert r.returncode == 3 and "Traceback" not in r.stderr, (damage, r.stdout + r.stderr)
-        assert ("damaged" if damage == "no optimizer" else "NaN or infinite") in r.stderr, (damage, r.stderr)
+        assert message in r.stderr, (damage, r.stderr)
     torch.save(good, path)
     (out / "keep.txt").write_text("the user's file")
     (out / "checkpoints" / "history.json").write_text(json.dumps(["keep.txt", "../keep.txt", 3]))
-    r = pretrain(prepared_subset, str(out))
+    r = pretrain(data, str(out))
     assert r.returncode == 0 and (out / "keep.txt").read_text() == "the user's file", r.stdout + r.stderr
