@@ -73,3 +73,6 @@ def parse_list(value: str | None) -> tuple[str, ...]:
     if not value:
         return ()
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+SEED = click.IntRange(0, 2**63 - 1)  # what torch.manual_seed and random.seed take: larger seeds overflow

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 UNLABELED = "unlabeled"
 MANIFEST = "manifest.json"
+MAX_SAMPLE_PIXELS = 4096 * 4096  # a crop is a few hundred pixels a side; more is a damaged or hostile shard
 SHARD_NAME = re.compile(r"shard-\d{6}\.tar")  # <split>/shard-000000.tar, as ShardWriter names them
 
 
@@ -196,7 +197,11 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
                 continue
             if n == part.size:
                 raise BadInputError(f"shard {part.key} holds more samples than the manifest says: re-run prepare-data")
-            img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+            img = Image.open(io.BytesIO(jpeg))  # reads the header only
+            if img.width * img.height > MAX_SAMPLE_PIXELS:  # (Pillow's own limit is off: common.faces)
+                raise BadInputError(f"shard {part.key} sample {key} is {img.width}x{img.height} pixels, not a face "
+                                    "crop: re-run prepare-data")
+            img = img.convert("RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
             images[n] = image_to_chw(img)

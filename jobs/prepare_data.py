@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import FiniteFloatRange, parse_list, report_errors
+from common.cli import SEED, FiniteFloatRange, parse_list, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -17,7 +17,7 @@ from common.cli import FiniteFloatRange, parse_list, report_errors
 @click.option("--min-images", type=click.IntRange(min=1), default=10,
               help="Keep identities with at least this many usable (cropped, de-duplicated) photos.")
 @click.option("--split", "ratios", default="0.8,0.1,0.1", help="train,val,test fractions.")
-@click.option("--seed", type=int, default=1337, help="Seed of the stratified split.")
+@click.option("--seed", type=SEED, default=1337, help="Seed of the stratified split.")
 @click.option("--image-size", type=click.IntRange(min=16, max=1024), default=224, help="Side of the square crops, pixels.")
 @click.option("--margin", type=FiniteFloatRange(min=0, max=2), default=0.2,
               help="Margin around the face box, as a fraction of the box side on each side.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import FiniteFloatRange, is_main_process, report_errors
+from common.cli import SEED, FiniteFloatRange, is_main_process, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -26,7 +26,7 @@ from common.cli import FiniteFloatRange, is_main_process, report_errors
 @click.option("--use-unlabeled/--no-use-unlabeled", default=False, help="Also train on the dataset's unlabeled pool.")
 @click.option("--knn-every", type=click.IntRange(min=0), default=5, help="Run the kNN monitor on the val split every N epochs (0: never).")
 @click.option("--init", default="scratch", help="'scratch' or a ResNet18 weights file (path or s3:// URI), e.g. torchvision's ImageNet file.")
-@click.option("--seed", type=int, default=1337, help="Random seed.")
+@click.option("--seed", type=SEED, default=1337, help="Random seed.")
 @click.option("--device", default="auto", envvar="FACESSL_DEVICE", help="auto, cpu, cuda or cuda:N.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=1, help="Write a resumable checkpoint every N epochs (0: never).")
 @click.option("--resume", type=click.Choice(["auto", "never"]), default="auto", help="auto: continue from the output's latest checkpoint when there is one.")

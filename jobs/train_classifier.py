@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import FiniteFloatRange, is_main_process, report_errors
+from common.cli import SEED, FiniteFloatRange, is_main_process, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -32,7 +32,7 @@ from common.cli import FiniteFloatRange, is_main_process, report_errors
               help="--mode distill: softmax temperature of teacher and student.")
 @click.option("--distill-label-weight", type=FiniteFloatRange(min=0, max=100), default=1.0,
               help="--mode distill: weight of the labelled images' cross-entropy beside the distillation loss.")
-@click.option("--seed", type=int, default=1337, help="Random seed.")
+@click.option("--seed", type=SEED, default=1337, help="Random seed.")
 @click.option("--device", default="auto", envvar="FACESSL_DEVICE", help="auto, cpu, cuda or cuda:N.")
 @report_errors
 def main(data_location, output_location, **options):

@@ -255,6 +255,31 @@ def test_tampered_manifest_and_unlabelled_sample_are_clear_errors(prepared_subse
     assert r.exit_code == 3 and "has no class label" in r.output and dropped.rsplit(".", 1)[0] in r.output, r.output
 
 
+def test_oversized_seed_and_decompression_bomb_in_a_shard(prepared_subset, tmp_path):
+    """A seed over 2**63 - 1 is a usage error (it overflowed in torch.manual_seed); a shard sample that is a
+    decompression bomb (a 15000 px PNG of 27 KB) is exit 3 naming the shard, not a traceback or 675 MB decoded."""
+    import tarfile
+
+    from PIL import Image
+
+    r = run(pretrain_main, "--data", prepared_subset, "--output", tmp_path / "s", "--seed", 2**64)
+    assert r.exit_code == 2 and "--seed" in r.output, r.output
+    data = tmp_path / "bomb"
+    shutil.copytree(prepared_subset, data)
+    shard = data / json.loads((data / "manifest.json").read_text())["shards"]["train"][0]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    bomb = io.BytesIO()
+    Image.new("1", (15000, 15000)).save(bomb, "PNG")
+    members[0] = (members[0][0], bomb.getvalue())
+    members[0][0].size = len(bomb.getvalue())
+    with tarfile.open(shard, "w") as tar:
+        for m, payload in members:
+            tar.addfile(m, io.BytesIO(payload))
+    r = run(classifier_main, "--data", data, "--output", tmp_path / "o", "--mode", "knn", "--image-size", 32)
+    assert r.exit_code == 3 and "15000x15000 pixels, not a face crop" in r.output, r.output
+
+
 @pytest.fixture(scope="module")
 def slow_photos(tmp_path_factory):
     """Real face photos enlarged to 2400 px: a worker's chunk of 16 takes a minute or more to detect, so a
