@@ -119,7 +119,7 @@ def read_manifest(storage: Storage) -> dict:
         manifest = json.loads(storage.read_text(MANIFEST))
     except NotFoundError:
         raise BadInputError(f"{where} not found: --data must be the output of prepare-data") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (nesting deeper than the parser's stack)
         raise BadInputError(f"{where} is not valid JSON") from None
     valid = (isinstance(manifest, dict) and isinstance(manifest.get("classes"), list) and manifest["classes"]
              and all(isinstance(c, str) for c in manifest["classes"])
@@ -128,9 +128,13 @@ def read_manifest(storage: Storage) -> dict:
              and isinstance(manifest.get("shard_sizes", {}), dict)
              and (manifest.get("image_size") is None or type(manifest["image_size"]) is int and manifest["image_size"] >= 1))
     if not valid:
-        raise BadInputError(f"{where} is not a facessl manifest (classes, shards and image_size are required)")
+        raise BadInputError(f"{where} is not a facessl manifest (classes and shards are required; image_size, when "
+                            "given, is a positive integer)")
     if len(set(manifest["classes"])) != len(manifest["classes"]):
         raise BadInputError(f"{where} names a class twice: one identity, one class index")
+    keys = [key for split in manifest["shards"].values() for key in split]
+    if len(set(keys)) != len(keys):
+        raise BadInputError(f"{where} lists a shard twice: its samples would be trained on, or tested, twice")
     return manifest
 
 
@@ -257,7 +261,7 @@ class PreparedDataset:
         them) counted by reading the shards once."""
         sizes = self.manifest.get("shard_sizes", {}).get(split)
         keys = self.shards(split)
-        if isinstance(sizes, list) and len(sizes) == len(keys) and all(isinstance(n, int) and n >= 0 for n in sizes):
+        if isinstance(sizes, list) and len(sizes) == len(keys) and all(type(n) is int and n >= 0 for n in sizes):
             return sizes
         try:
             return [sum(1 for _ in iter_shard_samples(self.storage.local_copy(k, self.cache))) for k in keys]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from common.data import PreparedDataset
 from conftest import CASES, GLINT24, SHARED
 from jobs.evaluate_pairs import main as evaluate_main
 from jobs.prepare_data import main as prepare_main
@@ -234,13 +235,20 @@ def test_tampered_manifest_and_unlabelled_sample_are_clear_errors(prepared_subse
     cases = {"image_size": ({"image_size": -5}, "not a facessl manifest"),
              "bool_size": ({"image_size": True}, "not a facessl manifest"),
              "sizes": ({"shard_sizes": "x"}, "not a facessl manifest"),
-             "twice": ({"classes": [good["classes"][0]] * len(good["classes"])}, "names a class twice")}
+             "twice": ({"classes": [good["classes"][0]] * len(good["classes"])}, "names a class twice"),
+             "shard twice": ({"shards": {**good["shards"], "test": good["shards"]["val"]}}, "lists a shard twice"),
+             "deep": (None, "not valid JSON")}
     for name, (change, message) in cases.items():
         data = tmp_path / name
         shutil.copytree(prepared_subset, data)
-        (data / "manifest.json").write_text(json.dumps({**good, **change}))
+        (data / "manifest.json").write_text("[" * 100000 + "]" * 100000 if change is None else json.dumps({**good, **change}))
         r = run(classifier_main, "--data", data, "--output", tmp_path / f"o-{name}", "--mode", "knn", "--image-size", 32)
         assert r.exit_code == 3 and message in r.output, (name, r.output)
+    data = tmp_path / "boolsizes"  # sizes that are not counts are counted again from the shards
+    shutil.copytree(prepared_subset, data)
+    (data / "manifest.json").write_text(json.dumps({**good, "shard_sizes": {
+        **good["shard_sizes"], "train": [True] * len(good["shards"]["train"])}}))
+    assert PreparedDataset(str(data), 32).shard_sizes("train") == good["shard_sizes"]["train"]
     data = tmp_path / "nocls"
     shutil.copytree(prepared_subset, data)
     shard = data / good["shards"]["train"][0]
