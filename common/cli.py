@@ -68,11 +68,18 @@ class FiniteFloatRange(click.FloatRange):
         return value
 
 
-def parse_list(value: str | None) -> tuple[str, ...]:
-    """Comma-separated option value -> tuple of stripped, non-empty names."""
-    if not value:
+def parse_list(value: str | None, option: str = "--classes") -> tuple[str, ...]:
+    """Comma-separated option value -> tuple of stripped, non-empty names; () when the option is not given.
+
+    Raises:
+        click.BadParameter (exit 2): given, but naming nothing (``","``, spaces), which would mean "all".
+    """
+    if value is None:
         return ()
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names:
+        raise click.BadParameter(f"{value!r} names nothing: leave {option} out to keep every identity")
+    return names
 
 
 SEED = click.IntRange(0, 2**63 - 1)  # what torch.manual_seed and random.seed take: larger seeds overflow

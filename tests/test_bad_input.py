@@ -121,6 +121,7 @@ def test_failed_rerun_leaves_no_stale_manifest(tmp_path):
     (["--split", "nan,0.5,0.5"], 2, "split ratios"),
     (["--split", "0.9,0.2,-0.1"], 2, "split ratios"),
     (["--output", ""], 2, "empty location"),
+    (["--classes", " , "], 2, "names nothing"),
 ])
 def test_prepare_usage_errors(args, code, message, tmp_path):
     base = {"--input": str(CASES / "raw"), "--output": str(tmp_path / "o")}
