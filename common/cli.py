@@ -68,7 +68,7 @@ class FiniteFloatRange(click.FloatRange):
         return value
 
 
-def parse_list(value: str | None, option: str = "--classes") -> tuple[str, ...]:
+def parse_list(value: str | None) -> tuple[str, ...]:
     """Comma-separated option value -> tuple of stripped, non-empty names; () when the option is not given.
 
     Raises:
@@ -78,7 +78,7 @@ def parse_list(value: str | None, option: str = "--classes") -> tuple[str, ...]:
         return ()
     names = tuple(v.strip() for v in value.split(",") if v.strip())
     if not names:
-        raise click.BadParameter(f"{value!r} names nothing: leave {option} out to keep every identity")
+        raise click.BadParameter(f"{value!r} names nothing: leave the option out to keep them all")
     return names
 
 

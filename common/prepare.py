@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -32,8 +33,19 @@ from common.errors import BadInputError, PreemptedError, StorageError, UsageErro
 from common.faces import DetectConfig, process_photo
 from common.storage import Storage, UnsafeKeyError, claim_output, location_within, open_storage
 
-PREEMPTED = ("stopped by SIGTERM during face detection; nothing was written (manifest.json comes last): "
-             "run again to start over")
+PREEMPTED = ("stopped by SIGTERM before manifest.json was written (it comes last, so this output holds no "
+             "dataset): run again to start over")
+_SIGTERM = {"received": False}
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM (a preemption) raises PreemptedError where the main thread is, as Ctrl-C raises
+    KeyboardInterrupt: a wait for the detection workers is cut short, and the job exits 4, which the
+    Argo workflow retries."""
+    _SIGTERM["received"] = True
+    raise PreemptedError(PREEMPTED)
+
+
 OUTSIDE_LINK = "a symlink points outside the input (use a hard link or a copy)"
 FOLDER_LINK = ("a symlink to a folder, not followed: it can loop, leave the input, or show a folder's photos "
                "under a second identity (link the photos themselves, or copy the folder)")
@@ -122,7 +134,7 @@ def _process_one(item: tuple[str, int]) -> dict:
         return {**record, "status": "skipped", "reason": f"file too large ({size} bytes)"}
     try:
         data = _WORKER["storage"].read_bytes(rel)
-    except StorageError:
+    except (StorageError, PreemptedError):
         raise  # a storage outage is not a property of the file: fail the job (exit 4) instead of skipping
     except UnsafeKeyError:  # one reason for all such files, so the manifest's skip counts group them
         return {**record, "status": "skipped", "reason": OUTSIDE_LINK}
@@ -131,6 +143,8 @@ def _process_one(item: tuple[str, int]) -> dict:
     record["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         result = process_photo(data, _WORKER["cfg"])
+    except PreemptedError:  # SIGTERM while detecting in the main process (one worker)
+        raise
     except Exception as exc:  # noqa: BLE001 - a decoder crash on one file is a skip, not a failed job
         return {**record, "status": "skipped", "reason": f"could not process image ({type(exc).__name__})"}
     if result.crop_jpeg is None:
@@ -143,8 +157,8 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     """Run decode + detection + crop over ``files`` with a worker per core; records in input order.
 
     Raises:
-        PreemptedError: SIGTERM arrived (exit 4: nothing is written yet, the retry starts over); the
-            workers are ended first, as on Ctrl-C.
+        PreemptedError: SIGTERM arrived (see :func:`prepare_dataset`); the workers are ended first, as on
+            Ctrl-C.
         StorageError: a worker died, or storage failed.
     """
     from tqdm import tqdm
@@ -152,39 +166,30 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     workers = cfg.workers or os.cpu_count() or 1
     interval = 0.5 if sys.stderr.isatty() else 30  # a log file gets a progress line every 30 s, not hundreds
     initargs = (location, cfg.detect, cfg.max_file_bytes)
-    preempted = []
-
-    def on_sigterm(signum, frame):  # raised where the main thread waits, like Ctrl-C's KeyboardInterrupt
-        preempted.append(signum)
-        raise PreemptedError(PREEMPTED)
 
     def progress(records):
         return tqdm(records, total=len(files), desc="detect faces", unit="img", mininterval=interval)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        if workers == 1:
-            _init_worker(*initargs)
-            return list(progress(map(_process_one, files)))
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_pool_worker,
-                                 initargs=initargs) as pool:
-            try:
-                return list(progress(pool.map(_process_one, files, chunksize=16)))
-            except (KeyboardInterrupt, PreemptedError):
-                # Stop now: leaving the with-block would first detect every queued photo. The workers are
-                # taken before shutdown(), which drops _processes (Python 3.14 has terminate_workers()).
-                procs = list((pool._processes or {}).values())
-                pool.shutdown(wait=False, cancel_futures=True)
-                for proc in procs:
-                    proc.terminate()
-                raise
-            except BrokenProcessPool:
-                if preempted:  # SIGTERM to the whole process group ended the workers too
-                    raise PreemptedError(PREEMPTED) from None
-                raise StorageError("a face-detection worker process died (out of memory?); nothing was written, "
-                                   "run again (fewer --workers needs less memory)") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if workers == 1:
+        _init_worker(*initargs)
+        return list(progress(map(_process_one, files)))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_pool_worker,
+                             initargs=initargs) as pool:
+        try:
+            return list(progress(pool.map(_process_one, files, chunksize=16)))
+        except (KeyboardInterrupt, PreemptedError):
+            # Stop now: leaving the with-block would first detect every queued photo. The workers are
+            # taken before shutdown(), which drops _processes (Python 3.14 has terminate_workers()).
+            procs = list((pool._processes or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                proc.terminate()
+            raise
+        except BrokenProcessPool:
+            if _SIGTERM["received"]:  # SIGTERM to the whole process group ended the workers too
+                raise PreemptedError(PREEMPTED) from None
+            raise StorageError("a face-detection worker process died (out of memory?); nothing was written, "
+                               "run again (fewer --workers needs less memory)") from None
 
 
 # --- stages 3-5 -------------------------------------------------------------------------------------
@@ -292,9 +297,21 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
     manifest describing new shards.
 
     Raises:
+        PreemptedError: SIGTERM arrived (exit 4; a retry starts over).
         UsageError: bad split ratios, or an output at or inside the input. BadInputError: an unusable input
         or output (see the stages). StorageError: S3 unreachable.
     """
+    in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers live there)
+    _SIGTERM["received"] = False
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return _prepare_dataset(input_location, output_location, cfg, log)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfig, log) -> dict:
     if not all(math.isfinite(r) and r >= 0 for r in cfg.ratios) or abs(sum(cfg.ratios) - 1.0) > 1e-6:
         raise UsageError(f"split ratios must be finite, >= 0 and sum to 1, got {cfg.ratios}")
     started = time.time()

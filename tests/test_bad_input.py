@@ -303,28 +303,30 @@ def slow_photos(tmp_path_factory):
     return raw
 
 
-@pytest.mark.parametrize("signame,to_group,code,message", [
-    ("SIGINT", False, 130, "interrupted"), ("SIGINT", True, 130, "interrupted"),
-    ("SIGTERM", False, 4, "stopped by SIGTERM"), ("SIGTERM", True, 4, "stopped by SIGTERM")])
-def test_ctrl_c_or_sigterm_stop_prepare_data_and_its_workers_at_once(signame, to_group, code, message, slow_photos,
-                                                                     tmp_path):
+@pytest.mark.parametrize("signame,to_group,n_workers,code,message", [
+    ("SIGINT", False, 2, 130, "interrupted"), ("SIGINT", True, 2, 130, "interrupted"),
+    ("SIGTERM", False, 2, 4, "stopped by SIGTERM"), ("SIGTERM", True, 2, 4, "stopped by SIGTERM"),
+    ("SIGTERM", False, 1, 4, "stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_stop_prepare_data_and_its_workers_at_once(signame, to_group, n_workers, code, message,
+                                                                     slow_photos, tmp_path):
     """SIGINT to the main process (or to the whole group, as a terminal's Ctrl-C): exit 130 within seconds,
     workers gone. Before, leaving the pool waited for every queued photo, or hung, or (Python 3.11's
     shutdown() drops the pool's process list) the workers finished their chunks first. SIGTERM (a preemption;
     tini forwards it to the main process, ``tini -g`` to the group): the retry code 4, which the Argo
-    workflow retries on; before, the job died with 143 and was not retried."""
+    workflow retries on; before, the job died with 143 and was not retried (or, with one worker, went on
+    with the photo recorded as skipped)."""
     import signal
     import time
 
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prepare-data"), "--input", str(slow_photos),
-                             "--output", str(tmp_path / "o"), "--workers", "2"], stdout=subprocess.DEVNULL,
+                             "--output", str(tmp_path / "o"), "--workers", str(n_workers)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     for line in iter(proc.stderr.readline, ""):
         if "detect faces" in line:
             break
     time.sleep(3)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert workers, "the detection runs in worker processes"
+    assert bool(workers) == (n_workers > 1), "with two or more, the detection runs in worker processes"
     sent = time.time()
     (os.killpg if to_group else os.kill)(proc.pid, getattr(signal, signame))
     rest = proc.communicate(timeout=120)[1]
