@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import re
 import tarfile
 import tempfile
@@ -132,7 +133,7 @@ def read_manifest(storage: Storage) -> dict:
                             "given, is a positive integer)")
     if len(set(manifest["classes"])) != len(manifest["classes"]):
         raise BadInputError(f"{where} names a class twice: one identity, one class index")
-    keys = [key for split in manifest["shards"].values() for key in split]
+    keys = [posixpath.normpath(key) for split in manifest["shards"].values() for key in split]  # (val//x = val/x)
     if len(set(keys)) != len(keys):
         raise BadInputError(f"{where} lists a shard twice: its samples would be trained on, or tested, twice")
     return manifest

@@ -237,7 +237,8 @@ def test_tampered_manifest_and_unlabelled_sample_are_clear_errors(prepared_subse
              "bool_size": ({"image_size": True}, "not a facessl manifest"),
              "sizes": ({"shard_sizes": "x"}, "not a facessl manifest"),
              "twice": ({"classes": [good["classes"][0]] * len(good["classes"])}, "names a class twice"),
-             "shard twice": ({"shards": {**good["shards"], "test": good["shards"]["val"]}}, "lists a shard twice"),
+             "shard twice": ({"shards": {**good["shards"], "test": ["./" + k for k in good["shards"]["val"]]}},
+                             "lists a shard twice"),
              "deep": (None, "not valid JSON")}
     for name, (change, message) in cases.items():
         data = tmp_path / name
