@@ -319,7 +319,7 @@ def _prepare_dataset(input_location: str, output_location: str, cfg: PrepareConf
         raise UsageError(f"the output {output_location} lies inside the input {input_location}: give a folder "
                          "outside it")
     src, dst = open_storage(input_location), open_storage(output_location)
-    claim_output(dst, "prepare-data")
+    claim_output(dst, "prepare-data", *SPLITS, *([UNLABELED] if cfg.unlabeled_pool else []))  # before detection
     files, records_outside = list_raw_files(src)
     if cfg.classes:
         present = {rel.split("/", 1)[0] for rel, _ in files}
@@ -327,7 +327,6 @@ def _prepare_dataset(input_location: str, output_location: str, cfg: PrepareConf
             raise BadInputError(f"--classes names identities with no folder in the input: {missing}")
         if not cfg.unlabeled_pool:  # nothing outside --classes can be used: do not decode it
             files = [(rel, size) for rel, size in files if rel.split("/", 1)[0] in set(cfg.classes)]
-    dst.check_writable(*SPLITS, *([UNLABELED] if cfg.unlabeled_pool else []))  # fails now, not after detection
     dst.delete(MANIFEST)  # before any shard changes: a run stopped halfway leaves no stale manifest
     log(f"{len(files)} raw files in {len({f.split('/', 1)[0] for f, _ in files})} identity folders")
     records = detect_all(src.uri, files, cfg)

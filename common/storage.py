@@ -424,10 +424,10 @@ RUN_MARKERS = {"prepare-data": ("manifest.json",), "pretrain-simclr": ("encoder.
                "train-classifier": ("model.pt", "classification_report.txt"), "evaluate-pairs": ("scores.csv",)}
 
 
-def claim_output(out: Storage, job: str) -> None:
+def claim_output(out: Storage, job: str, *folders: str) -> None:
     """Refuse an output location that holds a prepared dataset or another job's run (writing there would
-    replace that run's ``config.json`` and ``metrics.jsonl``), then probe that it can be written
-    (:meth:`Storage.check_writable`). A location of the same job is reused (resume, or a rerun that replaces it).
+    replace that run's ``config.json`` and ``metrics.jsonl``), then probe that it, and ``folders`` under it,
+    can be written (:meth:`Storage.check_writable`). A location of the same job is reused (resume, or a rerun that replaces it).
 
     Raises:
         UsageError: naming the other job and the file that shows it. BadInputError / StorageError: the
@@ -437,7 +437,7 @@ def claim_output(out: Storage, job: str) -> None:
         found = [key for key in markers if out.exists(key)] if other != job else []
         if found:
             raise UsageError(f"{out.uri} holds a {other} output ({found[0]}): give {job} a folder of its own")
-    out.check_writable()
+    out.check_writable(*folders)
 
 
 def open_file_location(location: str | os.PathLike) -> tuple["Storage", str]:
