@@ -62,10 +62,10 @@ class FiniteFloatRange(click.FloatRange):
     def convert(self, value, param, ctx):
         import math
 
-        value = super().convert(value, param, ctx)
-        if not math.isfinite(value):
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return value
+        number = click.FLOAT.convert(value, param, ctx)  # finiteness first: inf would read as out of range
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 def parse_list(value: str | None) -> tuple[str, ...]:

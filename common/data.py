@@ -36,6 +36,7 @@ SPLITS = ("train", "val", "test")
 UNLABELED = "unlabeled"
 MANIFEST = "manifest.json"
 MAX_SAMPLE_PIXELS = 4096 * 4096  # a crop is a few hundred pixels a side; more is a damaged or hostile shard
+MIN_SAMPLE_BYTES = 1024  # a tar member is a 512-byte header plus at least one 512-byte block
 SHARD_NAME = re.compile(r"shard-\d{6}\.tar")  # <split>/shard-000000.tar, as ShardWriter names them
 
 
@@ -259,10 +260,21 @@ class PreparedDataset:
 
     def shard_sizes(self, split: str) -> list[int]:
         """Samples per shard of ``split``: from the manifest, or (manifests written before it recorded
-        them) counted by reading the shards once."""
+        them) counted by reading the shards once.
+
+        Raises:
+            BadInputError: a listed count cannot fit in its shard's bytes (a damaged manifest), or a shard
+            cannot be read while counting.
+        """
         sizes = self.manifest.get("shard_sizes", {}).get(split)
         keys = self.shards(split)
         if isinstance(sizes, list) and len(sizes) == len(keys) and all(type(n) is int and n >= 0 for n in sizes):
+            stored = self.storage.list(split)  # bytes per key: one LIST, so a damaged count fails before allocating
+            for key, n in zip(keys, sizes):
+                if key in stored and n > stored[key] // MIN_SAMPLE_BYTES:
+                    raise BadInputError(f"{self.storage.url(MANIFEST)} says shard {key} holds {n} samples, but its "
+                                        f"{stored[key]} bytes hold at most {stored[key] // MIN_SAMPLE_BYTES}: "
+                                        "the manifest is damaged, re-run prepare-data")
             return sizes
         try:
             return [sum(1 for _ in iter_shard_samples(self.storage.local_copy(k, self.cache))) for k in keys]

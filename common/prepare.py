@@ -163,7 +163,10 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     """
     from tqdm import tqdm
 
-    workers = cfg.workers or os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg.workers > cores:  # detection is CPU-bound: more processes only cost memory (~60 MB each)
+        print(f"note: --workers {cfg.workers} lowered to the {cores} CPU cores this process may use", file=sys.stderr)
+    workers = max(1, min(cfg.workers or cores, cores, -(-len(files) // 16)))  # and no idle 16-photo chunk takers
     interval = 0.5 if sys.stderr.isatty() else 30  # a log file gets a progress line every 30 s, not hundreds
     initargs = (location, cfg.detect, cfg.max_file_bytes)
 

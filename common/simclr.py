@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from common.augment import BatchAugment, simclr_preset
-from common.checkpoints import load_latest_checkpoint, load_torch, save_checkpoint, save_torch
+from common.checkpoints import LATEST, load_latest_checkpoint, load_torch, save_checkpoint, save_torch
 from common.data import UNLABELED, PreparedDataset
 from common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
                                 sync_batchnorm)
@@ -176,10 +176,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
                "dataset_id": data.manifest.get("dataset_id")}  # and what is there (a prepare-data rerun changes it)
     if state is not None:
         check_same_options(state.get("options", {}), options, out.uri)
-        if state.get("finished"):
-            log(f"this run already finished ({out.url('checkpoints/latest.json')}): nothing to do")
-            return state.get("summary", {})
-        where = out.url("checkpoints/latest.json")
+        where = out.url(LATEST)
         try:  # every part of the state, so a damaged checkpoint is one clear error, not a traceback mid-setup
             check_weight_values(state["model"], where)
             for moments in state["optimizer"]["state"].values():  # NaN here is NaN weights after one step
@@ -205,8 +202,14 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
             detail = f"no {exc}" if isinstance(exc, KeyError) else load_error_summary(exc)
             raise BadInputError(f"the checkpoint {where} points at is damaged ({detail}): use --resume never "
                                 "to start over") from None
+        if state.get("finished"):  # its weights again: encoder.pt may have been deleted or damaged since
+            if info.is_main:
+                save_weights(out, model)
+            log(f"this run already finished ({where}): encoder.pt and projection_head.pt written again from its "
+                "final checkpoint, nothing else to do")
+            return state.get("summary", {})
         writer.history = history
-        log(f"resuming at epoch {start_epoch + 1}, step {start_step} from {out.url('checkpoints/latest.json')}")
+        log(f"resuming at epoch {start_epoch + 1}, step {start_step} from {where}")
         if start_step and state.get("data_order", order_kind) != order_kind:
             log(f"warning: the checkpoint was taken mid-epoch with {state['data_order']} data order and this run "
                 f"uses {order_kind} order: the rest of epoch {start_epoch + 1} may repeat or skip some images")
@@ -222,6 +225,10 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         barrier()
 
     if info.is_main:
+        for key in RESULTS:  # written at the end: an earlier run's would pass for this one's if it stops
+            out.delete(key)
+        if state is None:
+            out.delete(LATEST)  # a restart (--resume never): an interrupted one must not resume the earlier run
         writer.write_json("config.json", {**asdict(cfg), "data": data_location, "output": out.uri, "images": n,
                                           "data_mode": data_mode, "global_batch_size": batch, "world_size": world, "effective_lr": lr,
                                           "device": str(device), "torch": torch.__version__})
@@ -257,7 +264,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
             if stop_requested(stop):
                 checkpoint(epoch, step + 1, losses)
                 raise PreemptedError(f"stopped by SIGTERM at epoch {epoch + 1}, step {step + 1}; checkpoint written "
-                                     f"to {out.url('checkpoints/latest.json')}: run again to resume")
+                                     f"to {out.url(LATEST)}: run again to resume")
         record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
                   "lr": last_step_lr(scheduler, epoch, steps_per_epoch), "images_per_s": round(meter.rate(), 1),
                   "elapsed_s": round(time.time() - started, 1)}
@@ -276,8 +283,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
                "knn_top1": next((h["knn_top1"] for h in reversed(writer.history) if "knn_top1" in h), None),
                "seconds": round(time.time() - started, 1)}
     if info.is_main:
-        save_torch(out, "encoder.pt", {k: v.cpu() for k, v in model.encoder.state_dict().items()})
-        save_torch(out, "projection_head.pt", {k: v.cpu() for k, v in model.head.state_dict().items()})
+        save_weights(out, model)
         writer.write_plot("loss_curve.png", lambda p: plot_curves(writer.history, ["loss"], p, "SimCLR NT-Xent loss"))
         if any("knn_top1" in h for h in writer.history):
             writer.write_plot("knn_monitor.png",
@@ -285,6 +291,15 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         writer.write_json("summary.json", summary)
     checkpoint(cfg.epochs, 0, [], finished=True, summary=summary)
     return summary
+
+
+RESULTS = ("encoder.pt", "projection_head.pt", "summary.json", "loss_curve.png", "knn_monitor.png")
+
+
+def save_weights(out, model: SimCLRModel) -> None:
+    """``encoder.pt`` (the ResNet18 backbone's state_dict, float32 CPU tensors) and ``projection_head.pt``."""
+    save_torch(out, "encoder.pt", {k: v.cpu() for k, v in model.encoder.state_dict().items()})
+    save_torch(out, "projection_head.pt", {k: v.cpu() for k, v in model.head.state_dict().items()})
 
 
 RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "knn_every", "resume", "compile", "data_mode",

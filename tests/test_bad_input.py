@@ -117,6 +117,13 @@ def test_failed_rerun_leaves_no_stale_manifest(tmp_path):
     assert not (out / "manifest.json").exists(), "shards may have changed: the old manifest must not describe them"
 
 
+def test_more_workers_than_cores_are_lowered_with_a_note(tmp_path):
+    """--workers 1000 started a thousand 60 MB processes for detection that only the cores can run."""
+    r = run(prepare_main, "--input", CASES / "raw", "--output", tmp_path / "o", "--min-images", 1, "--workers", 1000,
+            "--image-size", 32)
+    assert r.exit_code == 0 and f"--workers 1000 lowered to the {len(os.sched_getaffinity(0))} CPU cores" in r.output
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["--split", "nan,0.5,0.5"], 2, "split ratios"),
     (["--split", "0.9,0.2,-0.1"], 2, "split ratios"),
@@ -227,6 +234,22 @@ def test_non_finite_options_are_usage_errors(cmd, option, value, tmp_path):
     assert r.exit_code == 2 and "is not a finite number" in r.output, r.output
 
 
+@pytest.mark.parametrize("cmd,option,value", [
+    (pretrain_main, "--lr", "1e300"), (pretrain_main, "--weight-decay", "1e300"), (pretrain_main, "--temperature", "1e-30"),
+    (pretrain_main, "--proj-dim", "100000000"), (classifier_main, "--lr", "1e300"),
+    (classifier_main, "--encoder-lr-scale", "1e300"),
+])
+def test_values_beyond_32_bit_training_are_usage_errors(cmd, option, value, prepared_subset, tmp_path):
+    """These overflowed a float32 in the optimizer (a traceback, after train-classifier had cleared the
+    folder's earlier run), tried to allocate 200 GB, or trained on a loss of 1e29 and reported success."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"an earlier run")
+    r = run(cmd, "--data", prepared_subset, "--output", out, "--image-size", 32, "--epochs", 1, option, value)
+    assert r.exit_code == 2 and "is not in the range" in r.output, r.output
+    assert (out / "model.pt").read_bytes() == b"an earlier run"
+
+
 def test_tampered_manifest_and_unlabelled_sample_are_clear_errors(prepared_subset, tmp_path):
     """Values no prepare-data writes, and a training sample without its .cls: exit 3, not a traceback or a
     silent run on 1-pixel crops or class -1."""
@@ -239,7 +262,9 @@ def test_tampered_manifest_and_unlabelled_sample_are_clear_errors(prepared_subse
              "twice": ({"classes": [good["classes"][0]] * len(good["classes"])}, "names a class twice"),
              "shard twice": ({"shards": {**good["shards"], "test": ["./" + k for k in good["shards"]["val"]]}},
                              "lists a shard twice"),
-             "deep": (None, "not valid JSON")}
+             "deep": (None, "not valid JSON"),
+             "huge count": ({"shard_sizes": {**good["shard_sizes"], "train": [10**12] * len(good["shards"]["train"])}},
+                            "the manifest is damaged")}  # (it allocated terabytes for the split and crashed)
     for name, (change, message) in cases.items():
         data = tmp_path / name
         shutil.copytree(prepared_subset, data)

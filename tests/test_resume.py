@@ -24,9 +24,9 @@ def pretrain(data, out, extra=(), env=None):
                           text=True, timeout=900, env={**os.environ, **(env or {})})
 
 
-def interrupt_mid_epoch(data, out, env, when="epoch 2 step 2/"):
+def interrupt_mid_epoch(data, out, env, when="epoch 2 step 2/", extra=()):
     """Start pretraining, send SIGTERM once it logs ``when``, return the finished process."""
-    proc = subprocess.Popen([SCRIPT, "--data", str(data), "--output", out, *ARGS], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([SCRIPT, "--data", str(data), "--output", out, *ARGS, *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
     for line in proc.stdout:
         if line.startswith(when):
@@ -68,6 +68,25 @@ def test_sigterm_then_resume_matches_uninterrupted_run(where, prepared_subset, u
 
     again = pretrain(prepared_subset, out, env=env)
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_a_finished_run_rewrites_its_weights_and_a_restart_leaves_none_of_its_results(prepared_subset, uninterrupted,
+                                                                                       tmp_path):
+    """A finished run whose encoder.pt was deleted printed "wrote encoder.pt" and wrote nothing. A restart
+    (--resume never) over a finished run, stopped mid-way, left the new config beside the old encoder.pt,
+    which train-classifier then used without a word."""
+    out = tmp_path / "run"
+    assert pretrain(prepared_subset, str(out)).returncode == 0
+    (out / "encoder.pt").unlink()
+    again = pretrain(prepared_subset, str(out))
+    assert again.returncode == 0 and "written again" in again.stdout, again.stdout + again.stderr
+    rewritten, (encoder, _) = load_torch(str(out / "encoder.pt")), uninterrupted
+    assert all(torch.equal(rewritten[k], v) for k, v in encoder.items())
+    code, stdout, stderr = interrupt_mid_epoch(prepared_subset, str(out), {}, extra=["--resume", "never"])
+    assert code == 4, stdout + stderr
+    assert not [k for k in ("encoder.pt", "projection_head.pt", "summary.json") if (out / k).exists()]
+    state = load_latest_checkpoint(open_storage(str(out)))
+    assert not state["finished"] and state["epoch"] == 1, "the restart's own checkpoint, not the finished run's"
 
 
 def test_resume_of_a_checkpoint_from_another_device_kind_reseeds_instead_of_crashing(prepared_subset, tmp_path):
