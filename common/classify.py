@@ -37,7 +37,7 @@ from common.distributed import (barrier, cleanup, init_distributed, mean_across_
 from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
 from common.models import Classifier, build_encoder, load_encoder_weights
-from common.storage import claim_output, open_storage
+from common.storage import claim_output, join_location, open_storage
 from common.pool import MemoryPool, epoch_generator, rank_share
 from common.training import (RunWriter, StopRequest, autocast, embed, knn_predict, last_step_lr,
                              pick_device, seed_everything, stop_requested, warmup_cosine)
@@ -135,14 +135,20 @@ def initial_encoder(cfg: ClassifierConfig) -> tuple[torch.nn.Module, str]:
 def load_encoder(location: str, run_location: bool = True) -> tuple[torch.nn.Module, str]:
     """A ResNet18 backbone from a weights file (``encoder.pt``, a classifier ``model.pt``, torchvision's
     ImageNet file) or, with ``run_location``, a pretrain-simclr run location holding ``encoder.pt``; returns
-    it and the file it came from.
+    it and the file it came from. A train-classifier run location (``model.pt``, no ``encoder.pt``) gives its
+    fine-tuned backbone.
 
     Raises:
-        BadInputError: not ResNet18 backbone weights.
+        BadInputError: not ResNet18 backbone weights, or a run location holding neither file.
     """
     encoder = build_encoder()
     if run_location and _is_run_location(location):
-        location = location.rstrip("/") + "/encoder.pt"
+        run = open_storage(location)
+        name = next((n for n in ("encoder.pt", "model.pt") if run.exists(n)), None)
+        if name is None:
+            raise BadInputError(f"{location} holds neither encoder.pt (a pretrain-simclr run) nor model.pt "
+                                "(a train-classifier run)")
+        location = join_location(location, name)
     try:
         load_encoder_weights(encoder, load_torch(location), location)
     except ValueError as exc:

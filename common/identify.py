@@ -37,6 +37,10 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
                             "train-classifier (a --mode knn run writes no model)") from None
     if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("classes"), list)):
         raise BadInputError(f"{location} is not a train-classifier model.pt (model, classes, image_size)")
+    classes = saved["classes"]
+    if not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
+        raise BadInputError(f"{location} has class names that are not distinct non-empty strings: a "
+                            "train-classifier model.pt names each identity once")
     model = Classifier(build_encoder(), len(saved["classes"]))
     try:
         check_weight_values(saved["model"], location)
@@ -48,7 +52,7 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
     size = saved.get("image_size", 112)
     if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
         raise BadInputError(f"{location} has image_size {size!r}: a train-classifier model.pt holds 16 to 4096 px")
-    return model.eval(), [str(c) for c in saved["classes"]], size
+    return model.eval(), list(classes), size
 
 
 def read_photo(location: str) -> bytes:

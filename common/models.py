@@ -69,7 +69,8 @@ def encoder_state_from_file(state: dict, where: str) -> dict:
 
 def check_weight_values(state: dict, where: str) -> None:
     """Refuse a state dict whose values no trained network holds: NaN or infinite floats, complex tensors
-    (``load_state_dict`` would keep their real part), negative batch-norm ``running_var``. A diverged or
+    (``load_state_dict`` would keep their real part), integer or bool weights (batch-norm's
+    ``num_batches_tracked`` and optimizer ``step`` counters excepted), negative batch-norm ``running_var``. A diverged or
     damaged file is refused at load, not after hours of training on NaN features.
 
     Raises:
@@ -80,6 +81,9 @@ def check_weight_values(state: dict, where: str) -> None:
             continue
         if v.is_complex():
             raise ValueError(f"{where} holds a complex tensor at {key}: weights are real numbers")
+        if not v.is_floating_point() and not key.endswith(("num_batches_tracked", "step")):  # (counters)
+            raise ValueError(f"{where} holds {v.dtype} values at {key}: weights are floating point (a cast "
+                             "to integers or booleans loses them)")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{where} holds NaN or infinite weights, e.g. in {key}")
         if key.endswith("running_var") and (v < 0).any():

@@ -47,6 +47,7 @@ def _on_sigterm(signum, frame):
 
 
 OUTSIDE_LINK = "a symlink points outside the input (use a hard link or a copy)"
+BACKSLASH_NAME = "a backslash in the folder or file name (refused as a path separator: rename it)"
 FOLDER_LINK = ("a symlink to a folder, not followed: it can loop, leave the input, or show a folder's photos "
                "under a second identity (link the photos themselves, or copy the folder)")
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
@@ -137,7 +138,7 @@ def _process_one(item: tuple[str, int]) -> dict:
     except (StorageError, PreemptedError):
         raise  # a storage outage is not a property of the file: fail the job (exit 4) instead of skipping
     except UnsafeKeyError:  # one reason for all such files, so the manifest's skip counts group them
-        return {**record, "status": "skipped", "reason": OUTSIDE_LINK}
+        return {**record, "status": "skipped", "reason": BACKSLASH_NAME if "\\" in rel else OUTSIDE_LINK}
     except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the job
         return {**record, "status": "skipped", "reason": f"could not read file: {exc}"}
     record["sha256"] = hashlib.sha256(data).hexdigest()

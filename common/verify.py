@@ -173,8 +173,8 @@ def read_pairs_file(pairs_location: str, dropped: dict | None = None) -> list[tu
     pairs_store, pairs_key = open_file_location(pairs_location)
     try:
         text = pairs_store.read_text(pairs_key)
-    except NotFoundError:
-        raise BadInputError(f"pairs file {pairs_location} not found") from None
+    except NotFoundError as exc:  # (missing, or a folder)
+        raise BadInputError(f"pairs file {pairs_location}: {exc}") from None
     except UnicodeDecodeError:
         raise BadInputError(f"pairs file {pairs_location} is not UTF-8 text") from None
     return read_pairs(text.removeprefix("\ufeff"), pairs_location, dropped)  # a byte-order mark (Excel's CSV) is not a column
@@ -233,13 +233,15 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
     device = pick_device(device_name)
     if any(location_within(pairs_location, join_location(output_location, name)) for name in OUTPUTS):
         raise UsageError(f"the output {output_location} would overwrite the pairs file {pairs_location}")
+    if location_within(output_location, images_location):  # roc.png would later be listed as a photo
+        raise UsageError(f"the outputs would join the photos: give an --output outside {images_location}")
     dropped = {}
     pairs = read_pairs_file(pairs_location, dropped)
     n_same = sum(s for _, _, s in pairs)
     check_fold_counts(n_same, len(pairs) - n_same, folds)  # now, not after the embedding (checked again on the pairs kept)
     out = open_storage(output_location)
     claim_output(out, "evaluate-pairs")  # now, not after the embedding
-    encoder, _ = load_encoder(encoder_location)
+    encoder, encoder_file = load_encoder(encoder_location)
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
     if dropped:
         log(f"left out {len(dropped)} rows of {pairs_location} (repeated pairs, photos paired with themselves), "
@@ -267,7 +269,7 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
     metrics = {"pairs": len(pairs), "rows_left_out": dropped, "pairs_evaluated": len(usable), "photos": len(names),
                "photos_without_detected_face": no_face, "unreadable_photos": unreadable,
                **result, "roc_auc": float(roc_auc_score(same, scores)),
-               "threshold_all_pairs": best_threshold(scores, same), "encoder": encoder_location,
+               "threshold_all_pairs": best_threshold(scores, same), "encoder": encoder_file,
                "image_size": image_size, "detection": detect is not None, "seconds": round(time.time() - started, 1)}
     writer = RunWriter(out)
     table = io.StringIO()

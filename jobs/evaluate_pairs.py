@@ -11,7 +11,7 @@ from common.cli import report_errors
 @click.option("--pairs", "pairs_location", required=True, help="CSV with columns image_a,image_b,same_identity: path or s3:// URI.")
 @click.option("--images", "images_location", required=True, help="Folder (or s3:// prefix) the CSV's image paths are relative to.")
 @click.option("--encoder", "encoder_location", required=True,
-              help="encoder.pt, a pretrain-simclr run location, or a train-classifier model.pt (path or s3:// URI).")
+              help="encoder.pt or a pretrain-simclr run location, or a train-classifier model.pt or run location (path or s3:// URI).")
 @click.option("--output", "output_location", required=True, help="Where metrics.json, scores.csv and roc.png go.")
 @click.option("--image-size", type=click.IntRange(min=16, max=1024), default=112, help="Crop side fed to the encoder (use the size it was trained at).")
 @click.option("--folds", type=click.IntRange(min=2), default=10, help="Cross-validation folds for the threshold.")

@@ -37,6 +37,7 @@ def odd_raw(tmp_path):
     os.symlink("loop.jpg", raw / "accuracy" / "loop.jpg")
     os.mkfifo(raw / "accuracy" / "pipe.jpg")
     (raw / "accuracy" / os.fsdecode(b"caf\xe9.jpg")).write_bytes((CASES / "raw" / "Tom Hanks" / "plain.jpg").read_bytes())
+    (raw / "accuracy" / "back\\slash.jpg").write_bytes((CASES / "raw" / "Tom Hanks" / "plain.jpg").read_bytes())
     return raw
 
 
@@ -48,6 +49,7 @@ def test_special_files_and_odd_names_do_not_stop_the_jobs(odd_raw, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     reasons = {rec["source"]: rec.get("reason") for rec in manifest["records"]}
     assert reasons["accuracy/caf\ufffd.jpg"] == "file name is not valid UTF-8"
+    assert reasons["accuracy/back\\slash.jpg"].startswith("a backslash in the folder or file name")  # (not "a symlink")
     assert not any("pipe" in s or "loop" in s or "dangling" in s for s in reasons)
     r = run(classifier_main, "--data", out, "--output", tmp_path / "cls", "--mode", "linear-probe", "--epochs", 2,
             "--image-size", 32)

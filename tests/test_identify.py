@@ -79,6 +79,16 @@ def test_weights_no_network_holds_are_refused(tmp_path):
     torch.save({"model": state, "classes": CLASSES, "image_size": 48}, tmp_path / "complex.pt")
     r = identify("--model", tmp_path / "complex.pt", "--photo", photo, "--no-detect")
     assert r.returncode == 3 and "complex tensor at fc.bias" in r.stderr, r.stdout + r.stderr
+    for dtype in (torch.long, torch.bool):  # a cast weight file: all zeros, a class-blind 1/3 for every face
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in Classifier(build_encoder(), 3).state_dict().items()}
+        torch.save({"model": state, "classes": CLASSES, "image_size": 48}, tmp_path / "cast.pt")
+        r = identify("--model", tmp_path / "cast.pt", "--photo", photo, "--no-detect")
+        assert r.returncode == 3 and f"{dtype} values at encoder.conv1.weight" in r.stderr, r.stdout + r.stderr
+    for classes in (["a", "a", "b"], [1, 2, 3], ["a", "", "b"]):  # printed as if they were identities
+        torch.save({"model": Classifier(build_encoder(), 3).state_dict(), "classes": classes, "image_size": 48},
+                   tmp_path / "names.pt")
+        r = identify("--model", tmp_path / "names.pt", "--photo", photo, "--no-detect")
+        assert r.returncode == 3 and "not distinct non-empty strings" in r.stderr, (classes, r.stdout + r.stderr)
 
 
 def test_model_of_other_shape_is_refused_naming_the_tensor(tmp_path):

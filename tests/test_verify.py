@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.errors import BadInputError, UsageError
-from common.models import build_encoder
+from common.models import Classifier, build_encoder
 from common.verify import best_threshold, fold_accuracy, read_pairs
 from conftest import SHARED
 
@@ -213,6 +213,20 @@ def test_outputs_over_the_inputs_and_overflowing_encoders_are_refused(tmp_path):
     r = CliRunner().invoke(evaluate_main, [*args, "--encoder", str(_random_encoder(tmp_path / "e.pt")),
                                            "--output", str(tmp_path / "out" / ".." / "out")])
     assert r.exit_code == 2 and "would overwrite the pairs file" in r.output and pairs.read_bytes() == before, r.output
+    r = CliRunner().invoke(evaluate_main, [*args, "--encoder", str(tmp_path / "e.pt"), "--output", str(images / "x")])
+    assert r.exit_code == 2 and "would join the photos" in r.output and not (images / "x").exists(), r.output
+    r = CliRunner().invoke(evaluate_main, [*args, "--encoder", str(tmp_path), "--output", str(tmp_path / "o")])
+    assert r.exit_code == 3 and "holds neither encoder.pt" in r.output, r.output  # (a folder of no run)
+    (tmp_path / "classifier-run").mkdir()  # a train-classifier run: its fine-tuned backbone
+    torch.save({"model": Classifier(build_encoder(), 2).state_dict(), "classes": ["a", "b"], "image_size": 32},
+               tmp_path / "classifier-run" / "model.pt")
+    r = CliRunner().invoke(evaluate_main, [*args, "--encoder", str(tmp_path / "classifier-run"), "--output",
+                                           str(tmp_path / "o-classifier")])
+    assert r.exit_code == 0 and json.loads((tmp_path / "o-classifier" / "metrics.json").read_text())["encoder"].endswith(
+        "classifier-run/model.pt"), r.output
+    r = CliRunner().invoke(evaluate_main, [*args[:1], str(images), *args[2:], "--encoder", str(tmp_path / "e.pt"),
+                                           "--output", str(tmp_path / "o")])
+    assert r.exit_code == 3 and "is a folder, not a file" in r.output, r.output
     (tmp_path / "photos-link").symlink_to(images)
     for crops in (images / ".." / "images", tmp_path / "photos-link"):
         with pytest.raises(UsageError, match="would overwrite or join the photos"):
