@@ -14,6 +14,7 @@ key and sit next to each other, so a split is read with one GET per shard howeve
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -53,6 +54,7 @@ class ShardWriter:
         self.storage, self.split, self.max_samples = storage, split, max_samples
         self.shards: list[str] = []
         self.sizes: list[int] = []
+        self.digests: list[str] = []  # sha256 of each shard's bytes (the tar members carry no time or owner)
         self._tar = None
         self._tmp = None
         self._count = 0
@@ -68,6 +70,8 @@ class ShardWriter:
             return
         self._tar.close()
         key = f"{self.split}/shard-{len(self.shards):06d}.tar"  # matches SHARD_NAME
+        with open(self._tmp, "rb") as f:
+            self.digests.append(hashlib.file_digest(f, "sha256").hexdigest())
         try:
             self.storage.upload_file(self._tmp, key)
         finally:
@@ -95,6 +99,14 @@ class ShardWriter:
         self._count += 1
         if self._count >= self.max_samples:
             self._close_shard()
+
+
+def dataset_id(classes: list[str], shards: dict[str, list[str]], digests: dict[str, list[str]]) -> str:
+    """A prepared dataset's identity, 32 hex digits: the sha256 of its classes, shard keys and shard bytes.
+    A prepare-data rerun that writes the same crops keeps it (a finished pretraining run then stays
+    resumable); any other crop, split or class list changes it."""
+    content = json.dumps([classes, {split: list(zip(shards[split], digests[split])) for split in sorted(shards)}])
+    return hashlib.sha256(content.encode()).hexdigest()[:32]
 
 
 def remove_stale_shards(storage: Storage, shards: dict[str, list[str]]) -> list[str]:

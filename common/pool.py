@@ -172,7 +172,8 @@ class StreamPool:
 
 
 def _available_bytes(path) -> tuple[int, int]:
-    """(available RAM, free disk at ``path``) in bytes; the disk counts as full when ``path`` cannot be created."""
+    """(available RAM, free disk at ``path``) in bytes; the disk counts as full when ``path`` cannot be created
+    (nothing is created here: a run that picks memory leaves no empty cache folder)."""
     import shutil
 
     ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -181,11 +182,12 @@ def _available_bytes(path) -> tuple[int, int]:
             ram = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         pass
-    try:
-        os.makedirs(path, exist_ok=True)
-        return ram, shutil.disk_usage(path).free
-    except OSError:
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the folder mmap would create: its nearest existing parent
+        existing = os.path.dirname(existing)
+    if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
         return ram, 0
+    return ram, shutil.disk_usage(existing).free
 
 
 def choose_mode(mode: str, nbytes: int, cache, available: tuple[int, int] | None = None) -> str:

@@ -21,14 +21,13 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
-from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, remove_stale_shards
+from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, dataset_id, remove_stale_shards
 from common.errors import BadInputError, PreemptedError, StorageError, UsageError
 from common.faces import DetectConfig, process_photo
 from common.storage import Storage, UnsafeKeyError, claim_output, location_within, open_storage
@@ -345,14 +344,14 @@ def _prepare_dataset(input_location: str, output_location: str, cfg: PrepareConf
 
     counts: dict[str, dict[str, int]] = {}
     splits = [*SPLITS, UNLABELED] if cfg.unlabeled_pool else list(SPLITS)
-    shards, shard_sizes = {}, {}
+    shards, shard_sizes, digests = {}, {}, {}
     for split in splits:
         members = [r for r in records if r.get("split") == split]
         with ShardWriter(dst, split, cfg.shard_size) as writer:
             for i, rec in enumerate(members):
                 rec["key"] = f"{split}-{i:07d}"
                 writer.write(rec["key"], rec["crop"], class_index.get(rec["identity"]) if split != UNLABELED else None)
-        shards[split], shard_sizes[split] = writer.shards, writer.sizes
+        shards[split], shard_sizes[split], digests[split] = writer.shards, writer.sizes, writer.digests
         per_class = counts.setdefault(split, {})
         for rec in members:
             per_class[rec["identity"]] = per_class.get(rec["identity"], 0) + 1
@@ -373,7 +372,7 @@ def _prepare_dataset(input_location: str, output_location: str, cfg: PrepareConf
     detection = detection_counts(records, splits)
     manifest = {
         "format": "facessl-prepared/1",
-        "dataset_id": uuid.uuid4().hex,
+        "dataset_id": dataset_id(classes, shards, digests),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "input": src.uri,
         "classes": classes,

@@ -281,7 +281,7 @@ class LocalStorage(Storage):
         """The file itself (nothing is copied). Raises NotFoundError when missing."""
         path = self._path(key)
         if not path.is_file():
-            raise NotFoundError(f"not found: {self.url(key)}")
+            raise NotFoundError(f"{'is a folder, not a file' if path.is_dir() else 'not found'}: {self.url(key)}")
         return path
 
 

@@ -64,8 +64,9 @@ def main(input_location, output_location, classes, min_images, ratios, seed, ima
     counts = manifest["counts"]
     click.echo(f"classes: {len(manifest['classes'])}; crops per split: {counts['splits']}")
     click.echo(f"skipped {counts['skipped']} of {counts['raw_files']} files: {counts['skip_reasons']}")
+    kept = "kept whole as crops (--on-no-face keep-full)" if on_no_face == "keep-full" else "skipped"
     click.echo(f"face detection: no face in {counts['detection']['no_face']} of {counts['detection']['photos']} photos "
-               f"({counts['detection']['miss_rate']:.1%}); found by: {counts['detection']['by_detector']}")
+               f"({counts['detection']['miss_rate']:.1%}, {kept}); found by: {counts['detection']['by_detector']}")
     click.echo(f"wrote {output_location.rstrip('/')}/manifest.json")
 
 

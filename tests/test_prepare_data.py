@@ -123,10 +123,12 @@ def test_split_is_reproducible_and_seeded(glint_subset, tmp_path):
         cfg = PrepareConfig(detect=DetectConfig(image_size=32, on_no_face="keep-full"), seed=seed, workers=1,
                             classes=("Tom Hanks",), min_images=1)
         m = prepare_dataset(str(glint_subset), str(tmp_path / name), cfg, log=lambda *_: None)
-        return {r["source"]: r.get("split") for r in m["records"]}
+        return {r["source"]: r.get("split") for r in m["records"]}, m["dataset_id"]
 
-    assert splits(7, "a") == splits(7, "b")
-    assert splits(7, "a") != splits(8, "c")
+    (split_a, id_a), (split_b, id_b), (split_c, id_c) = splits(7, "a"), splits(7, "b"), splits(8, "c")
+    assert split_a == split_b and split_a != split_c
+    # the id is the content's: the same crops keep it (a rerun of the main job resumes its finished runs)
+    assert id_a == id_b and id_a != id_c
 
 
 def test_unlabeled_pool_keeps_other_identities(glint_subset, tmp_path):

@@ -68,6 +68,8 @@ def test_sigterm_then_resume_matches_uninterrupted_run(where, prepared_subset, u
 
     again = pretrain(prepared_subset, out, env=env)
     assert again.returncode == 0 and "already finished" in again.stdout
+    # local shards decoded into memory: no cache folder made (an empty one was left by every run)
+    assert where == "s3" or not (tmp_path / "cache").exists()
 
 
 def test_a_finished_run_rewrites_its_weights_and_a_restart_leaves_none_of_its_results(prepared_subset, uninterrupted,
