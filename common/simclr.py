@@ -173,7 +173,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
     order_kind = "shuffle-buffer" if data_mode == "stream" else "permutation"  # memory and mmap share one order
     state = load_latest_checkpoint(out) if cfg.resume == "auto" else None
     options = {**asdict(cfg), "world_size": world, "data": data.storage.uri,  # the location as storage spells it,
-               "dataset_id": data.manifest.get("dataset_id")}  # and what is there (a prepare-data rerun changes it)
+               "dataset_id": data.manifest.get("dataset_id")}  # and what is there (other crops change it)
     if state is not None:
         check_same_options(state.get("options", {}), options, out.uri)
         where = out.url(LATEST)
