@@ -205,8 +205,7 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
     import torch
     from PIL import Image
 
-    images = torch.empty(part.size, 3, size, size, dtype=torch.uint8)
-    labels = torch.full((part.size,), -1, dtype=torch.long)
+    images, labels = [], []  # grown as samples are read: the manifest's count is checked, not trusted
     n = 0
     try:
         source = io.BytesIO(data.storage.read_bytes(part.key)) if stream else data.storage.local_copy(part.key, data.cache)
@@ -222,21 +221,22 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
             img = img.convert("RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-            images[n] = image_to_chw(img)
+            images.append(image_to_chw(img))
             if label is None and part.split != UNLABELED:  # it would train as class -1
                 raise BadInputError(f"shard {part.key} sample {key} has no class label (.cls): re-run prepare-data")
-            if label is not None:
-                if not 0 <= label < len(data.classes):
-                    raise BadInputError(f"shard {part.key} has class index {label} but the manifest lists "
-                                        f"{len(data.classes)} classes")
-                labels[n] = label
+            if label is not None and not 0 <= label < len(data.classes):
+                raise BadInputError(f"shard {part.key} has class index {label} but the manifest lists "
+                                    f"{len(data.classes)} classes")
+            labels.append(-1 if label is None else label)
             n += 1
     except (tarfile.TarError, OSError, ValueError) as exc:
         raise BadInputError(f"cannot read shard {part.key}: {exc}") from None
     if n != part.size:
         raise BadInputError(f"shard {part.key} holds {n} of the {part.size} samples the manifest lists: "
                             "re-run prepare-data")
-    return images, labels
+    if not n:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
 def decode_parts(data: "PreparedDataset", parts: list[ShardPart], size: int, stream: bool = False,
@@ -263,6 +263,7 @@ class PreparedDataset:
         self.classes: list[str] = self.manifest["classes"]
         self.cache = default_cache_dir(f"{self.storage.uri}#{self.manifest.get('dataset_id', '')}")
         self.decoded_size = min(image_size, self.manifest.get("image_size") or image_size)
+        self._stored: dict[str, int] | None = None
 
     def has(self, split: str) -> bool:
         return bool(self.shards(split))
@@ -281,11 +282,15 @@ class PreparedDataset:
         sizes = self.manifest.get("shard_sizes", {}).get(split)
         keys = self.shards(split)
         if isinstance(sizes, list) and len(sizes) == len(keys) and all(type(n) is int and n >= 0 for n in sizes):
-            stored = self.storage.list(split)  # bytes per key: one LIST, so a damaged count fails before allocating
+            stored = self.stored_bytes()  # so a damaged count fails before anything is allocated for it
             for key, n in zip(keys, sizes):
-                if key in stored and n > stored[key] // MIN_SAMPLE_BYTES:
+                size = stored.get(posixpath.normpath(key))
+                if size is None:
+                    raise BadInputError(f"shard {key} that {self.storage.url(MANIFEST)} lists is not there: "
+                                        "re-run prepare-data")
+                if n > size // MIN_SAMPLE_BYTES:
                     raise BadInputError(f"{self.storage.url(MANIFEST)} says shard {key} holds {n} samples, but its "
-                                        f"{stored[key]} bytes hold at most {stored[key] // MIN_SAMPLE_BYTES}: "
+                                        f"{size} bytes hold at most {size // MIN_SAMPLE_BYTES}: "
                                         "the manifest is damaged, re-run prepare-data")
             return sizes
         try:
@@ -293,12 +298,27 @@ class PreparedDataset:
         except (tarfile.TarError, OSError, ValueError) as exc:
             raise BadInputError(f"cannot read a shard of split {split!r}: {exc}") from None
 
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes per stored key under the dataset's location (one listing, kept)."""
+        if self._stored is None:
+            self._stored = self.storage.list()
+        return self._stored
+
     def decode(self, parts: list[ShardPart], stream: bool = False):
-        """Decode ``parts`` into one uint8 (N, 3, S, S) tensor and int64 (N,) labels, in ``parts`` order."""
+        """Decode ``parts`` into one uint8 (N, 3, S, S) tensor and int64 (N,) labels, in ``parts`` order.
+
+        Raises:
+            BadInputError: the tensor does not fit in memory, or a part cannot be decoded.
+        """
         import torch
 
         size = self.decoded_size
-        images = torch.empty(sum(p.size for p in parts), 3, size, size, dtype=torch.uint8)
+        n = sum(p.size for p in parts)
+        try:
+            images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+        except RuntimeError:  # (torch's allocator: "can't allocate memory")
+            raise BadInputError(f"{n} crops of {size} px ({n * 3 * size * size / 2**30:.1f} GiB) do not fit in memory: "
+                                "use --data-mode mmap or stream") from None
         labels = torch.empty(len(images), dtype=torch.long)
         row = 0
         for part_images, part_labels in decode_parts(self, parts, size, stream):

@@ -28,7 +28,7 @@ from common.losses import NTXentLoss
 from common.metrics import plot_curves, topk_accuracy
 from common.models import (ProjectionHead, SimCLRModel, build_encoder, check_weight_values, load_encoder_weights,
                            load_error_summary)
-from common.storage import claim_output, open_storage
+from common.storage import claim_output, location_within, open_storage
 from common.pool import epoch_generator, open_pool
 from common.training import (RunWriter, StopRequest, Throughput, autocast, embed, knn_predict,
                              last_step_lr, pick_device, seed_everything, stop_requested, warmup_cosine)
@@ -134,6 +134,10 @@ def pretrain(data_location: str, output_location: str, cfg: PretrainConfig, log=
 def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> dict:
     out = open_storage(output_location)
     claim_output(out, "pretrain-simclr")  # before any work
+    if cfg.init != "scratch" and location_within(cfg.init, output_location):
+        raise UsageError(f"--init {cfg.init} lies inside --output {output_location}, whose earlier results a new run "
+                         "replaces: copy it out first, or use another --output")
+    state = load_latest_checkpoint(out) if cfg.resume == "auto" else None
     data, pool, data_mode, counts, n, (val, val_labels) = open_pretraining_data(
         data_location, cfg, info.rank, info.world_size, log)
     world = info.world_size
@@ -148,7 +152,8 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
     seed_everything(cfg.seed)
     writer = RunWriter(out)
 
-    model = SimCLRModel(load_init_encoder(cfg.init), ProjectionHead(512, cfg.proj_hidden_dim, cfg.proj_dim))
+    encoder = load_init_encoder(cfg.init) if state is None else build_encoder()  # (resumed: the checkpoint's)
+    model = SimCLRModel(encoder, ProjectionHead(512, cfg.proj_hidden_dim, cfg.proj_dim))
     if info.enabled:
         model = sync_batchnorm(model, device)
     model = model.to(device)
@@ -171,7 +176,6 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
 
     start_epoch, start_step, partial = 0, 0, []
     order_kind = "shuffle-buffer" if data_mode == "stream" else "permutation"  # memory and mmap share one order
-    state = load_latest_checkpoint(out) if cfg.resume == "auto" else None
     options = {**asdict(cfg), "world_size": world, "data": data.storage.uri,  # the location as storage spells it,
                "dataset_id": data.manifest.get("dataset_id")}  # and what is there (other crops change it)
     if state is not None:
@@ -202,13 +206,13 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
             detail = f"no {exc}" if isinstance(exc, KeyError) else load_error_summary(exc)
             raise BadInputError(f"the checkpoint {where} points at is damaged ({detail}): use --resume never "
                                 "to start over") from None
-        if state.get("finished"):  # its weights again: encoder.pt may have been deleted or damaged since
-            if info.is_main:
-                save_weights(out, model)
-            log(f"this run already finished ({where}): encoder.pt and projection_head.pt written again from its "
-                "final checkpoint, nothing else to do")
-            return state.get("summary", {})
         writer.history = history
+        if state.get("finished"):  # its results again: encoder.pt may have been deleted or damaged since
+            if info.is_main:
+                write_results(out, writer, model, state.get("summary", {}))
+            log(f"this run already finished ({where}): its encoder.pt, projection_head.pt, summary and plots "
+                "written again from its final checkpoint, nothing else to do")
+            return state.get("summary", {})
         log(f"resuming at epoch {start_epoch + 1}, step {start_step} from {where}")
         if start_step and state.get("data_order", order_kind) != order_kind:
             log(f"warning: the checkpoint was taken mid-epoch with {state['data_order']} data order and this run "
@@ -236,6 +240,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         f"{cfg.epochs} epochs, {device}, data mode {data_mode}")
 
     started = time.time()
+    views = None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         meter = Throughput(device)
@@ -245,6 +250,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         for step, (x, _) in enumerate(batches, start=first):
             x = x.to(device, non_blocking=True)
             v1, v2 = augment(x, cfg.image_size, aug_gen), augment(x, cfg.image_size, aug_gen)
+            views = v1
             if device.type == "cuda":
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
             with autocast(device):
@@ -282,13 +288,15 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
                "final_loss": writer.history[-1]["loss"] if writer.history else None,
                "knn_top1": next((h["knn_top1"] for h in reversed(writer.history) if "knn_top1" in h), None),
                "seconds": round(time.time() - started, 1)}
+    if views is not None:  # the loss is checked before each step, the last step's update only here
+        model.eval()
+        with torch.no_grad(), autocast(device):
+            finite = bool(torch.isfinite(model.encoder(views)).all())
+        if not min_across_ranks(int(finite)):
+            raise DivergedError("the encoder gives NaN or infinite embeddings after the last step: lower --lr in a "
+                                "new --output (earlier checkpoints are kept)")
     if info.is_main:
-        save_weights(out, model)
-        writer.write_plot("loss_curve.png", lambda p: plot_curves(writer.history, ["loss"], p, "SimCLR NT-Xent loss"))
-        if any("knn_top1" in h for h in writer.history):
-            writer.write_plot("knn_monitor.png",
-                              lambda p: plot_curves(writer.history, ["knn_top1"], p, "kNN monitor: val top-1"))
-        writer.write_json("summary.json", summary)
+        write_results(out, writer, model, summary)
     checkpoint(cfg.epochs, 0, [], finished=True, summary=summary)
     return summary
 
@@ -296,10 +304,16 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
 RESULTS = ("encoder.pt", "projection_head.pt", "summary.json", "loss_curve.png", "knn_monitor.png")
 
 
-def save_weights(out, model: SimCLRModel) -> None:
-    """``encoder.pt`` (the ResNet18 backbone's state_dict, float32 CPU tensors) and ``projection_head.pt``."""
+def write_results(out, writer: RunWriter, model: SimCLRModel, summary: dict) -> None:
+    """A finished run's results (:data:`RESULTS`): ``encoder.pt`` (the ResNet18 backbone's state_dict, float32
+    CPU tensors), ``projection_head.pt``, the loss and kNN-monitor plots of ``writer.history``, ``summary.json``."""
     save_torch(out, "encoder.pt", {k: v.cpu() for k, v in model.encoder.state_dict().items()})
     save_torch(out, "projection_head.pt", {k: v.cpu() for k, v in model.head.state_dict().items()})
+    writer.write_plot("loss_curve.png", lambda p: plot_curves(writer.history, ["loss"], p, "SimCLR NT-Xent loss"))
+    if any("knn_top1" in h for h in writer.history):
+        writer.write_plot("knn_monitor.png",
+                          lambda p: plot_curves(writer.history, ["knn_top1"], p, "kNN monitor: val top-1"))
+    writer.write_json("summary.json", summary)
 
 
 RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "knn_every", "resume", "compile", "data_mode",

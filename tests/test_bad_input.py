@@ -266,7 +266,13 @@ def test_tampered_manifest_and_unlabelled_sample_are_clear_errors(prepared_subse
                              "lists a shard twice"),
              "deep": (None, "not valid JSON"),
              "huge count": ({"shard_sizes": {**good["shard_sizes"], "train": [10**12] * len(good["shards"]["train"])}},
-                            "the manifest is damaged")}  # (it allocated terabytes for the split and crashed)
+                            "the manifest is damaged"),  # (it allocated terabytes for the split and crashed)
+             "spelt": ({"shards": {**good["shards"], "train": [k.replace("/", "//") for k in good["shards"]["train"]]},
+                        "shard_sizes": {**good["shard_sizes"], "train": [10**9] * len(good["shards"]["train"])}},
+                       "the manifest is damaged"),
+             "missing": ({"shards": {**good["shards"], "train": [*good["shards"]["train"], "train/shard-999999.tar"]},
+                          "shard_sizes": {**good["shard_sizes"], "train": [*good["shard_sizes"]["train"], 10**9]}},
+                         "is not there")}
     for name, (change, message) in cases.items():
         data = tmp_path / name
         shutil.copytree(prepared_subset, data)

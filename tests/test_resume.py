@@ -79,11 +79,17 @@ def test_a_finished_run_rewrites_its_weights_and_a_restart_leaves_none_of_its_re
     which train-classifier then used without a word."""
     out = tmp_path / "run"
     assert pretrain(prepared_subset, str(out)).returncode == 0
-    (out / "encoder.pt").unlink()
+    summary = (out / "summary.json").read_text()
+    for name in ("encoder.pt", "summary.json", "loss_curve.png"):
+        (out / name).unlink()
     again = pretrain(prepared_subset, str(out))
     assert again.returncode == 0 and "written again" in again.stdout, again.stdout + again.stderr
     rewritten, (encoder, _) = load_torch(str(out / "encoder.pt")), uninterrupted
     assert all(torch.equal(rewritten[k], v) for k, v in encoder.items())
+    assert (out / "summary.json").read_text() == summary and (out / "loss_curve.png").stat().st_size > 1000
+    # a new run there would delete the weights it starts from (and a resume would need them again)
+    r = pretrain(prepared_subset, str(out), extra=["--init", str(out / "encoder.pt"), "--resume", "never"])
+    assert r.returncode == 2 and "lies inside --output" in r.stderr and (out / "encoder.pt").is_file(), r.stderr
     code, stdout, stderr = interrupt_mid_epoch(prepared_subset, str(out), {}, extra=["--resume", "never"])
     assert code == 4, stdout + stderr
     assert not [k for k in ("encoder.pt", "projection_head.pt", "summary.json") if (out / k).exists()]
@@ -112,6 +118,17 @@ def test_nan_loss_stops_with_exit_code_5_and_keeps_checkpoint(prepared_subset, t
     r = pretrain(prepared_subset, str(out), extra=["--lr", "1e30", "--warmup-epochs", "0"])
     assert r.returncode == 5, r.stdout + r.stderr
     assert "loss became" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "encoder.pt").exists()
+
+
+def test_a_last_step_that_breaks_the_weights_is_divergence_not_a_finished_run(prepared_subset, tmp_path):
+    """The loss is checked before each step, so a one-step run never saw the update of --lr 1e30: it ended
+    with exit 0 and an encoder whose embeddings overflow."""
+    out = tmp_path / "run"
+    r = subprocess.run([SCRIPT, "--data", str(prepared_subset), "--output", str(out), "--epochs", "1", "--batch-size",
+                        "100000", "--image-size", "32", "--lr", "1e30", "--optimizer", "sgd", "--warmup-epochs", "0",
+                        "--knn-every", "0", "--device", "cpu"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 5 and "after the last step" in r.stderr, r.stdout + r.stderr
     assert not (out / "encoder.pt").exists()
 
 
