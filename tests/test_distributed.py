@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -115,8 +116,9 @@ def test_spec_wrapper_exits_with_the_failing_ranks_code(prepared_sharded, tmp_pa
 
     data = tmp_path / "data"
     shutil.copytree(prepared_sharded, data)
-    shard = data / "train" / "shard-000001.tar"  # dealt to rank 1
-    shard.write_bytes(shard.read_bytes()[:3000])
+    shard = data / "train" / "shard-000001.tar"  # dealt to rank 1: damaged past byte 3000, its size kept
+    whole = shard.read_bytes()  # (a shorter file is refused on every rank, from the manifest's count)
+    shard.write_bytes(whole[:3000] + random.Random(0).randbytes(len(whole) - 3000))
     bin_dir = Path(sys.executable).parent
     torchrun = (f'{bin_dir / "torchrun"} --standalone --nproc-per-node 2 {bin_dir / "pretrain-simclr"} '
                 f'--data {data} --output {tmp_path / "out"} --epochs 1 --image-size 32 --data-mode memory')
@@ -127,7 +129,7 @@ def test_spec_wrapper_exits_with_the_failing_ranks_code(prepared_sharded, tmp_pa
     assert bare.returncode == 1, "torchrun on its own loses the code"
     wrapped = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert wrapped.returncode == 3, wrapped.stdout + wrapped.stderr
-    assert "cannot read shard train/shard-000001.tar" in wrapped.stderr
+    assert "error: shard train/shard-000001.tar holds 1 of the 10 samples" in wrapped.stderr
 
 
 def test_resuming_with_another_process_count_is_refused(prepared_sharded, tmp_path):
