@@ -206,13 +206,12 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
     from PIL import Image
 
     images, labels = [], []  # grown as samples are read: the manifest's count is checked, not trusted
-    n = 0
     try:
         source = io.BytesIO(data.storage.read_bytes(part.key)) if stream else data.storage.local_copy(part.key, data.cache)
         for i, (key, jpeg, label) in enumerate(iter_shard_samples(source)):
             if i % part.stride != part.offset:
                 continue
-            if n == part.size:
+            if len(labels) == part.size:
                 raise BadInputError(f"shard {part.key} holds more samples than the manifest says: re-run prepare-data")
             img = Image.open(io.BytesIO(jpeg))  # reads the header only
             if img.width * img.height > MAX_SAMPLE_PIXELS:  # (Pillow's own limit is off: common.faces)
@@ -228,13 +227,12 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
                 raise BadInputError(f"shard {part.key} has class index {label} but the manifest lists "
                                     f"{len(data.classes)} classes")
             labels.append(-1 if label is None else label)
-            n += 1
     except (tarfile.TarError, OSError, ValueError) as exc:
         raise BadInputError(f"cannot read shard {part.key}: {exc}") from None
-    if n != part.size:
-        raise BadInputError(f"shard {part.key} holds {n} of the {part.size} samples the manifest lists: "
+    if len(labels) != part.size:
+        raise BadInputError(f"shard {part.key} holds {len(labels)} of the {part.size} samples the manifest lists: "
                             "re-run prepare-data")
-    if not n:
+    if not labels:
         return torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
