@@ -37,7 +37,7 @@ from common.distributed import (barrier, cleanup, init_distributed, mean_across_
 from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
 from common.models import Classifier, build_encoder, load_encoder_weights
-from common.storage import claim_output, join_location, open_storage
+from common.storage import claim_output, join_location, location_within, open_storage
 from common.pool import MemoryPool, epoch_generator, rank_share
 from common.training import (RunWriter, StopRequest, autocast, embed, knn_predict, last_step_lr,
                              pick_device, seed_everything, stop_requested, warmup_cosine)
@@ -186,6 +186,7 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
     Only rank 0 writes.
 
     Raises:
+        UsageError: conflicting options, or a --teacher inside --output.
         BadInputError: unusable dataset or weights. DivergedError: the loss became NaN/inf.
         PreemptedError: SIGTERM arrived (nothing is kept; a rerun starts over).
     """
@@ -209,6 +210,9 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
                          "needs --mode distill")
     out = open_storage(output_location)
     claim_output(out, "train-classifier")  # before any work
+    if cfg.teacher and location_within(cfg.teacher, output_location):  # its model.pt is the one a new run deletes
+        raise UsageError(f"--teacher {cfg.teacher} lies inside --output {output_location}, whose model.pt a new run "
+                         "replaces: give the student another --output")
     data = PreparedDataset(data_location, cfg.image_size)
     classes = data.classes
     if len(classes) < 2:  # top-1 would be a trivial 1.0; pretrain-simclr can still use such a dataset

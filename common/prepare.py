@@ -296,8 +296,10 @@ def detection_counts(records: list[dict], splits: list[str]) -> dict:
 def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfig, log=print) -> dict:
     """Run all stages; returns the manifest (also written to ``<output>/manifest.json``).
 
-    An earlier manifest at the output is removed first, so a run that fails half-way never leaves an old
-    manifest describing new shards.
+    A rerun into an earlier dataset keeps it whole until the new crops are ready: a run refused for its
+    input or options (no usable photos, too few per identity...) leaves the earlier manifest and shards as
+    they were, and the manifest is removed just before the first shard is rewritten, so a run stopped
+    after that never leaves an old manifest describing new shards.
 
     Raises:
         PreemptedError: SIGTERM arrived (exit 4; a retry starts over).
@@ -330,7 +332,6 @@ def _prepare_dataset(input_location: str, output_location: str, cfg: PrepareConf
             raise BadInputError(f"--classes names identities with no folder in the input: {missing}")
         if not cfg.unlabeled_pool:  # nothing outside --classes can be used: do not decode it
             files = [(rel, size) for rel, size in files if rel.split("/", 1)[0] in set(cfg.classes)]
-    dst.delete(MANIFEST)  # before any shard changes: a run stopped halfway leaves no stale manifest
     log(f"{len(files)} raw files in {len({f.split('/', 1)[0] for f, _ in files})} identity folders")
     records = detect_all(src.uri, files, cfg)
     deduplicate(records)
@@ -344,6 +345,7 @@ def _prepare_dataset(input_location: str, output_location: str, cfg: PrepareConf
 
     counts: dict[str, dict[str, int]] = {}
     splits = [*SPLITS, UNLABELED] if cfg.unlabeled_pool else list(SPLITS)
+    dst.delete(MANIFEST)  # before the first shard changes: a run stopped from here on leaves no stale manifest
     shards, shard_sizes, digests = {}, {}, {}
     for split in splits:
         members = [r for r in records if r.get("split") == split]

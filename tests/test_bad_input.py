@@ -110,13 +110,20 @@ def test_link_diamonds_do_not_hang_the_listing(tmp_path):
     assert list(storage.list()) == ["Keira/a.jpg"] and storage.folder_links() == ["Keira/x", "Keira/y"]
 
 
-def test_failed_rerun_leaves_no_stale_manifest(tmp_path):
+def test_refused_rerun_keeps_the_earlier_dataset(tmp_path):
+    """A rerun refused after detection (too few photos per identity) used to delete the earlier manifest first,
+    leaving a dataset no job could read although its shards had not changed."""
+    from common.data import PreparedDataset
+
     out = tmp_path / "prepared"
     args = ["--input", CASES / "raw", "--output", out, "--min-images", 1, "--workers", 1, "--image-size", 32]
     assert run(prepare_main, *args).exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     r = run(prepare_main, *args, "--min-images", 50)
     assert r.exit_code == 3 and "lower --min-images" in r.output
-    assert not (out / "manifest.json").exists(), "shards may have changed: the old manifest must not describe them"
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    x, y = PreparedDataset(str(out), 32).load("train")
+    assert len(x) == len(y) > 0
 
 
 def test_more_workers_than_cores_are_lowered_with_a_note(tmp_path):

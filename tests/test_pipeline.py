@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,6 +227,14 @@ def test_distillation_needs_a_teacher_of_the_same_identities(prepared_subset, tm
                                              "--mode", "distill", "--teacher", str(tmp_path / "other.pt"),
                                              "--image-size", "32"])
     assert r.exit_code == 3 and "knows other identities" in r.output
+    (tmp_path / "y").mkdir()  # a teacher in the student's --output: the new run would delete its model.pt
+    shutil.copyfile(tmp_path / "other.pt", tmp_path / "y" / "model.pt")
+    for teacher in ("y", "y/model.pt"):
+        r = CliRunner().invoke(classifier_main, ["--data", str(prepared_subset), "--output", str(tmp_path / "y"),
+                                                 "--mode", "distill", "--teacher", str(tmp_path / teacher),
+                                                 "--image-size", "32"])
+        assert r.exit_code == 2 and "lies inside --output" in r.output, r.output
+        assert (tmp_path / "y" / "model.pt").read_bytes() == (tmp_path / "other.pt").read_bytes()
     saved["model"]["encoder.layer4.1.conv2.weight"][0] = float("nan")
     torch.save(saved, tmp_path / "nan.pt")
     r = CliRunner().invoke(classifier_main, ["--data", str(prepared_subset), "--output", str(tmp_path / "x"),
