@@ -69,6 +69,11 @@ class ClassifierConfig:
     device: str = "auto"
 
 
+# what a run writes besides config.json; a rerun into the same folder deletes them all first
+RESULTS = ("metrics.json", "model.pt", "metrics.jsonl", "classification_report.txt", "confusion_matrix.png",
+           "training_curves.png")
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
     """Cross-entropy of the student's softened distribution to the teacher's, times T^2 so gradients keep
     their scale across temperatures (Hinton et al. 2015, arXiv:1503.02531; SimCLRv2 eq. 2).
@@ -246,7 +251,7 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         model = model.to(memory_format=torch.channels_last)
     writer = RunWriter(out)
     if info.is_main:
-        for key in ("metrics.json", "model.pt"):  # a rerun replaces the run: an interrupted one leaves no old results
+        for key in RESULTS:  # a rerun replaces the run: an interrupted one (or a knn one) leaves no old results
             out.delete(key)
         writer.write_json("config.json", {**asdict(cfg), "data": data_location, "output": out.uri,
                                           "weights": source, "train_images": n_train, "classes": classes,

@@ -406,6 +406,7 @@ def test_a_job_never_writes_into_another_jobs_output(prepared_subset, tmp_path):
     r = run(classifier_main, "--data", prepared_subset, "--output", cls, "--encoder", simclr, "--mode", "knn",
             "--image-size", 32, "--device", "cpu")
     assert r.exit_code == 0 and not (cls / "model.pt").exists(), "a knn rerun writes no model: the old one must go"
+    assert not (cls / "metrics.jsonl").exists() and not (cls / "training_curves.png").exists(), "the fine-tune's epochs"
     assert json.loads((cls / "config.json").read_text())["mode"] == "knn" == json.loads((cls / "metrics.json").read_text())["mode"]
     r = run(classifier_main, "--data", prepared_subset, "--output", "/proc/facessl-cls", "--mode", "knn")
     assert r.exit_code == 3 and "cannot write to /proc/facessl-cls" in r.output, r.output
