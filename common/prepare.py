@@ -32,17 +32,23 @@ from common.errors import BadInputError, PreemptedError, StorageError, UsageErro
 from common.faces import DetectConfig, process_photo
 from common.storage import Storage, UnsafeKeyError, claim_output, location_within, open_storage
 
-PREEMPTED = ("stopped by SIGTERM before manifest.json was written (it comes last, so this output holds no "
-             "dataset): run again to start over")
+PREEMPTED = ("stopped by SIGTERM before a new manifest.json was written (it comes last; an earlier dataset "
+             "there is kept until the first shard is rewritten): run again to start over")
 _SIGTERM = {"received": False}
 
 
+class _Sigterm(BaseException):
+    """Raised by the SIGTERM handler where the main thread is, as Ctrl-C raises KeyboardInterrupt. Not an
+    Exception, so no library's ``except Exception`` can swallow it (botocore wraps any Exception raised
+    during a request in HTTPClientError and retries the request); :func:`prepare_dataset` turns it into
+    PreemptedError."""
+
+
 def _on_sigterm(signum, frame):
-    """SIGTERM (a preemption) raises PreemptedError where the main thread is, as Ctrl-C raises
-    KeyboardInterrupt: a wait for the detection workers is cut short, and the job exits 4, which the
-    Argo workflow retries."""
+    """SIGTERM (a preemption) stops the job at once: a wait for the detection workers or an S3 request is
+    cut short, and the job exits 4, which the Argo workflow retries."""
     _SIGTERM["received"] = True
-    raise PreemptedError(PREEMPTED)
+    raise _Sigterm()
 
 
 OUTSIDE_LINK = "a symlink points outside the input (use a hard link or a copy)"
@@ -134,7 +140,7 @@ def _process_one(item: tuple[str, int]) -> dict:
         return {**record, "status": "skipped", "reason": f"file too large ({size} bytes)"}
     try:
         data = _WORKER["storage"].read_bytes(rel)
-    except (StorageError, PreemptedError):
+    except StorageError:
         raise  # a storage outage is not a property of the file: fail the job (exit 4) instead of skipping
     except UnsafeKeyError:  # one reason for all such files, so the manifest's skip counts group them
         return {**record, "status": "skipped", "reason": BACKSLASH_NAME if "\\" in rel else OUTSIDE_LINK}
@@ -143,8 +149,6 @@ def _process_one(item: tuple[str, int]) -> dict:
     record["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         result = process_photo(data, _WORKER["cfg"])
-    except PreemptedError:  # SIGTERM while detecting in the main process (one worker)
-        raise
     except Exception as exc:  # noqa: BLE001 - a decoder crash on one file is a skip, not a failed job
         return {**record, "status": "skipped", "reason": f"could not process image ({type(exc).__name__})"}
     if result.crop_jpeg is None:
@@ -157,8 +161,8 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     """Run decode + detection + crop over ``files`` with a worker per core; records in input order.
 
     Raises:
-        PreemptedError: SIGTERM arrived (see :func:`prepare_dataset`); the workers are ended first, as on
-            Ctrl-C.
+        _Sigterm: SIGTERM arrived (:func:`prepare_dataset` reports it as PreemptedError); the workers are
+            ended first, as on Ctrl-C. PreemptedError: SIGTERM to the whole process group ended the workers.
         StorageError: a worker died, or storage failed.
     """
     from tqdm import tqdm
@@ -180,7 +184,7 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
                              initargs=initargs) as pool:
         try:
             return list(progress(pool.map(_process_one, files, chunksize=16)))
-        except (KeyboardInterrupt, PreemptedError):
+        except (KeyboardInterrupt, _Sigterm):
             # Stop now: leaving the with-block would first detect every queued photo. The workers are
             # taken before shutdown(), which drops _processes (Python 3.14 has terminate_workers()).
             procs = list((pool._processes or {}).values())
@@ -311,6 +315,8 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return _prepare_dataset(input_location, output_location, cfg, log)
+    except _Sigterm:
+        raise PreemptedError(PREEMPTED) from None
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

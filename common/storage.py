@@ -302,7 +302,7 @@ def _s3_client():
                 retries={"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))},
                 s3={"addressing_style": "path" if custom_endpoint else "auto"},
                 connect_timeout=10,
-                read_timeout=120,
+                read_timeout=60,  # botocore's default: a silent server costs attempts x 60 s
             )
             _CLIENTS[pid] = boto3.session.Session().client("s3", config=config)
         return _CLIENTS[pid]

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -360,10 +361,13 @@ def test_ctrl_c_or_sigterm_stop_prepare_data_and_its_workers_at_once(signame, to
     import time
 
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prepare-data"), "--input", str(slow_photos),
-                             "--output", str(tmp_path / "o"), "--workers", str(n_workers)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    for line in iter(proc.stderr.readline, ""):
-        if "detect faces" in line:
+                             "--output", str(tmp_path / "o"), "--workers", str(n_workers)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # the line printed just before detection starts (tqdm's bar on a pipe shows only every 30 s, and on a
+    # fast machine its first full line came when the 40 photos were done)
+    for line in iter(proc.stdout.readline, ""):
+        if "raw files in" in line:
             break
     time.sleep(3)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
@@ -385,6 +389,34 @@ def test_ctrl_c_or_sigterm_stop_prepare_data_and_its_workers_at_once(signame, to
         time.sleep(0.5)
     assert not any(running(pid) for pid in workers), [Path(f"/proc/{p}/cmdline").read_text() for p in workers if running(p)]
 
+
+
+def test_sigterm_during_an_s3_request_stops_prepare_data(tmp_path):
+    """An S3 server that accepts connections and never answers: SIGTERM used to be raised inside botocore's
+    request, which wrapped it in HTTPClientError and retried, so the job ran on for up to 16 minutes."""
+    import socket
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    threading.Thread(target=lambda: [accepted.append(server.accept()) for _ in range(20)], daemon=True).start()
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{server.getsockname()[1]}",
+           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prepare-data"), "--input", "s3://silent/raw",
+                             "--output", str(tmp_path / "o")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not accepted and time.time() < deadline:
+            time.sleep(0.2)
+        assert accepted, "prepare-data never connected to the server"
+        time.sleep(1)
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+        server.close()
+    assert proc.returncode == 4 and "stopped by SIGTERM" in err and "Traceback" not in err, err
 
 def test_a_job_never_writes_into_another_jobs_output(prepared_subset, tmp_path):
     """A SimCLR run, a classifier run and a prepared dataset each keep their folder (exit 2 before any work;
