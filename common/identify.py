@@ -55,10 +55,18 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
     return model.eval(), list(classes), size
 
 
+MAX_PHOTO_BYTES = 100 * 1024 * 1024  # as PrepareConfig.max_file_bytes: prepare-data skips larger raw files
+
+
 def read_photo(location: str) -> bytes:
-    """The bytes of a local photo or an ``s3://bucket/key`` object."""
+    """The bytes of a local photo or an ``s3://bucket/key`` object.
+
+    Raises:
+        BadInputError: over :data:`MAX_PHOTO_BYTES`, or a local FIFO, device... (not a regular file).
+        NotFoundError: no such file or object. StorageError: S3 unreachable.
+    """
     storage, key = open_file_location(location)
-    return storage.read_bytes(key)
+    return storage.read_bytes(key, max_bytes=MAX_PHOTO_BYTES)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -90,7 +91,9 @@ class Storage:
 
     uri: str
 
-    def read_bytes(self, key: str) -> bytes: ...
+    def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes. With ``max_bytes``, a larger object (or a local FIFO, device... anything but a
+        regular file) raises BadInputError before it is read."""
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def upload_file(self, local_path: str | os.PathLike, key: str) -> None: ...
     def download_file(self, key: str, local_path: str | os.PathLike) -> None: ...
@@ -150,6 +153,11 @@ def _local_errors(method):
     return wrapper
 
 
+def _check_size(url: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise BadInputError(f"{url} is {size:,} bytes, over the {max_bytes:,}-byte limit for one photo")
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -180,9 +188,15 @@ class LocalStorage(Storage):
         return (self._path(parent) if parent else self.root.resolve()) / name
 
     @_local_errors
-    def read_bytes(self, key):
+    def read_bytes(self, key, max_bytes=None):
         try:
-            return self._path(key).read_bytes()
+            path = self._path(key)
+            if max_bytes is not None:  # stat first: opening a FIFO would wait for a writer
+                st = path.stat()
+                if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                    raise BadInputError(f"{self.url(key)} is not a regular file")
+                _check_size(self.url(key), st.st_size, max_bytes)
+            return path.read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"not found: {self.url(key)}") from None
         except IsADirectoryError:
@@ -359,9 +373,15 @@ class S3Storage(Storage):
         except (ClientError, BotoCoreError, Boto3Error) as exc:
             raise self._fail(exc, key) from None
 
-    def read_bytes(self, key):
+    def read_bytes(self, key, max_bytes=None):
         client = _s3_client()
         resp = self._call(key, client.get_object, Bucket=self.bucket, Key=self._key(key))
+        if max_bytes is not None:
+            try:
+                _check_size(self.url(key), int(resp.get("ContentLength", 0)), max_bytes)
+            except BadInputError:
+                resp["Body"].close()
+                raise
         return self._call(key, resp["Body"].read)
 
     def write_bytes(self, key, data):

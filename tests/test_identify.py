@@ -1,6 +1,7 @@
 """identify on real photos: every detected face gets a box and top-3 identities; bad input gets exit 3."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,12 @@ def test_no_face_and_bad_input(model_file, tmp_path):
     assert r.returncode == 3 and "cannot read the photo" in r.stderr and "Traceback" not in r.stderr
     r = identify("--model", model_file, "--photo", tmp_path / "missing.jpg")
     assert r.returncode == 3 and "Traceback" not in r.stderr
+    os.mkfifo(tmp_path / "pipe.jpg")  # reading it would wait for a writer forever
+    with open(tmp_path / "huge.jpg", "wb") as f:  # sparse: 200 MiB that take no disk
+        f.truncate(200 * 1024 * 1024)
+    for name, message in (("pipe.jpg", "is not a regular file"), ("huge.jpg", "over the 104,857,600-byte limit")):
+        r = identify("--model", model_file, "--photo", tmp_path / name)
+        assert r.returncode == 3 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     r = identify("--model", tmp_path / "other.pt", "--photo", CASES / "raw" / "Tom Hanks" / "plain.jpg")
     assert r.returncode == 3 and "not a train-classifier model.pt" in r.stderr

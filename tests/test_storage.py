@@ -32,6 +32,15 @@ def test_overwrite_replaces_content(store):
     assert store.read_bytes("k") == b"second"
 
 
+def test_read_with_a_size_limit_refuses_larger_objects_before_reading(store):
+    store.write_bytes("photo.jpg", b"x" * 1000)
+    assert store.read_bytes("photo.jpg", max_bytes=1000) == b"x" * 1000
+    with pytest.raises(BadInputError, match=r"photo.jpg is 1,000 bytes, over the 999-byte limit"):
+        store.read_bytes("photo.jpg", max_bytes=999)
+    with pytest.raises(NotFoundError):
+        store.read_bytes("missing.jpg", max_bytes=999)
+
+
 def test_missing_key_is_a_clear_error(store):
     with pytest.raises(NotFoundError, match="not found: .*nothing/here"):
         store.read_bytes("nothing/here")
