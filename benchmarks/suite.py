@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -79,11 +80,34 @@ def job(name: str, *args, log) -> float:
     cmd = [sys.executable, "-m", "jobs." + name.replace("-", "_"), *map(str, args)]
     log(f"{name} " + " ".join(cmd[3:]))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:  # the job's own exit code, so bad input (3) and transient failures (4) stay apart
-        print(f"{name} failed with exit code {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}", file=sys.stderr)
-        sys.exit(r.returncode)
+    proc = _RUNNING["job"] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate()
+    except KeyboardInterrupt:  # Ctrl-C: the job stops at its own safe point (a checkpoint) before the suite
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        print(f"interrupted during {name}: run the same command again to go on (pretraining resumes from its "
+              "checkpoint)", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        _RUNNING["job"] = None
+    if proc.returncode != 0:  # the job's own exit code, so bad input (3) and transient failures (4) stay apart
+        print(f"{name} failed with exit code {proc.returncode}:\n{stdout[-3000:]}\n{stderr[-3000:]}", file=sys.stderr)
+        sys.exit(proc.returncode)
     return time.time() - started
+
+
+_RUNNING: dict = {"job": None}
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM (a preemption) goes to the running job, which stops at its own safe point and exits 4 (that
+    exit ends the suite, with the job's output); between jobs the suite exits 4 at once."""
+    if (proc := _RUNNING["job"]) is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    else:
+        print("stopped by SIGTERM between jobs: run the same command again to go on", file=sys.stderr)
+        sys.exit(4)
 
 
 def pairs_raw_folder(out: Path) -> Path:
@@ -233,7 +257,7 @@ def collect_figures(out: Path, rows: list[dict]) -> dict[str, list[str]]:
     ``rows``, the files in its figures folder relative to out (also those of rows made by an earlier run
     elsewhere whose figures folder was brought along)."""
     for r in rows:
-        if r["arm"] not in ("SimCLR + fine-tune", "SimCLR embeddings"):
+        if r["arm"] not in FIGURE_ARMS:
             continue
         runs = [Path(r["outputs"]), Path(r["outputs"]).parent / "simclr"]
         for run in runs:
@@ -273,6 +297,37 @@ def merge_rows(out: Path, rows: list[dict], settings: str) -> list[dict]:
     kept = [r for r in old.get("rows", []) if r["benchmark"] not in fresh]
     order = list(BENCHMARKS)
     return sorted(kept + rows, key=lambda r: order.index(r["benchmark"]))
+
+
+ROW_NUMBERS = {"classification": ("top1", "top3", "macro_f1", "labelled_images", "epochs", "pretraining_images",
+                                  "simclr_epochs", "simclr_s", "seconds"),
+               "verification": ("accuracy", "accuracy_std", "roc_auc", "pretraining_images", "simclr_epochs",
+                                "simclr_s", "seconds")}
+FIGURE_ARMS = ("SimCLR + fine-tune", "SimCLR embeddings")  # the rows whose run folders' plots are published
+
+
+def earlier_table_problem(path: Path) -> str | None:
+    """Why ``path``, an earlier results.json that :func:`merge_rows` and :func:`write_tables` would read, is not
+    one this suite wrote (None: absent, or usable): each row a JSON object of a known benchmark with the
+    numbers its table line prints."""
+    if not path.exists():
+        return None
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable: {exc}"
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
+        return "no list of rows"
+    for i, row in enumerate(table["rows"]):
+        if not isinstance(row, dict) or row.get("benchmark") not in BENCHMARKS or not isinstance(row.get("arm"), str):
+            return f"row {i + 1} names no known benchmark and arm"
+        kind = "verification" if "accuracy" in row else "classification"
+        if bad := [k for k in ROW_NUMBERS[kind] if isinstance(row.get(k), bool)
+                   or not isinstance(row.get(k), (int, float))]:
+            return f"row {i + 1} has no number for {', '.join(bad)}"
+        if row["arm"] in FIGURE_ARMS and not isinstance(row.get("outputs"), str):
+            return f"row {i + 1} names no outputs folder"
+    return None
 
 
 def write_tables(out: Path, rows: list[dict], meta: dict) -> None:
@@ -351,17 +406,14 @@ def main():
         if problems := [p for n in names if (p := prepared_problem(n, out, s, args.unlabeled_pool))]:
             parser.error("--stage train needs an earlier --stage prepare into the same --out with the same "
                          "settings: " + "; ".join(problems))
-    try:  # an earlier table that a subset run would merge into: unreadable means stop now, not after hours
-        earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {"rows": []}
-        readable = all("benchmark" in r for r in earlier["rows"])
-    except (ValueError, KeyError, TypeError, OSError):
-        readable = False
-    if not readable:
-        parser.error(f"{out / 'results.json'} is not a results.json of this suite: move it away or pick another --out")
+    if problem := earlier_table_problem(out / "results.json"):  # a subset run would merge into it: stop now,
+        parser.error(f"{out / 'results.json'} is not a results.json of this suite ({problem}): move it away or "
+                     "pick another --out")  # not after hours of training
 
     from common.errors import FacesslError
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.stage != "prepare":  # a wrong device or weights file fails now, not after the CPU stage
             check_training_options(args.device, args.imagenet_weights)
@@ -386,6 +438,9 @@ def main():
     except FacesslError as exc:  # bad data found by the suite itself (a broken pairs.csv, unusable weights)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:  # between jobs (a running job is stopped in job())
+        print("interrupted: run the same command again to go on", file=sys.stderr)
+        sys.exit(130)
     print((out / "results.md").read_text())
 
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import REPO, SHARED
 
@@ -69,6 +73,11 @@ def test_unknown_or_empty_benchmarks_and_missing_data_are_usage_errors(tmp_path)
     real_data = {**os.environ, "FACESSL_SHARED": str(SHARED)}  # a clone need not sit beside ../shared
     r = subprocess.run(cmd + ["--benchmarks", "glint6"], capture_output=True, text=True, env=real_data)
     assert r.returncode == 2 and "is not a results.json of this suite" in r.stderr
+    for rows in ([{"benchmark": "glint24-20", "arm": "scratch", "top1": 0.2}], [{"benchmark": "glint24-50"}],
+                 ["benchmark"]):  # each used to fail with a traceback after all the training, while merging
+        (tmp_path / "results.json").write_text(json.dumps({"settings": "reduced", "rows": rows}))
+        r = subprocess.run(cmd + ["--benchmarks", "glint6", "--reduced"], capture_output=True, text=True, env=real_data)
+        assert r.returncode == 2 and "is not a results.json of this suite (row 1 " in r.stderr, r.stderr
     r = subprocess.run([*cmd[:-1], str(tmp_path / "results.json"), "--benchmarks", "glint6"], capture_output=True,
                        text=True, env=real_data)
     assert r.returncode == 2 and "--out" in r.stderr
@@ -125,3 +134,36 @@ def test_a_subset_run_updates_the_table_and_keeps_the_other_benchmarks(tmp_path)
     merged = suite.merge_rows(tmp_path, [{"benchmark": "glint6", "arm": "scratch", "top1": 0.5}], "reduced")
     assert [(r["benchmark"], r["top1"]) for r in merged] == [("glint6", 0.5), ("glint24-20", 0.1)]
     assert suite.merge_rows(tmp_path, old[:1], "full") == old[:1]  # other settings: not mixed
+
+
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 4), ("SIGINT", 130)])
+def test_sigterm_or_ctrl_c_stop_the_running_job_and_the_suite(signame, code, tmp_path):
+    """SIGTERM used to kill the suite alone (exit 143), its pretrain-simclr child running on, orphaned and
+    writing into --out; Ctrl-C gave a KeyboardInterrupt traceback. Now the running job gets the signal, stops
+    at its own safe point, and the suite exits with the job's retry code (4) or 130."""
+    import signal
+    import time
+
+    glint24 = tmp_path / "shared" / "data" / "faces" / "glint24"
+    for name in suite.GLINT6.split(","):
+        (glint24 / name).mkdir(parents=True)
+        for src in sorted((SHARED / "data" / "faces" / "glint24" / name).iterdir())[:12]:
+            shutil.copyfile(src, glint24 / name / src.name)
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "suite.py"), "--out", str(tmp_path / "out"),
+                             "--reduced", "--benchmarks", "glint6", "--arms", "scratch", "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FACESSL_SHARED": str(tmp_path / "shared")})
+    try:
+        deadline, jobs = time.time() + 120, []
+        while not jobs and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            jobs = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "jobs.pretrain_simclr"], capture_output=True,
+                                  text=True).stdout.split()
+        assert jobs, "pretrain-simclr never started"
+        time.sleep(2)
+        proc.send_signal(getattr(signal, signame))
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == code and "Traceback" not in err, err
+    assert not any(Path(f"/proc/{pid}").exists() for pid in jobs), "the job outlived the suite"
