@@ -214,6 +214,9 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         raise UsageError("--mode distill needs --teacher (a fine-tuned train-classifier model.pt), and --teacher "
                          "needs --mode distill")
     out = open_storage(output_location)
+    if location_within(output_location, data_location) and not location_within(data_location, output_location):
+        raise UsageError(f"--output {output_location} lies inside the prepared dataset {data_location}, which a "
+                         "prepare-data rerun replaces: give a folder outside it")  # (the same folder: claim_output)
     claim_output(out, "train-classifier")  # before any work
     if cfg.teacher and location_within(cfg.teacher, output_location):  # its model.pt is the one a new run deletes
         raise UsageError(f"--teacher {cfg.teacher} lies inside --output {output_location}, whose model.pt a new run "

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +31,7 @@ from multiprocessing import get_context
 from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, dataset_id, remove_stale_shards
 from common.errors import BadInputError, PreemptedError, StorageError, UsageError
 from common.faces import DetectConfig, process_photo
-from common.storage import Storage, UnsafeKeyError, claim_output, location_within, open_storage
+from common.storage import Storage, UnsafeKeyError, claim_output, join_location, location_within, open_storage
 
 PREEMPTED = ("stopped by SIGTERM before a new manifest.json was written (it comes last; an earlier dataset "
              "there is kept until the first shard is rewritten): run again to start over")
@@ -215,6 +216,25 @@ def deduplicate(records: list[dict]) -> None:
             first_of[digest] = rec["source"]
 
 
+def folder_names(classes: tuple[str, ...], folders: set[str]) -> tuple[str, ...]:
+    """``classes`` as spelled by the identity folders: a name typed in another Unicode normalization form
+    than its folder's (``Zoë`` composed, NFC, as typed; decomposed, NFD, as macOS writes file names) is
+    matched to the folder. Names with no folder are returned as given."""
+    by_form = {unicodedata.normalize("NFC", f): f for f in folders}
+    return tuple(c if c in folders else by_form.get(unicodedata.normalize("NFC", c), c) for c in classes)
+
+
+def check_unicode_forms(folders: set[str]) -> None:
+    """Raises BadInputError when two identity folders are one name in two Unicode normalization forms: they
+    would be two classes that print the same."""
+    by_form: dict[str, list[str]] = {}
+    for f in folders:
+        by_form.setdefault(unicodedata.normalize("NFC", f), []).append(f)
+    if clash := next((sorted(names) for names in by_form.values() if len(names) > 1), None):
+        raise BadInputError(f"identity folders {clash} are one name written in two Unicode forms (composed and "
+                            "decomposed accents): merge them into one folder, or rename one")
+
+
 def select_classes(records: list[dict], classes: tuple[str, ...], min_images: int) -> list[str]:
     """Identities kept as classes, sorted: in ``classes`` (when given) and with >= ``min_images`` crops.
 
@@ -326,22 +346,28 @@ def _prepare_dataset(input_location: str, output_location: str, cfg: PrepareConf
     if not all(math.isfinite(r) and r >= 0 for r in cfg.ratios) or abs(sum(cfg.ratios) - 1.0) > 1e-6:
         raise UsageError(f"split ratios must be finite, >= 0 and sum to 1, got {cfg.ratios}")
     started = time.time()
+    src, dst = open_storage(input_location), open_storage(output_location)  # (a malformed URI is refused here)
     if location_within(output_location, input_location):  # the next run would read the shards as photos
         raise UsageError(f"the output {output_location} lies inside the input {input_location}: give a folder "
                          "outside it")
-    src, dst = open_storage(input_location), open_storage(output_location)
+    if inside := [split for split in [*SPLITS, UNLABELED]
+                  if location_within(input_location, join_location(output_location, split))]:
+        raise UsageError(f"the input {input_location} lies in the output's {inside[0]}/ folder, where the shards go: "
+                         "give an output folder that does not hold the input")
     claim_output(dst, "prepare-data", *SPLITS, *([UNLABELED] if cfg.unlabeled_pool else []))  # before detection
     files, records_outside = list_raw_files(src)
+    present = {rel.split("/", 1)[0] for rel, _ in files}
+    wanted = folder_names(cfg.classes, present)
     if cfg.classes:
-        present = {rel.split("/", 1)[0] for rel, _ in files}
-        if missing := sorted(set(cfg.classes) - present):
+        if missing := sorted(set(wanted) - present):
             raise BadInputError(f"--classes names identities with no folder in the input: {missing}")
         if not cfg.unlabeled_pool:  # nothing outside --classes can be used: do not decode it
-            files = [(rel, size) for rel, size in files if rel.split("/", 1)[0] in set(cfg.classes)]
+            files = [(rel, size) for rel, size in files if rel.split("/", 1)[0] in set(wanted)]
+    check_unicode_forms({rel.split("/", 1)[0] for rel, _ in files})
     log(f"{len(files)} raw files in {len({f.split('/', 1)[0] for f, _ in files})} identity folders")
     records = detect_all(src.uri, files, cfg)
     deduplicate(records)
-    classes = select_classes(records, cfg.classes, cfg.min_images)
+    classes = select_classes(records, wanted, cfg.min_images)
     stratified_split(records, classes, cfg.ratios, cfg.seed)
     class_index = {c: i for i, c in enumerate(classes)}
     if cfg.unlabeled_pool:

@@ -133,6 +133,9 @@ def pretrain(data_location: str, output_location: str, cfg: PretrainConfig, log=
 
 def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> dict:
     out = open_storage(output_location)
+    if location_within(output_location, data_location) and not location_within(data_location, output_location):
+        raise UsageError(f"--output {output_location} lies inside the prepared dataset {data_location}, which a "
+                         "prepare-data rerun replaces: give a folder outside it")  # (the same folder: claim_output)
     claim_output(out, "pretrain-simclr")  # before any work
     if cfg.init != "scratch" and location_within(cfg.init, output_location):
         raise UsageError(f"--init {cfg.init} lies inside --output {output_location}, whose earlier results a new run "

@@ -22,6 +22,7 @@ object becomes visible only when its PUT (or multipart upload) completes.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -330,6 +331,8 @@ class S3Storage(Storage):
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise BadInputError(f"no bucket in {uri!r}: expected s3://bucket/prefix")
+        if not re.fullmatch(r"[a-zA-Z0-9._-]{1,255}", bucket):  # what botocore accepts; S3 itself is stricter
+            raise BadInputError(f"{bucket!r} in {uri!r} is not a bucket name: letters, digits, '.', '-' and '_' only")
         self.bucket = bucket
         self.prefix = safe_key(prefix) if prefix.strip("/") else ""
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")

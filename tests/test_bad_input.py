@@ -460,3 +460,41 @@ def test_one_class_dataset_is_refused_by_the_classifier(tmp_path):
     r = run(classifier_main, "--data", data, "--output", tmp_path / "o", "--mode", "knn", "--image-size", 32)
     assert r.exit_code == 3 and "needs at least two identities" in r.output, r.output
     assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_unicode_forms_of_identity_names(tmp_path):
+    """macOS writes file names decomposed (NFD): --classes typed composed (NFC) found no folder, and folders of
+    both forms became two classes that print the same."""
+    import unicodedata
+
+    nfd, nfc = unicodedata.normalize("NFD", "Zoë"), unicodedata.normalize("NFC", "Zoë")
+    raw = tmp_path / "raw"
+    for folder, person in ((nfd, "Keira Knightley"), ("Tom", "Tom Hanks")):
+        (raw / folder).mkdir(parents=True)
+        for src in sorted((GLINT24 / person).iterdir())[:10]:
+            shutil.copyfile(src, raw / folder / src.name)
+    args = ["--input", raw, "--min-images", 5, "--workers", 1, "--image-size", 32, "--on-no-face", "keep-full"]
+    r = run(prepare_main, *args, "--output", tmp_path / "o", "--classes", f"{nfc},Tom")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["classes"] == ["Tom", nfd]
+    (raw / nfc).mkdir()
+    shutil.copyfile(next(iter(sorted((raw / "Tom").iterdir()))), raw / nfc / "x.jpg")
+    r = run(prepare_main, *args, "--output", tmp_path / "o2")
+    assert r.exit_code == 3 and "one name written in two Unicode forms" in r.output, r.output
+
+
+def test_outputs_and_inputs_that_overlap_or_malformed_s3_locations_are_refused(prepared_subset, tmp_path):
+    raw = tmp_path / "out" / "train"  # an input named like a split folder, inside the output
+    shutil.copytree(CASES / "raw", raw)
+    r = run(prepare_main, "--input", raw, "--output", tmp_path / "out", "--min-images", 1)
+    assert r.exit_code == 2 and "lies in the output's train/ folder" in r.output, r.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train"]
+    for job in (classifier_main, pretrain_main):  # a job's run inside the dataset a prepare-data rerun replaces
+        r = run(job, "--data", prepared_subset, "--output", prepared_subset / "train" / "run", "--epochs", 1,
+                "--image-size", 32)
+        assert r.exit_code == 2 and "lies inside the prepared dataset" in r.output, r.output
+        assert not (prepared_subset / "train" / "run").exists()
+    r = run(prepare_main, "--input", "s3://", "--output", tmp_path / "o")
+    assert r.exit_code == 3 and "no bucket in 's3://'" in r.output, r.output
+    r = run(prepare_main, "--input", CASES / "raw", "--output", "s3://Bad_Bucket!/prep")
+    assert r.exit_code == 3 and "'Bad_Bucket!' in 's3://Bad_Bucket!/prep' is not a bucket name" in r.output, r.output
