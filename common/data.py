@@ -207,7 +207,14 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
 
     images, labels = [], []  # grown as samples are read: the manifest's count is checked, not trusted
     try:
-        source = io.BytesIO(data.storage.read_bytes(part.key)) if stream else data.storage.local_copy(part.key, data.cache)
+        if stream:
+            source = io.BytesIO(data.storage.read_bytes(part.key))
+        else:
+            try:
+                source = data.storage.local_copy(part.key, data.cache)
+            except OSError as exc:  # the cache folder failed, not the shard
+                raise BadInputError(f"cannot copy shard {part.key} into the cache {data.cache} ({exc.strerror or exc}): "
+                                    "set FACESSL_CACHE to a writable folder with room") from None
         for i, (key, jpeg, label) in enumerate(iter_shard_samples(source)):
             if i % part.stride != part.offset:
                 continue

@@ -127,3 +127,19 @@ def test_unwritable_cache(prepared_sharded, tmp_path, monkeypatch):
     assert mode == "memory" and len(pool) > 0
     with pytest.raises(BadInputError, match="cannot write the decoded-crop cache"):
         open_pool(data, ["train"], 0, 1, "mmap")
+
+
+def test_unwritable_cache_for_s3_shards_is_named(prepared_sharded, s3_env, tmp_path, monkeypatch):
+    """S3 shards are copied into the cache first: a cache path through a file blamed the shard."""
+    from common.storage import open_storage
+
+    remote = open_storage(f"s3://{s3_env}/prepared")
+    for path in prepared_sharded.rglob("*"):
+        if path.is_file():
+            remote.upload_file(path, str(path.relative_to(prepared_sharded)))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FACESSL_CACHE", str(blocker / "cache"))
+    data = PreparedDataset(remote.uri, 32)
+    with pytest.raises(BadInputError, match=r"cannot copy shard val/.* into the cache .*a-file/cache.*FACESSL_CACHE"):
+        data.load("val")
