@@ -42,7 +42,8 @@ class DetectConfig:
         min_face: smallest face side in pixels.
         margin: crop margin around the box, as a fraction of the box side on each side.
         image_size: side in pixels of the square output crop.
-        on_no_face: "skip" (record a skip) or "keep-full" (use the whole photo, centre-cropped square).
+        on_no_face: "skip" (record a skip) or "keep-full" (use the whole photo, centre-cropped square; a
+            photo with a side under ``min_face`` is skipped all the same).
         max_pixels: photos with more pixels are refused before decoding (bounded memory).
         fallback: try the other cascades, the mirror image and upscaling when the default cascade finds
             nothing (``detect_face``); False reproduces the original single-cascade detector.
@@ -243,6 +244,9 @@ def process_photo(data: bytes, cfg: DetectConfig) -> FaceResult:
     if found is None:
         if cfg.on_no_face != "keep-full":
             return FaceResult(None, None, "no face detected")
+        if min(img.size) < cfg.min_face:  # a 1x1 or 5000x1 image would train as a blown-up smear
+            return FaceResult(None, None, f"no face, and a side under --min-face {cfg.min_face} px: too small to keep "
+                                          "whole")
         return FaceResult(encode_jpeg(crop_face(img, None, cfg.margin, cfg.image_size)), None, detector="none")
     box, detector = found
     return FaceResult(encode_jpeg(crop_face(img, box, cfg.margin, cfg.image_size)), box, detector=detector)

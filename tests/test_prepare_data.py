@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from common.data import iter_shard_samples
-from conftest import CASES, SHARED
+from conftest import CASES, GLINT24, SHARED
 from jobs.prepare_data import main as prepare_main
 
 
@@ -172,3 +172,21 @@ def test_rerun_with_fewer_shards_removes_the_old_ones(tmp_path):
     assert on_disk == sorted(k for keys in manifest["shards"].values() for k in keys)
     assert len(manifest["shards"]["train"]) == 1 and (out / "train" / "notes.txt").read_text() == "mine"
     assert "removed" in result.output
+
+
+def test_keep_full_skips_photos_too_small_to_hold_a_face(tmp_path):
+    """keep-full used to keep a 1x1 or a 5000x1 image, blown up to a crop of one smeared pixel row."""
+    from PIL import Image
+
+    raw = tmp_path / "raw" / "Someone"
+    raw.mkdir(parents=True)
+    Image.new("RGB", (1, 1), (200, 150, 120)).save(raw / "dot.png")
+    Image.new("RGB", (5000, 1), (200, 150, 120)).save(raw / "line.png")
+    shutil.copyfile(next(iter(sorted((GLINT24 / "Tom Hanks").iterdir()))), raw / "crop.jpg")
+    result = CliRunner().invoke(prepare_main, ["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "o"),
+                                               "--min-images", "1", "--workers", "1", "--on-no-face", "keep-full"])
+    assert result.exit_code == 0, result.output
+    records = {r["source"]: r for r in json.loads((tmp_path / "o" / "manifest.json").read_text())["records"]}
+    for name in ("dot.png", "line.png"):
+        assert records[f"Someone/{name}"]["reason"] == "no face, and a side under --min-face 30 px: too small to keep whole"
+    assert records["Someone/crop.jpg"]["status"] == "ok"
