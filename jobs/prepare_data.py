@@ -68,6 +68,10 @@ def main(input_location, output_location, classes, min_images, ratios, seed, ima
     click.echo(f"face detection: no face in {counts['detection']['no_face']} of {counts['detection']['photos']} photos "
                f"({counts['detection']['miss_rate']:.1%}, {kept}); found by: {counts['detection']['by_detector']}")
     click.echo(f"wrote {output_location.rstrip('/')}/manifest.json")
+    if empty := [split for split in ("val", "test") if not counts["splits"].get(split)]:
+        click.echo(f"warning: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty: "
+                   "pretrain-simclr can use this dataset, train-classifier cannot (it selects on val and reports "
+                   "test); more photos per identity, or --split with larger val/test fractions, fill them", err=True)
 
 
 if __name__ == "__main__":

@@ -190,3 +190,10 @@ def test_keep_full_skips_photos_too_small_to_hold_a_face(tmp_path):
     for name in ("dot.png", "line.png"):
         assert records[f"Someone/{name}"]["reason"] == "no face, and a side under --min-face 30 px: too small to keep whole"
     assert records["Someone/crop.jpg"]["status"] == "ok"
+
+
+def test_empty_val_or_test_split_is_warned_about(tmp_path):
+    result = CliRunner().invoke(prepare_main, ["--input", str(CASES / "raw"), "--output", str(tmp_path / "o"),
+                                               "--min-images", "1", "--workers", "1", "--split", "1,0,0"])
+    assert result.exit_code == 0, result.output
+    assert "warning: the val and test splits are empty: pretrain-simclr can use this dataset" in result.output
