@@ -92,8 +92,13 @@ def job(name: str, *args, log) -> float:
     finally:
         _RUNNING["job"] = None
     if proc.returncode != 0:  # the job's own exit code, so bad input (3) and transient failures (4) stay apart
-        print(f"{name} failed with exit code {proc.returncode}:\n{stdout[-3000:]}\n{stderr[-3000:]}", file=sys.stderr)
-        sys.exit(proc.returncode)
+        code = proc.returncode
+        if code < 0:  # ended by a signal before its own handler was installed (a SIGTERM then is still a retry)
+            code = 4 if -code == signal.SIGTERM else 128 - code
+            signame = next((sig.name for sig in signal.Signals if sig == -proc.returncode), str(-proc.returncode))
+            print(f"{name} was ended by signal {signame}", file=sys.stderr)
+        print(f"{name} failed with exit code {code}:\n{stdout[-3000:]}\n{stderr[-3000:]}", file=sys.stderr)
+        sys.exit(code)
     return time.time() - started
 
 
