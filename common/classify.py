@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from common.augment import BatchAugment, eval_transform, supervised_preset
 from common.checkpoints import load_torch, save_torch
-from common.data import MANIFEST, PreparedDataset
+from common.data import PreparedDataset, refuse_output_inside
 from common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
                                 sync_batchnorm)
 from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
@@ -214,10 +214,7 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         raise UsageError("--mode distill needs --teacher (a fine-tuned train-classifier model.pt), and --teacher "
                          "needs --mode distill")
     out = open_storage(output_location)
-    if (location_within(output_location, data_location) and not location_within(data_location, output_location)
-            and open_storage(data_location).exists(MANIFEST)):  # (not a dataset at all: reported as such below)
-        raise UsageError(f"--output {output_location} lies inside the prepared dataset {data_location}, which a "
-                         "prepare-data rerun replaces: give a folder outside it")  # (the same folder: claim_output)
+    refuse_output_inside(data_location, output_location)
     claim_output(out, "train-classifier")  # before any work
     if cfg.teacher and location_within(cfg.teacher, output_location):  # its model.pt is the one a new run deletes
         raise UsageError(f"--teacher {cfg.teacher} lies inside --output {output_location}, whose model.pt a new run "

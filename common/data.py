@@ -206,15 +206,12 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
     from PIL import Image
 
     images, labels = [], []  # grown as samples are read: the manifest's count is checked, not trusted
+    try:  # the storages turn their own failures into facessl errors: an OSError here is the local cache's
+        source = io.BytesIO(data.storage.read_bytes(part.key)) if stream else data.storage.local_copy(part.key, data.cache)
+    except OSError as exc:
+        raise BadInputError(f"cannot copy shard {part.key} into the cache {data.cache} ({exc.strerror or exc}): "
+                            "set FACESSL_CACHE to a writable folder with room") from None
     try:
-        if stream:
-            source = io.BytesIO(data.storage.read_bytes(part.key))
-        else:
-            try:
-                source = data.storage.local_copy(part.key, data.cache)
-            except OSError as exc:  # the cache folder failed, not the shard
-                raise BadInputError(f"cannot copy shard {part.key} into the cache {data.cache} ({exc.strerror or exc}): "
-                                    "set FACESSL_CACHE to a writable folder with room") from None
         for i, (key, jpeg, label) in enumerate(iter_shard_samples(source)):
             if i % part.stride != part.offset:
                 continue
@@ -345,6 +342,19 @@ class PreparedDataset:
         if not len(labels):
             raise BadInputError(f"split {split!r} under {self.storage.url(split)} is empty")
         return images, labels
+
+
+def refuse_output_inside(data_location: str, output_location: str) -> None:
+    """Raises UsageError when a job's ``output_location`` lies inside the prepared dataset at ``data_location``
+    (a prepare-data rerun replaces that folder). The same location, or a folder that holds no manifest, is
+    left to the job's own checks (claim_output; PreparedDataset's "not found")."""
+    from common.errors import UsageError
+    from common.storage import location_within, open_storage
+
+    if (location_within(output_location, data_location) and not location_within(data_location, output_location)
+            and open_storage(data_location).exists(MANIFEST)):
+        raise UsageError(f"--output {output_location} lies inside the prepared dataset {data_location}, which a "
+                         "prepare-data rerun replaces: give a folder outside it")
 
 
 def default_cache_dir(location: str) -> Path:

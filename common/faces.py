@@ -32,6 +32,9 @@ class SkipImage(Exception):
     """A raw file that cannot become a crop; ``str(exc)`` is the recorded reason."""
 
 
+MAX_PHOTO_BYTES = 100 * 1024 * 1024  # larger raw files are skipped (prepare-data) or refused (identify) unread
+
+
 @dataclass(frozen=True)
 class DetectConfig:
     """Face detection and crop parameters.

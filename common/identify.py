@@ -15,7 +15,7 @@ import torch
 from common.checkpoints import load_torch
 from common.data import image_to_chw
 from common.errors import BadInputError
-from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_faces
+from common.faces import MAX_PHOTO_BYTES, DetectConfig, SkipImage, crop_face, decode_image, detect_faces
 from common.models import Classifier, build_encoder, check_weight_values, load_error_summary
 from common.storage import NotFoundError, open_file_location
 from common.training import autocast, pick_device
@@ -53,9 +53,6 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
     if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
         raise BadInputError(f"{location} has image_size {size!r}: a train-classifier model.pt holds 16 to 4096 px")
     return model.eval(), list(classes), size
-
-
-MAX_PHOTO_BYTES = 100 * 1024 * 1024  # as PrepareConfig.max_file_bytes: prepare-data skips larger raw files
 
 
 def read_photo(location: str) -> bytes:

@@ -30,7 +30,7 @@ from multiprocessing import get_context
 
 from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, dataset_id, remove_stale_shards
 from common.errors import BadInputError, PreemptedError, StorageError, UsageError
-from common.faces import DetectConfig, process_photo
+from common.faces import MAX_PHOTO_BYTES, DetectConfig, process_photo
 from common.storage import Storage, UnsafeKeyError, claim_output, join_location, location_within, open_storage
 
 PREEMPTED = ("stopped by SIGTERM before a new manifest.json was written (it comes last; an earlier dataset "
@@ -80,7 +80,7 @@ class PrepareConfig:
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 1337
     unlabeled_pool: bool = False
-    max_file_bytes: int = 100 * 1024 * 1024
+    max_file_bytes: int = MAX_PHOTO_BYTES
     shard_size: int = 5000
     workers: int = 0
 

@@ -20,7 +20,7 @@ import torch
 
 from common.augment import BatchAugment, simclr_preset
 from common.checkpoints import LATEST, load_latest_checkpoint, load_torch, save_checkpoint, save_torch
-from common.data import MANIFEST, UNLABELED, PreparedDataset
+from common.data import UNLABELED, PreparedDataset, refuse_output_inside
 from common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
                                 sync_batchnorm)
 from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
@@ -133,10 +133,7 @@ def pretrain(data_location: str, output_location: str, cfg: PretrainConfig, log=
 
 def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> dict:
     out = open_storage(output_location)
-    if (location_within(output_location, data_location) and not location_within(data_location, output_location)
-            and open_storage(data_location).exists(MANIFEST)):  # (not a dataset at all: reported as such below)
-        raise UsageError(f"--output {output_location} lies inside the prepared dataset {data_location}, which a "
-                         "prepare-data rerun replaces: give a folder outside it")  # (the same folder: claim_output)
+    refuse_output_inside(data_location, output_location)
     claim_output(out, "pretrain-simclr")  # before any work
     if cfg.init != "scratch" and location_within(cfg.init, output_location):
         raise UsageError(f"--init {cfg.init} lies inside --output {output_location}, whose earlier results a new run "

@@ -156,7 +156,7 @@ def _local_errors(method):
 
 def _check_size(url: str, size: int, max_bytes: int) -> None:
     if size > max_bytes:
-        raise BadInputError(f"{url} is {size:,} bytes, over the {max_bytes:,}-byte limit for one photo")
+        raise BadInputError(f"{url} is {size:,} bytes, over the {max_bytes:,}-byte limit")
 
 
 def _current_umask() -> int:
