@@ -20,7 +20,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from common.faces import DetectConfig, process_photo
+from checkout import facessl_path
+
+facessl_path()
+from facessl.common.faces import DetectConfig, process_photo
 
 
 def detect(args):

@@ -21,14 +21,18 @@ import platform
 import tempfile
 import time
 
+from checkout import facessl_path
+
+facessl_path()
+
 import torch
 
 
 def ceiling(image_size: int, batch_size: int, device: torch.device, steps: int, compile_: bool) -> float:
-    from common.losses import NTXentLoss
-    from common.models import ProjectionHead, SimCLRModel, build_encoder
-    from common.simclr import simclr_loss
-    from common.training import autocast
+    from facessl.common.losses import NTXentLoss
+    from facessl.common.models import ProjectionHead, SimCLRModel, build_encoder
+    from facessl.common.simclr import simclr_loss
+    from facessl.common.training import autocast
 
     model = SimCLRModel(build_encoder(), ProjectionHead()).to(device)
     if device.type == "cuda":
@@ -62,7 +66,7 @@ def ceiling(image_size: int, batch_size: int, device: torch.device, steps: int, 
 
 def real_job(data: str, image_size: int, batch_size: int, device: str, epochs: int, compile_: bool,
              data_mode: str = "auto") -> float:
-    from common.simclr import PretrainConfig, pretrain
+    from facessl.common.simclr import PretrainConfig, pretrain
 
     with tempfile.TemporaryDirectory() as out:
         cfg = PretrainConfig(epochs=epochs, batch_size=batch_size, image_size=image_size, knn_every=0,
@@ -85,7 +89,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile both")
     parser.add_argument("--data-modes", default="memory", help="comma-separated pretrain-simclr --data-mode values")
     args = parser.parse_args()
-    from common.training import pick_device
+    from facessl.common.training import pick_device
 
     device = pick_device(args.device)
     size = args.image_size or (112 if device.type == "cuda" else 64)

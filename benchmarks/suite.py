@@ -45,8 +45,11 @@ import sys
 import time
 from pathlib import Path
 
+from checkout import facessl_path
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # common/ and jobs/ from this checkout, installed or not (a GPU machine's python)
+# facessl from this checkout, installed or not (a GPU machine's own python has no install)
+CHECKOUT_PATH = facessl_path()
 FACES = Path(os.environ.get("FACESSL_SHARED") or next(  # unset: beside the checkout, else this project's /work/shared
     (c for c in (REPO.parent / "shared", Path("/work/shared")) if (c / "data" / "faces").is_dir()), REPO.parent / "shared")
 ) / "data" / "faces"
@@ -74,12 +77,12 @@ ARMS = ("scratch", "random + linear", "SimCLR + kNN", "SimCLR + linear", "SimCLR
 
 
 def job(name: str, *args, log) -> float:
-    """Run one job (``prepare-data`` -> ``python -m jobs.prepare_data``, this checkout's code with this
+    """Run one job (``prepare-data`` -> ``python -m facessl.jobs.prepare_data``, this checkout's code with this
     interpreter); returns its wall time in seconds. Exits the suite with the job's exit code on failure."""
     started = time.time()
-    cmd = [sys.executable, "-m", "jobs." + name.replace("-", "_"), *map(str, args)]
+    cmd = [sys.executable, "-m", "facessl.jobs." + name.replace("-", "_"), *map(str, args)]
     log(f"{name} " + " ".join(cmd[3:]))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [CHECKOUT_PATH, os.environ.get("PYTHONPATH")]))}
     proc = _RUNNING["job"] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         stdout, stderr = proc.communicate()
@@ -117,7 +120,7 @@ def _on_sigterm(signum, frame):
 
 def pairs_raw_folder(out: Path) -> Path:
     """celeba-wild without the photos of pairs.csv (hard links or copies), the pretraining input of celeba-pairs."""
-    from common.verify import read_pairs_file
+    from facessl.common.verify import read_pairs_file
 
     src = FACES / "celeba-wild"
     in_pairs = {name for a, b, _ in read_pairs_file(str(src / "pairs.csv")) for name in (a, b)}
@@ -154,7 +157,7 @@ def prepare_benchmark(name: str, out: Path, s: dict, log, unlabeled_pool: bool =
     seconds = job("prepare-data", "--input", raw, "--output", root / "prepared", "--image-size", s["size"],
                   *prepare_opts, *extra, *(["--unlabeled-pool"] if pool else []), log=log)
     if name == "celeba-pairs":  # detection is CPU work: crop the pair photos once, here, with prepare-data's chain
-        from common.verify import write_pair_crops
+        from facessl.common.verify import write_pair_crops
 
         started = time.time()
         shutil.copyfile(FACES / "celeba-wild" / "pairs.csv", root / "pairs.csv")
@@ -415,7 +418,7 @@ def main():
         parser.error(f"{out / 'results.json'} is not a results.json of this suite ({problem}): move it away or "
                      "pick another --out")  # not after hours of training
 
-    from common.errors import FacesslError
+    from facessl.common.errors import FacesslError
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -452,8 +455,8 @@ def main():
 def check_pairs_file(root: Path, folds: int = 10) -> None:
     """Raise BadInputError when ``root/pairs.csv`` is not a pairs file, names photos missing under ``root``,
     or has fewer than ``folds`` pairs of either kind (evaluate-pairs would refuse it after pretraining)."""
-    from common.errors import BadInputError
-    from common.verify import read_pairs_file
+    from facessl.common.errors import BadInputError
+    from facessl.common.verify import read_pairs_file
 
     pairs = read_pairs_file(str(root / "pairs.csv"))
     if missing := sorted({n for a, b, _ in pairs for n in (a, b) if not (root / n).is_file()}):
@@ -467,8 +470,8 @@ def check_pairs_file(root: Path, folds: int = 10) -> None:
 def check_training_options(device: str, imagenet_weights: str | None) -> None:
     """Raise UsageError for a device this machine lacks and BadInputError for a weights file that is not a
     ResNet18, before any job runs."""
-    from common.simclr import load_init_encoder
-    from common.training import pick_device
+    from facessl.common.simclr import load_init_encoder
+    from facessl.common.training import pick_device
 
     pick_device(device)
     if imagenet_weights:

@@ -18,8 +18,8 @@ import re
 import tempfile
 import uuid
 
-from common.errors import BadInputError
-from common.storage import NotFoundError, Storage, open_file_location
+from facessl.common.errors import BadInputError
+from facessl.common.storage import NotFoundError, Storage, open_file_location
 
 LATEST = "checkpoints/latest.json"
 

@@ -29,17 +29,17 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from common.augment import BatchAugment, eval_transform, supervised_preset
-from common.checkpoints import load_torch, save_torch
-from common.data import PreparedDataset, refuse_output_inside
-from common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
+from facessl.common.augment import BatchAugment, eval_transform, supervised_preset
+from facessl.common.checkpoints import load_torch, save_torch
+from facessl.common.data import PreparedDataset, refuse_output_inside
+from facessl.common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
                                 sync_batchnorm)
-from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
-from common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
-from common.models import Classifier, build_encoder, load_encoder_weights
-from common.storage import claim_output, join_location, location_within, open_storage
-from common.pool import MemoryPool, epoch_generator, rank_share
-from common.training import (RunWriter, StopRequest, autocast, embed, knn_predict, last_step_lr,
+from facessl.common.errors import BadInputError, DivergedError, PreemptedError, UsageError
+from facessl.common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
+from facessl.common.models import Classifier, build_encoder, load_encoder_weights
+from facessl.common.storage import claim_output, join_location, location_within, open_storage
+from facessl.common.pool import MemoryPool, epoch_generator, rank_share
+from facessl.common.training import (RunWriter, StopRequest, autocast, embed, knn_predict, last_step_lr,
                              pick_device, seed_everything, stop_requested, warmup_cosine)
 
 
@@ -104,7 +104,7 @@ def load_teacher(location: str, classes: list[str], image_size: int, device: tor
         BadInputError: not a train-classifier model, or trained on other identities than ``classes``.
         UsageError: trained at another image size than ``image_size``.
     """
-    from common.identify import load_classifier
+    from facessl.common.identify import load_classifier
 
     teacher, teacher_classes, teacher_size = load_classifier(location)
     if teacher_size != image_size:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from common.errors import FacesslError
+from facessl.common.errors import FacesslError
 
 
 def report_errors(fn):

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.errors import BadInputError
-from common.storage import NotFoundError, Storage, open_storage
+from facessl.common.errors import BadInputError
+from facessl.common.storage import NotFoundError, Storage, open_storage
 
 if TYPE_CHECKING:
     import torch
@@ -348,8 +348,8 @@ def refuse_output_inside(data_location: str, output_location: str) -> None:
     """Raises UsageError when a job's ``output_location`` lies inside the prepared dataset at ``data_location``
     (a prepare-data rerun replaces that folder). The same location, or a folder that holds no manifest, is
     left to the job's own checks (claim_output; PreparedDataset's "not found")."""
-    from common.errors import UsageError
-    from common.storage import location_within, open_storage
+    from facessl.common.errors import UsageError
+    from facessl.common.storage import location_within, open_storage
 
     if (location_within(output_location, data_location) and not location_within(data_location, output_location)
             and open_storage(data_location).exists(MANIFEST)):

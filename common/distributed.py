@@ -49,7 +49,7 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         if info.local_rank >= torch.cuda.device_count():
-            from common.errors import UsageError
+            from facessl.common.errors import UsageError
 
             raise UsageError(f"local rank {info.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
                              "start at most that many processes per node, or use --device cpu")

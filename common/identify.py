@@ -12,13 +12,13 @@ import io
 
 import torch
 
-from common.checkpoints import load_torch
-from common.data import image_to_chw
-from common.errors import BadInputError
-from common.faces import MAX_PHOTO_BYTES, DetectConfig, SkipImage, crop_face, decode_image, detect_faces
-from common.models import Classifier, build_encoder, check_weight_values, load_error_summary
-from common.storage import NotFoundError, open_file_location
-from common.training import autocast, pick_device
+from facessl.common.checkpoints import load_torch
+from facessl.common.data import image_to_chw
+from facessl.common.errors import BadInputError
+from facessl.common.faces import MAX_PHOTO_BYTES, DetectConfig, SkipImage, crop_face, decode_image, detect_faces
+from facessl.common.models import Classifier, build_encoder, check_weight_values, load_error_summary
+from facessl.common.storage import NotFoundError, open_file_location
+from facessl.common.training import autocast, pick_device
 
 
 def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
@@ -78,7 +78,7 @@ def identify(photo: bytes, model: Classifier, classes: list[str], image_size: in
     Raises:
         BadInputError: the photo cannot be decoded.
     """
-    from common.augment import eval_transform
+    from facessl.common.augment import eval_transform
 
     try:
         img = decode_image(photo, cfg.max_pixels)

@@ -49,7 +49,7 @@ class NTXentLoss(nn.Module):
             return self._loss(z1.float(), z2.float())
 
     def _loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        from common.distributed import gather_with_grad, rank_and_world
+        from facessl.common.distributed import gather_with_grad, rank_and_world
 
         n = z1.shape[0]
         rank, world = rank_and_world() if self.gather_distributed else (0, 1)

@@ -27,8 +27,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from common.data import PreparedDataset, ShardPart, decode_parts
-from common.errors import BadInputError, UsageError
+from facessl.common.data import PreparedDataset, ShardPart, decode_parts
+from facessl.common.errors import BadInputError, UsageError
 
 DATA_MODES = ("auto", "memory", "mmap", "stream")
 

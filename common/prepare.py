@@ -28,10 +28,10 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
-from common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, dataset_id, remove_stale_shards
-from common.errors import BadInputError, PreemptedError, StorageError, UsageError
-from common.faces import MAX_PHOTO_BYTES, DetectConfig, process_photo
-from common.storage import Storage, UnsafeKeyError, claim_output, join_location, location_within, open_storage
+from facessl.common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, dataset_id, remove_stale_shards
+from facessl.common.errors import BadInputError, PreemptedError, StorageError, UsageError
+from facessl.common.faces import MAX_PHOTO_BYTES, DetectConfig, process_photo
+from facessl.common.storage import Storage, UnsafeKeyError, claim_output, join_location, location_within, open_storage
 
 PREEMPTED = ("stopped by SIGTERM before a new manifest.json was written (it comes last; an earlier dataset "
              "there is kept until the first shard is rewritten): run again to start over")

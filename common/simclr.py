@@ -18,19 +18,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common.augment import BatchAugment, simclr_preset
-from common.checkpoints import LATEST, load_latest_checkpoint, load_torch, save_checkpoint, save_torch
-from common.data import UNLABELED, PreparedDataset, refuse_output_inside
-from common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
+from facessl.common.augment import BatchAugment, simclr_preset
+from facessl.common.checkpoints import LATEST, load_latest_checkpoint, load_torch, save_checkpoint, save_torch
+from facessl.common.data import UNLABELED, PreparedDataset, refuse_output_inside
+from facessl.common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
                                 sync_batchnorm)
-from common.errors import BadInputError, DivergedError, PreemptedError, UsageError
-from common.losses import NTXentLoss
-from common.metrics import plot_curves, topk_accuracy
-from common.models import (ProjectionHead, SimCLRModel, build_encoder, check_weight_values, load_encoder_weights,
+from facessl.common.errors import BadInputError, DivergedError, PreemptedError, UsageError
+from facessl.common.losses import NTXentLoss
+from facessl.common.metrics import plot_curves, topk_accuracy
+from facessl.common.models import (ProjectionHead, SimCLRModel, build_encoder, check_weight_values, load_encoder_weights,
                            load_error_summary)
-from common.storage import claim_output, location_within, open_storage
-from common.pool import epoch_generator, open_pool
-from common.training import (RunWriter, StopRequest, Throughput, autocast, embed, knn_predict,
+from facessl.common.storage import claim_output, location_within, open_storage
+from facessl.common.pool import epoch_generator, open_pool
+from facessl.common.training import (RunWriter, StopRequest, Throughput, autocast, embed, knn_predict,
                              last_step_lr, pick_device, seed_everything, stop_requested, warmup_cosine)
 
 

@@ -29,7 +29,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from common.errors import BadInputError, StorageError, UsageError
+from facessl.common.errors import BadInputError, StorageError, UsageError
 
 
 class NotFoundError(BadInputError):

@@ -13,9 +13,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common.augment import eval_transform
-from common.distributed import mean_across_ranks
-from common.storage import Storage
+from facessl.common.augment import eval_transform
+from facessl.common.distributed import mean_across_ranks
+from facessl.common.storage import Storage
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -24,7 +24,7 @@ def pick_device(name: str = "auto") -> torch.device:
     Raises:
         UsageError: an unknown device, or a CUDA device this machine does not have.
     """
-    from common.errors import UsageError
+    from facessl.common.errors import UsageError
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,13 +20,13 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-from common.data import image_to_chw
-from common.errors import BadInputError, UsageError
-from common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face, encode_jpeg
-from common.classify import load_encoder
-from common.storage import (NotFoundError, UnsafeKeyError, claim_output, join_location, location_within,
+from facessl.common.data import image_to_chw
+from facessl.common.errors import BadInputError, UsageError
+from facessl.common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face, encode_jpeg
+from facessl.common.classify import load_encoder
+from facessl.common.storage import (NotFoundError, UnsafeKeyError, claim_output, join_location, location_within,
                             open_file_location, open_storage, safe_key)
-from common.training import RunWriter, embed, pick_device
+from facessl.common.training import RunWriter, embed, pick_device
 
 
 OUTPUTS = ("scores.csv", "roc.png", "metrics.json")  # what evaluate_pairs writes under its output location

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import report_errors
+from facessl.common.cli import report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -26,8 +26,8 @@ def main(pairs_location, images_location, encoder_location, output_location, ima
     Example: evaluate-pairs --pairs ../shared/data/faces/celeba-wild/pairs.csv --images ../shared/data/faces/celeba-wild
     --encoder runs/celeba/simclr --output runs/celeba/pairs
     """
-    from common.faces import DetectConfig
-    from common.verify import evaluate_pairs
+    from facessl.common.faces import DetectConfig
+    from facessl.common.verify import evaluate_pairs
 
     m = evaluate_pairs(pairs_location, images_location, encoder_location, output_location, image_size, folds, device,
                        DetectConfig() if detect else None, log=click.echo)

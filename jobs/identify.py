@@ -7,7 +7,7 @@ import os
 
 import click
 
-from common.cli import FiniteFloatRange, report_errors
+from facessl.common.cli import FiniteFloatRange, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -24,9 +24,9 @@ def main(model_location, photo_location, threshold, annotate_location, detect, a
 
     Example: identify --model runs/glint6/classifier --photo group.jpg --annotate group-named.jpg
     """
-    from common.identify import annotate, identify, load_classifier, read_photo
-    from common.errors import UsageError
-    from common.storage import location_within, open_file_location
+    from facessl.common.identify import annotate, identify, load_classifier, read_photo
+    from facessl.common.errors import UsageError
+    from facessl.common.storage import location_within, open_file_location
 
     if annotate_location is not None:  # checked before any work; a JPEG name, so it cannot replace a manifest or model
         if not annotate_location.lower().endswith((".jpg", ".jpeg")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import SEED, FiniteFloatRange, parse_list, report_errors
+from facessl.common.cli import SEED, FiniteFloatRange, parse_list, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -46,8 +46,8 @@ def main(input_location, output_location, classes, min_images, ratios, seed, ima
 
     Example: prepare-data --input ../shared/data/faces/glint24 --output runs/prepared --classes "Tom Hanks,Keanu Reeves"
     """
-    from common.faces import DetectConfig
-    from common.prepare import PrepareConfig, prepare_dataset
+    from facessl.common.faces import DetectConfig
+    from facessl.common.prepare import PrepareConfig, prepare_dataset
 
     try:
         fractions = tuple(float(v) for v in ratios.split(","))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import SEED, FiniteFloatRange, is_main_process, report_errors
+from facessl.common.cli import SEED, FiniteFloatRange, is_main_process, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -41,7 +41,7 @@ def main(data_location, output_location, compile_, **options):
 
     Example: pretrain-simclr --data runs/glint6/prepared --output runs/glint6/simclr --epochs 50 --image-size 64
     """
-    from common.simclr import PretrainConfig, pretrain
+    from facessl.common.simclr import PretrainConfig, pretrain
 
     cfg = PretrainConfig(compile=compile_, **options)
     summary = pretrain(data_location, output_location, cfg, log=click.echo)

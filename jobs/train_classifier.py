@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli import SEED, FiniteFloatRange, is_main_process, report_errors
+from facessl.common.cli import SEED, FiniteFloatRange, is_main_process, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -40,7 +40,7 @@ def main(data_location, output_location, **options):
 
     Example: train-classifier --data runs/glint6/prepared --output runs/glint6/classifier --encoder runs/glint6/simclr
     """
-    from common.classify import ClassifierConfig, train_classifier
+    from facessl.common.classify import ClassifierConfig, train_classifier
 
     metrics = train_classifier(data_location, output_location, ClassifierConfig(**options), log=click.echo)
     if not is_main_process():

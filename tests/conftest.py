@@ -70,7 +70,7 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
     monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
-    from common import storage
+    from facessl.common import storage
 
     storage._CLIENTS.clear()
     bucket = f"test-{uuid.uuid4().hex[:10]}"
@@ -93,8 +93,8 @@ def glint_subset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_subset(glint_subset, tmp_path_factory) -> Path:
     """``glint_subset`` prepared at 64 px (the already-cropped faces kept whole when Haar misses)."""
-    from common.faces import DetectConfig
-    from common.prepare import PrepareConfig, prepare_dataset
+    from facessl.common.faces import DetectConfig
+    from facessl.common.prepare import PrepareConfig, prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared") / "ds"
     cfg = PrepareConfig(detect=DetectConfig(image_size=64, on_no_face="keep-full"), workers=2)
@@ -105,8 +105,8 @@ def prepared_subset(glint_subset, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_sharded(glint_subset, tmp_path_factory) -> Path:
     """``glint_subset`` at 32 px in shards of 10 samples (17 train shards, the last one short)."""
-    from common.faces import DetectConfig
-    from common.prepare import PrepareConfig, prepare_dataset
+    from facessl.common.faces import DetectConfig
+    from facessl.common.prepare import PrepareConfig, prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared-sharded") / "ds"
     cfg = PrepareConfig(detect=DetectConfig(image_size=32, on_no_face="keep-full"), workers=2, shard_size=10)

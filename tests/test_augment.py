@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from common.augment import AugmentConfig, BatchAugment, eval_transform, sample_crop_boxes, simclr_preset
+from facessl.common.augment import AugmentConfig, BatchAugment, eval_transform, sample_crop_boxes, simclr_preset
 
 
 def real_images(n=8, size=64):
@@ -109,7 +109,7 @@ def test_brightness_and_saturation_ranges_match_torchvision_reference():
 def test_hue_shift_rotates_colour_like_torchvision():
     from torchvision.transforms.v2.functional import adjust_hue
 
-    from common.augment import color_jitter
+    from facessl.common.augment import color_jitter
 
     img = torch.rand(1, 3, 8, 8)
     one = torch.ones(1)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from common.data import PreparedDataset
+from facessl.common.data import PreparedDataset
 from conftest import CASES, GLINT24, SHARED
-from jobs.evaluate_pairs import main as evaluate_main
-from jobs.prepare_data import main as prepare_main
-from jobs.pretrain_simclr import main as pretrain_main
-from jobs.train_classifier import main as classifier_main
+from facessl.jobs.evaluate_pairs import main as evaluate_main
+from facessl.jobs.prepare_data import main as prepare_main
+from facessl.jobs.pretrain_simclr import main as pretrain_main
+from facessl.jobs.train_classifier import main as classifier_main
 
 
 def run(cmd, *args):
@@ -105,7 +105,7 @@ def test_link_diamonds_do_not_hang_the_listing(tmp_path):
         os.symlink(nxt, level / "x")
         os.symlink(nxt, level / "y")
         level = nxt
-    from common.storage import open_storage
+    from facessl.common.storage import open_storage
 
     storage = open_storage(str(raw))
     assert list(storage.list()) == ["Keira/a.jpg"] and storage.folder_links() == ["Keira/x", "Keira/y"]
@@ -114,7 +114,7 @@ def test_link_diamonds_do_not_hang_the_listing(tmp_path):
 def test_refused_rerun_keeps_the_earlier_dataset(tmp_path):
     """A rerun refused after detection (too few photos per identity) used to delete the earlier manifest first,
     leaving a dataset no job could read although its shards had not changed."""
-    from common.data import PreparedDataset
+    from facessl.common.data import PreparedDataset
 
     out = tmp_path / "prepared"
     args = ["--input", CASES / "raw", "--output", out, "--min-images", 1, "--workers", 1, "--image-size", 32]

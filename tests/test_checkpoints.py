@@ -5,9 +5,9 @@ import collections
 import pytest
 import torch
 
-from common.checkpoints import load_latest_checkpoint, load_torch, save_checkpoint, save_torch
-from common.errors import BadInputError
-from common.storage import open_storage
+from facessl.common.checkpoints import load_latest_checkpoint, load_torch, save_checkpoint, save_torch
+from facessl.common.errors import BadInputError
+from facessl.common.storage import open_storage
 
 
 class Payload:

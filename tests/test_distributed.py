@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common.distributed import sync_batchnorm
-from common.losses import NTXentLoss
-from common.models import ProjectionHead, SimCLRModel, build_encoder
-from common.simclr import simclr_loss
+from facessl.common.distributed import sync_batchnorm
+from facessl.common.losses import NTXentLoss
+from facessl.common.models import ProjectionHead, SimCLRModel, build_encoder
+from facessl.common.simclr import simclr_loss
 
 # The torchrun tests run gloo CPU ranks (FACESSL_DEVICE=cpu in their environment) so that they mean the same on
 # a one-GPU machine, where a second CUDA rank would have no GPU.

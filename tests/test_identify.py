@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.models import Classifier, build_encoder
+from facessl.common.models import Classifier, build_encoder
 from conftest import CASES
 
 BIN = Path(sys.executable).parent

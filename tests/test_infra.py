@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RETRY, UsageError
+from facessl.common.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RETRY, UsageError
 from conftest import REPO
 
 BIN = Path(sys.executable).parent

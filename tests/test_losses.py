@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from common.losses import NTXentLoss
+from facessl.common.losses import NTXentLoss
 
 
 def direct_nt_xent(z1, z2, tau):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common.metrics import classification_summary, topk_accuracy
+from facessl.common.metrics import classification_summary, topk_accuracy
 
 
 def test_topk_accuracy_known_values():

@@ -11,10 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from common.checkpoints import load_torch
+from facessl.common.checkpoints import load_torch
 from conftest import REPO
-from jobs.pretrain_simclr import main as pretrain_main
-from jobs.train_classifier import main as classifier_main
+from facessl.jobs.pretrain_simclr import main as pretrain_main
+from facessl.jobs.train_classifier import main as classifier_main
 
 BIN = Path(sys.executable).parent
 
@@ -165,7 +165,7 @@ def test_same_results_on_s3_as_locally(glint_subset, s3_env, tmp_path):
 
 
 def _read(root, key):
-    from common.storage import open_storage
+    from facessl.common.storage import open_storage
 
     return open_storage(root).read_text(key)
 
@@ -202,11 +202,11 @@ def test_distillation_student_learns_the_teacher_from_unlabelled_train_images(pr
     t, s = (json.loads((run / "metrics.json").read_text()) for run in (teacher, student))
     assert s["test"]["top1"] >= 0.6, s["test"]  # chance is 1/3
     assert abs(s["test"]["top1"] - t["test"]["top1"]) <= 0.25, (s["test"], t["test"])
-    from common.identify import load_classifier
+    from facessl.common.identify import load_classifier
 
     (t_model, _, _), (s_model, _, _) = load_classifier(str(teacher)), load_classifier(str(student))
-    from common.data import PreparedDataset
-    from common.augment import eval_transform
+    from facessl.common.data import PreparedDataset
+    from facessl.common.augment import eval_transform
 
     x, _ = PreparedDataset(str(prepared_subset), 48).load("test")
     with torch.no_grad():
@@ -218,7 +218,7 @@ def test_distillation_needs_a_teacher_of_the_same_identities(prepared_subset, tm
     r = CliRunner().invoke(classifier_main, ["--data", str(prepared_subset), "--output", str(tmp_path / "x"),
                                              "--mode", "distill", "--image-size", "32"])
     assert r.exit_code == 2 and "--mode distill needs --teacher" in r.output
-    from common.models import Classifier, build_encoder
+    from facessl.common.models import Classifier, build_encoder
 
     saved = {"model": Classifier(build_encoder(), 3).state_dict(), "classes": ["Someone", "Else", "Entirely"],
              "image_size": 32}

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import PreparedDataset
-from common.errors import BadInputError, UsageError
-from common.pool import MemoryPool, choose_mode, epoch_generator, open_pool, rank_share
+from facessl.common.data import PreparedDataset
+from facessl.common.errors import BadInputError, UsageError
+from facessl.common.pool import MemoryPool, choose_mode, epoch_generator, open_pool, rank_share
 
 
 def sample_ids(data, parts):
@@ -131,7 +131,7 @@ def test_unwritable_cache(prepared_sharded, tmp_path, monkeypatch):
 
 def test_unwritable_cache_for_s3_shards_is_named(prepared_sharded, s3_env, tmp_path, monkeypatch):
     """S3 shards are copied into the cache first: a cache path through a file blamed the shard."""
-    from common.storage import open_storage
+    from facessl.common.storage import open_storage
 
     remote = open_storage(f"s3://{s3_env}/prepared")
     for path in prepared_sharded.rglob("*"):

@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from common.data import iter_shard_samples
+from facessl.common.data import iter_shard_samples
 from conftest import CASES, GLINT24, SHARED
-from jobs.prepare_data import main as prepare_main
+from facessl.jobs.prepare_data import main as prepare_main
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +116,8 @@ def test_real_photos_split_stratified_without_overlap(prepared_subset):
 
 
 def test_split_is_reproducible_and_seeded(glint_subset, tmp_path):
-    from common.faces import DetectConfig
-    from common.prepare import PrepareConfig, prepare_dataset
+    from facessl.common.faces import DetectConfig
+    from facessl.common.prepare import PrepareConfig, prepare_dataset
 
     def splits(seed, name):
         cfg = PrepareConfig(detect=DetectConfig(image_size=32, on_no_face="keep-full"), seed=seed, workers=1,
@@ -132,8 +132,8 @@ def test_split_is_reproducible_and_seeded(glint_subset, tmp_path):
 
 
 def test_unlabeled_pool_keeps_other_identities(glint_subset, tmp_path):
-    from common.faces import DetectConfig
-    from common.prepare import PrepareConfig, prepare_dataset
+    from facessl.common.faces import DetectConfig
+    from facessl.common.prepare import PrepareConfig, prepare_dataset
 
     cfg = PrepareConfig(detect=DetectConfig(image_size=32, on_no_face="keep-full"), workers=1,
                         classes=("Tom Hanks", "Barack Obama"), unlabeled_pool=True)
@@ -147,7 +147,7 @@ def test_unlabeled_pool_keeps_other_identities(glint_subset, tmp_path):
 def test_small_photo_found_upscaled_unless_the_copy_exceeds_max_pixels():
     """A real celeba-wild photo shrunk to 53x80 px: only the 2x search finds its face, and a --max-pixels
     below the 2x copy's size skips that search rather than allocating past the bound."""
-    from common.faces import DetectConfig, detect_face
+    from facessl.common.faces import DetectConfig, detect_face
 
     img = Image.open(SHARED / "data" / "faces" / "celeba-wild" / "7201" / "007710.jpg").convert("RGB")
     img.thumbnail((80, 80))

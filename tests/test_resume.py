@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoints import load_latest_checkpoint, load_torch
-from common.storage import open_storage
+from facessl.common.checkpoints import load_latest_checkpoint, load_torch
+from facessl.common.storage import open_storage
 
 ARGS = ["--epochs", "3", "--batch-size", "32", "--image-size", "32", "--warmup-epochs", "2", "--knn-every", "0",
         "--log-every", "1", "--checkpoint-every", "1", "--device", "cpu"]  # bitwise equality: a CPU property
@@ -150,7 +150,7 @@ def test_sigterm_stops_train_classifier_with_the_retry_code(prepared_subset, tmp
 def test_logged_lr_is_the_last_steps_whatever_step_a_run_resumed_at():
     """Each epoch's logged LR comes from the schedule (the LR its last step ran with), so a run resumed on an
     epoch's last step logs what an uninterrupted run logs."""
-    from common.training import last_step_lr, warmup_cosine
+    from facessl.common.training import last_step_lr, warmup_cosine
 
     steps, epochs = 3, 4
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)

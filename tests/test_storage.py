@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from common.errors import BadInputError
-from common.storage import NotFoundError, location_within, open_file_location, open_storage, safe_key
+from facessl.common.errors import BadInputError
+from facessl.common.storage import NotFoundError, location_within, open_file_location, open_storage, safe_key
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -108,7 +108,7 @@ def test_s3_folder_markers_are_not_listed_as_files(s3_env, s3_server):
 def test_writing_or_deleting_a_link_never_touches_its_target(tmp_path):
     """A key that is a symbolic link is replaced or removed as a link: the file it points to (here another
     run's model) stays as it was. A folder where a file goes is a clear error, not a traceback."""
-    from common.errors import BadInputError
+    from facessl.common.errors import BadInputError
 
     root, other = tmp_path / "root", tmp_path / "other"
     root.mkdir(), other.mkdir()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import BadInputError, UsageError
-from common.models import Classifier, build_encoder
-from common.verify import best_threshold, fold_accuracy, read_pairs
+from facessl.common.errors import BadInputError, UsageError
+from facessl.common.models import Classifier, build_encoder
+from facessl.common.verify import best_threshold, fold_accuracy, read_pairs
 from conftest import SHARED
 
 CELEBA = SHARED / "data" / "faces" / "celeba-wild"
@@ -111,8 +111,8 @@ def test_pair_crops_made_once_score_like_detecting_inside_evaluate_pairs(tmp_pat
     re-encoding of the crops."""
     from click.testing import CliRunner
 
-    from common.verify import evaluate_pairs, write_pair_crops
-    from jobs.evaluate_pairs import main as evaluate_main
+    from facessl.common.verify import evaluate_pairs, write_pair_crops
+    from facessl.jobs.evaluate_pairs import main as evaluate_main
 
     pairs = tmp_path / "pairs.csv"
     with pairs.open("w", newline="") as f:
@@ -167,7 +167,7 @@ def test_messy_pairs_file_byte_order_mark_and_commas_in_paths(tmp_path):
 def test_unusable_output_or_images_are_named_before_any_work(tmp_path):
     from click.testing import CliRunner
 
-    from jobs.evaluate_pairs import main as evaluate_main
+    from facessl.jobs.evaluate_pairs import main as evaluate_main
 
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("image_a,image_b,same_identity\na/1.jpg,b/2.jpg,0\na/1.jpg,a/3.jpg,1\nb/2.jpg,b/4.jpg,1\n"
@@ -191,8 +191,8 @@ def test_outputs_over_the_inputs_and_overflowing_encoders_are_refused(tmp_path):
     the embeddings: exit 3, not a traceback from scikit-learn."""
     from click.testing import CliRunner
 
-    from common.verify import write_pair_crops
-    from jobs.evaluate_pairs import main as evaluate_main
+    from facessl.common.verify import write_pair_crops
+    from facessl.jobs.evaluate_pairs import main as evaluate_main
 
     images = tmp_path / "images"
     chosen = _pairs_sample(10)

@@ -40,7 +40,7 @@ train-classifier --data "$out/prepared" --output "$out/classifier" --encoder "$o
   --label-smoothing 0.1 --warmup-epochs 1 --seed "$SEED"
 python - "$out" "$(( $(date +%s) - start ))" <<'PY'
 import json, sys
-from common.storage import open_storage
+from facessl.common.storage import open_storage
 m = json.loads(open_storage(sys.argv[1]).read_text("classifier/metrics.json"))
 print(f"\nglint6 test metrics ({m['test']['n']} images, {len(m['classes'])} identities):")
 print(f"  top-1 {m['test']['top1']:.4f}   top-3 {m['test']['top3']:.4f}   macro-F1 {m['test']['macro_f1']:.4f}")
