@@ -36,8 +36,9 @@ def main():
     here = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shared = Path(os.environ.get("FACESSL_SHARED", here.parent / "shared"))
-    parser.add_argument("--raw", default=str(shared / "data" / "faces" / "celeba-wild"),
-                        help="raw photos, one folder per identity")
+    parser.add_argument(
+        "--raw", default=str(shared / "data" / "faces" / "celeba-wild"), help="raw photos, one folder per identity"
+    )
     parser.add_argument("--per-identity", type=int, default=30, help="identities with exactly this many photos")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="detection processes")
     args = parser.parse_args()
@@ -47,16 +48,21 @@ def main():
     print("| detector | photos | no face | miss rate | found by | ms/photo (per worker) |")
     print("|---|---|---|---|---|---|")
     base = DetectConfig()
-    for label, cfg in (("frontal cascade only (the original)", replace(base, fallback=False)),
-                       ("fallback chain (default)", base)):
+    for label, cfg in (
+        ("frontal cascade only (the original)", replace(base, fallback=False)),
+        ("fallback chain (default)", base),
+    ):
         start = time.perf_counter()
         with ProcessPoolExecutor(args.workers) as pool:
             found = Counter(pool.map(detect, [(p, cfg) for p in photos], chunksize=16))
         seconds = time.perf_counter() - start
         misses = found.pop("none", 0)
         by = ", ".join(f"{k} {v}" for k, v in found.most_common())
-        print(f"| {label} | {len(photos)} | {misses} | {misses / len(photos):.1%} | {by} | "
-              f"{1000 * seconds * args.workers / len(photos):.0f} |", flush=True)
+        print(
+            f"| {label} | {len(photos)} | {misses} | {misses / len(photos):.1%} | {by} | "
+            f"{1000 * seconds * args.workers / len(photos):.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -64,18 +64,29 @@ def ceiling(image_size: int, batch_size: int, device: torch.device, steps: int, 
     return 2 * batch_size * steps / (time.perf_counter() - start)
 
 
-def real_job(data: str, image_size: int, batch_size: int, device: str, epochs: int, compile_: bool,
-             data_mode: str = "auto") -> float:
+def real_job(
+    data: str, image_size: int, batch_size: int, device: str, epochs: int, compile_: bool, data_mode: str = "auto"
+) -> float:
     from facessl.common.simclr import PretrainConfig, pretrain
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = PretrainConfig(epochs=epochs, batch_size=batch_size, image_size=image_size, knn_every=0,
-                             checkpoint_every=0, log_every=0, device=device, compile=compile_, warmup_epochs=0,
-                             data_mode=data_mode)
+        cfg = PretrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            image_size=image_size,
+            knn_every=0,
+            checkpoint_every=0,
+            log_every=0,
+            device=device,
+            compile=compile_,
+            warmup_epochs=0,
+            data_mode=data_mode,
+        )
         pretrain(data, out, cfg, log=lambda *a: None)
         history = [json.loads(x) for x in open(f"{out}/metrics.jsonl")]
     rates = [h["images_per_s"] for h in history[1:]] or [history[0]["images_per_s"]]
-    return max(rates)  # the first epoch carries warm-up (allocator, compile); report the steady state
+    # the first epoch carries warm-up (allocator, compile); report the steady state
+    return max(rates)
 
 
 def main():
@@ -94,15 +105,21 @@ def main():
     device = pick_device(args.device)
     size = args.image_size or (112 if device.type == "cuda" else 64)
     batch = args.batch_size or (512 if device.type == "cuda" else 128)
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    hardware = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     top = ceiling(size, batch, device, args.steps, args.compile)
     print("| device | image px | batch | compile | data mode | ceiling img/s | real job img/s | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for mode in args.data_modes.split(","):
         real = real_job(args.data, size, batch, str(device), args.epochs, args.compile, mode)
-        print(f"| {hardware} ({device.type}) | {size} | {batch} | {args.compile} | {mode} | {top:,.0f} | {real:,.0f} "
-              f"| {real / top:.2f} |", flush=True)
+        print(
+            f"| {hardware} ({device.type}) | {size} | {batch} | {args.compile} | {mode} | {top:,.0f} | {real:,.0f} "
+            f"| {real / top:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -50,30 +50,77 @@ from checkout import facessl_path
 REPO = Path(__file__).resolve().parents[1]
 # facessl from this checkout, installed or not (a GPU machine's own python has no install)
 CHECKOUT_PATH = facessl_path()
-FACES = Path(os.environ.get("FACESSL_SHARED") or next(  # unset: beside the checkout, else this project's /work/shared
-    (c for c in (REPO.parent / "shared", Path("/work/shared")) if (c / "data" / "faces").is_dir()), REPO.parent / "shared")
-) / "data" / "faces"
+FACES = (
+    Path(
+        os.environ.get("FACESSL_SHARED")
+        # unset: beside the checkout, else this project's /work/shared
+        or next(
+            (c for c in (REPO.parent / "shared", Path("/work/shared")) if (c / "data" / "faces").is_dir()),
+            REPO.parent / "shared",
+        )
+    )
+    / "data"
+    / "faces"
+)
 GLINT6 = "Leonardo DiCaprio,Barack Obama,Keanu Reeves,Tom Hanks,Keira Knightley,Jennifer Aniston"
 
 # name -> (raw folder, prepare-data options, labels per class for the arms or None for all)
 BENCHMARKS = {
     "glint6": ("glint24", ["--classes", GLINT6, "--on-no-face", "keep-full"], None),
     "glint24-20": ("glint24", ["--on-no-face", "keep-full"], 20),
-    "celeba-wild-75": ("celeba-wild", ["--min-images", "10"], None),  # + --classes: the 75 with 30 photos
+    # + --classes: the 75 with 30 photos
+    "celeba-wild-75": ("celeba-wild", ["--min-images", "10"], None),
     "celeba-pairs": ("celeba-wild", [], None),
 }
-SETTINGS = {  # full: the GPU recipe of the shared README; reduced: what a 2-core CPU finishes in minutes
-    "full": {"size": 112, "simclr_epochs": 200, "simclr_batch": 512, "warmup": 10, "ft_epochs": 30,
-             "probe_epochs": 100, "ft_batch": 128, "checkpoint_every": 25},
-    "reduced": {"size": 32, "simclr_epochs": 8, "simclr_batch": 128, "warmup": 1, "ft_epochs": 10,
-                "probe_epochs": 30, "ft_batch": 64, "checkpoint_every": 0},
+# full: the GPU recipe of the shared README; reduced: what a 2-core CPU finishes in minutes
+SETTINGS = {
+    "full": {
+        "size": 112,
+        "simclr_epochs": 200,
+        "simclr_batch": 512,
+        "warmup": 10,
+        "ft_epochs": 30,
+        "probe_epochs": 100,
+        "ft_batch": 128,
+        "checkpoint_every": 25,
+    },
+    "reduced": {
+        "size": 32,
+        "simclr_epochs": 8,
+        "simclr_batch": 128,
+        "warmup": 1,
+        "ft_epochs": 10,
+        "probe_epochs": 30,
+        "ft_batch": 64,
+        "checkpoint_every": 0,
+    },
 }
-FINETUNE = ["--mode", "finetune", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05",
-            "--label-smoothing", "0.1", "--warmup-epochs", "1"]
-DISTILL = ["--mode", "distill", *FINETUNE[2:]]  # the fine-tune recipe; the teacher is the SimCLR + fine-tune run
+FINETUNE = [
+    "--mode",
+    "finetune",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "1e-3",
+    "--weight-decay",
+    "0.05",
+    "--label-smoothing",
+    "0.1",
+    "--warmup-epochs",
+    "1",
+]
+# the fine-tune recipe; the teacher is the SimCLR + fine-tune run
+DISTILL = ["--mode", "distill", *FINETUNE[2:]]
 PROBE = ["--mode", "linear-probe", "--optimizer", "adamw", "--lr", "1e-2", "--weight-decay", "0"]
-ARMS = ("scratch", "random + linear", "SimCLR + kNN", "SimCLR + linear", "SimCLR + fine-tune", "SimCLR + distill",
-        "ImageNet + fine-tune")
+ARMS = (
+    "scratch",
+    "random + linear",
+    "SimCLR + kNN",
+    "SimCLR + linear",
+    "SimCLR + fine-tune",
+    "SimCLR + distill",
+    "ImageNet + fine-tune",
+)
 
 
 def job(name: str, *args, log) -> float:
@@ -86,17 +133,22 @@ def job(name: str, *args, log) -> float:
     proc = _RUNNING["job"] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         stdout, stderr = proc.communicate()
-    except KeyboardInterrupt:  # Ctrl-C: the job stops at its own safe point (a checkpoint) before the suite
+    # Ctrl-C: the job stops at its own safe point (a checkpoint) before the suite
+    except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         proc.wait()
-        print(f"interrupted during {name}: run the same command again to go on (pretraining resumes from its "
-              "checkpoint)", file=sys.stderr)
+        print(
+            f"interrupted during {name}: run the same command again to go on (pretraining resumes from its checkpoint)",
+            file=sys.stderr,
+        )
         sys.exit(130)
     finally:
         _RUNNING["job"] = None
-    if proc.returncode != 0:  # the job's own exit code, so bad input (3) and transient failures (4) stay apart
+    # the job's own exit code, so bad input (3) and transient failures (4) stay apart
+    if proc.returncode != 0:
         code = proc.returncode
-        if code < 0:  # ended by a signal before its own handler was installed (a SIGTERM then is still a retry)
+        # ended by a signal before its own handler was installed (a SIGTERM then is still a retry)
+        if code < 0:
             code = 4 if -code == signal.SIGTERM else 128 - code
             signame = next((sig.name for sig in signal.Signals if sig == -proc.returncode), str(-proc.returncode))
             print(f"{name} was ended by signal {signame}", file=sys.stderr)
@@ -125,12 +177,14 @@ def pairs_raw_folder(out: Path) -> Path:
     src = FACES / "celeba-wild"
     in_pairs = {name for a, b, _ in read_pairs_file(str(src / "pairs.csv")) for name in (a, b)}
     dst = out / "celeba-pairs-pretrain-raw"
-    shutil.rmtree(dst, ignore_errors=True)  # rebuilt every time: a changed pairs.csv must not leave pair photos in
+    # rebuilt every time: a changed pairs.csv must not leave pair photos in
+    shutil.rmtree(dst, ignore_errors=True)
     for photo in sorted(src.glob("*/*")):
         rel = f"{photo.parent.name}/{photo.name}"
         if rel not in in_pairs and photo.is_file():
             (dst / photo.parent.name).mkdir(parents=True, exist_ok=True)
-            try:  # prepare-data refuses symlinks out of its input: hard link, else copy
+            # prepare-data refuses symlinks out of its input: hard link, else copy
+            try:
                 os.link(photo, dst / rel)
             except OSError:
                 shutil.copyfile(photo, dst / rel)
@@ -150,22 +204,41 @@ def prepare_benchmark(name: str, out: Path, s: dict, log, unlabeled_pool: bool =
     root = out / name
     raw = pairs_raw_folder(out) if name == "celeba-pairs" else FACES / raw_name
     extra = ["--split", "1,0,0", "--min-images", "1"] if name == "celeba-pairs" else []
-    if name == "celeba-wild-75":  # chosen by photos in the raw folder, not by faces found (a miss must not drop one)
-        extra = ["--classes", ",".join(sorted(d.name for d in raw.iterdir() if d.is_dir() and
-                                              sum(f.is_file() for f in d.iterdir()) >= 30))]
+    # chosen by photos in the raw folder, not by faces found (a miss must not drop one)
+    if name == "celeba-wild-75":
+        extra = [
+            "--classes",
+            ",".join(
+                sorted(d.name for d in raw.iterdir() if d.is_dir() and sum(f.is_file() for f in d.iterdir()) >= 30)
+            ),
+        ]
     pool = uses_pool(name, unlabeled_pool)
-    seconds = job("prepare-data", "--input", raw, "--output", root / "prepared", "--image-size", s["size"],
-                  *prepare_opts, *extra, *(["--unlabeled-pool"] if pool else []), log=log)
-    if name == "celeba-pairs":  # detection is CPU work: crop the pair photos once, here, with prepare-data's chain
+    seconds = job(
+        "prepare-data",
+        "--input",
+        raw,
+        "--output",
+        root / "prepared",
+        "--image-size",
+        s["size"],
+        *prepare_opts,
+        *extra,
+        *(["--unlabeled-pool"] if pool else []),
+        log=log,
+    )
+    # detection is CPU work: crop the pair photos once, here, with prepare-data's chain
+    if name == "celeba-pairs":
         from facessl.common.verify import write_pair_crops
 
         started = time.time()
         shutil.copyfile(FACES / "celeba-wild" / "pairs.csv", root / "pairs.csv")
-        write_pair_crops(str(root / "pairs.csv"), str(FACES / "celeba-wild"), str(root / "pair-crops"), s["size"],
-                         log=log)
+        write_pair_crops(
+            str(root / "pairs.csv"), str(FACES / "celeba-wild"), str(root / "pair-crops"), s["size"], log=log
+        )
         seconds += time.time() - started
-    (root / "prepare.json").write_text(json.dumps({"seconds": round(seconds), "image_size": s["size"],
-                                                   "unlabeled_pool": pool}))
+    (root / "prepare.json").write_text(
+        json.dumps({"seconds": round(seconds), "image_size": s["size"], "unlabeled_pool": pool})
+    )
 
 
 def uses_pool(name: str, unlabeled_pool: bool) -> bool:
@@ -184,19 +257,34 @@ def prepared_problem(name: str, out: Path, s: dict, unlabeled_pool: bool) -> str
     try:
         done = json.loads((root / "prepare.json").read_text())
         crops = json.loads((root / "pair-crops" / "crops.json").read_text()) if name == "celeba-pairs" else {}
-        if not (isinstance(done, dict) and isinstance(done["seconds"], (int, float)) and isinstance(crops, dict)
-                and (name != "celeba-pairs" or isinstance(crops["without_detected_face"], list))):
-            raise ValueError("damaged")  # (not assert: python -O would drop the check)
+        if not (
+            isinstance(done, dict)
+            and isinstance(done["seconds"], (int, float))
+            and isinstance(crops, dict)
+            and (name != "celeba-pairs" or isinstance(crops["without_detected_face"], list))
+        ):
+            # (not assert: python -O would drop the check)
+            raise ValueError("damaged")
     except (ValueError, KeyError, TypeError, OSError):
         return f"{name}: its prepare.json or crops.json is damaged: run --stage prepare again"
     if (done.get("image_size"), done.get("unlabeled_pool")) != (s["size"], uses_pool(name, unlabeled_pool)):
-        return (f"{name} was prepared at {done.get('image_size')} px, unlabeled pool {done.get('unlabeled_pool')}; "
-                f"this run needs {s['size']} px, unlabeled pool {uses_pool(name, unlabeled_pool)}")
+        return (
+            f"{name} was prepared at {done.get('image_size')} px, unlabeled pool {done.get('unlabeled_pool')}; "
+            f"this run needs {s['size']} px, unlabeled pool {uses_pool(name, unlabeled_pool)}"
+        )
     return None
 
 
-def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | None, log,
-                  only: set[str] | None = None, unlabeled_pool: bool = False) -> list[dict]:
+def run_benchmark(
+    name: str,
+    out: Path,
+    s: dict,
+    device: str,
+    imagenet: str | None,
+    log,
+    only: set[str] | None = None,
+    unlabeled_pool: bool = False,
+) -> list[dict]:
     """The training stage of one benchmark on what :func:`prepare_benchmark` left under out/<name>/:
     pretrain-simclr, then the arms (or evaluate-pairs); returns the table rows."""
     root = out / name
@@ -204,24 +292,75 @@ def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | No
     pool = uses_pool(name, unlabeled_pool)
     prepared = root / "prepared"
     simclr = root / "simclr"
-    job("pretrain-simclr", "--data", prepared, "--output", simclr, "--epochs", s["simclr_epochs"],
-        "--batch-size", s["simclr_batch"], "--image-size", s["size"], "--warmup-epochs", s["warmup"],
-        "--checkpoint-every", s["checkpoint_every"], "--device", device, "--log-every", 0,
-        *(["--use-unlabeled"] if pool else []), log=log)
-    summary = json.loads((simclr / "summary.json").read_text())  # its training time, also when reused
-    base = {"benchmark": name, "image_size": s["size"], "simclr_epochs": s["simclr_epochs"],
-            "pretraining_images": summary["images"], "unlabeled_pool": pool,
-            "prepare_s": json.loads((root / "prepare.json").read_text())["seconds"],
-            "simclr_s": round(summary["seconds"])}
+    job(
+        "pretrain-simclr",
+        "--data",
+        prepared,
+        "--output",
+        simclr,
+        "--epochs",
+        s["simclr_epochs"],
+        "--batch-size",
+        s["simclr_batch"],
+        "--image-size",
+        s["size"],
+        "--warmup-epochs",
+        s["warmup"],
+        "--checkpoint-every",
+        s["checkpoint_every"],
+        "--device",
+        device,
+        "--log-every",
+        0,
+        *(["--use-unlabeled"] if pool else []),
+        log=log,
+    )
+    # its training time, also when reused
+    summary = json.loads((simclr / "summary.json").read_text())
+    base = {
+        "benchmark": name,
+        "image_size": s["size"],
+        "simclr_epochs": s["simclr_epochs"],
+        "pretraining_images": summary["images"],
+        "unlabeled_pool": pool,
+        "prepare_s": json.loads((root / "prepare.json").read_text())["seconds"],
+        "simclr_s": round(summary["seconds"]),
+    }
     if name == "celeba-pairs":
-        t = job("evaluate-pairs", "--pairs", root / "pairs.csv", "--images", root / "pair-crops", "--no-detect",
-                "--encoder", simclr, "--output", root / "pairs", "--image-size", s["size"], "--device", device, log=log)
+        t = job(
+            "evaluate-pairs",
+            "--pairs",
+            root / "pairs.csv",
+            "--images",
+            root / "pair-crops",
+            "--no-detect",
+            "--encoder",
+            simclr,
+            "--output",
+            root / "pairs",
+            "--image-size",
+            s["size"],
+            "--device",
+            device,
+            log=log,
+        )
         m = json.loads((root / "pairs" / "metrics.json").read_text())
         crops = json.loads((root / "pair-crops" / "crops.json").read_text())
-        return [{**base, "arm": "SimCLR embeddings", "accuracy": m["accuracy"], "accuracy_std": m["accuracy_std"],
-                 "roc_auc": m["roc_auc"], "pairs": m["pairs_evaluated"], "labelled_images": 0, "epochs": 0,
-                 "photos_without_detected_face": len(crops["without_detected_face"]),
-                 "seconds": round(t), "outputs": str(root / "pairs")}]
+        return [
+            {
+                **base,
+                "arm": "SimCLR embeddings",
+                "accuracy": m["accuracy"],
+                "accuracy_std": m["accuracy_std"],
+                "roc_auc": m["roc_auc"],
+                "pairs": m["pairs_evaluated"],
+                "labelled_images": 0,
+                "epochs": 0,
+                "photos_without_detected_face": len(crops["without_detected_face"]),
+                "seconds": round(t),
+                "outputs": str(root / "pairs"),
+            }
+        ]
 
     labels = ["--labels-per-class", per_class] if per_class else []
     arms = [
@@ -230,8 +369,18 @@ def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | No
         ("SimCLR + kNN", ["--mode", "knn", "--encoder", simclr]),
         ("SimCLR + linear", [*PROBE, "--epochs", s["probe_epochs"], "--encoder", simclr]),
         ("SimCLR + fine-tune", [*FINETUNE, "--epochs", s["ft_epochs"], "--encoder", simclr]),
-        ("SimCLR + distill", [*DISTILL, "--epochs", s["ft_epochs"], "--encoder", simclr,
-                              "--teacher", root / arm_slug("SimCLR + fine-tune")]),
+        (
+            "SimCLR + distill",
+            [
+                *DISTILL,
+                "--epochs",
+                s["ft_epochs"],
+                "--encoder",
+                simclr,
+                "--teacher",
+                root / arm_slug("SimCLR + fine-tune"),
+            ],
+        ),
     ]
     if imagenet:
         arms.append(("ImageNet + fine-tune", [*FINETUNE, "--epochs", s["ft_epochs"], "--init", imagenet]))
@@ -240,13 +389,38 @@ def run_benchmark(name: str, out: Path, s: dict, device: str, imagenet: str | No
         if only and arm_slug(arm) not in only:
             continue
         run = root / arm_slug(arm)
-        t = job("train-classifier", "--data", prepared, "--output", run, "--image-size", s["size"], "--batch-size",
-                s["ft_batch"], "--device", device, *labels, *opts, log=log)
+        t = job(
+            "train-classifier",
+            "--data",
+            prepared,
+            "--output",
+            run,
+            "--image-size",
+            s["size"],
+            "--batch-size",
+            s["ft_batch"],
+            "--device",
+            device,
+            *labels,
+            *opts,
+            log=log,
+        )
         m = json.loads((run / "metrics.json").read_text())
         epochs = 0 if arm == "SimCLR + kNN" else int(opts[opts.index("--epochs") + 1])
-        rows.append({**base, "arm": arm, "top1": m["test"]["top1"], "top3": m["test"]["top3"],
-                     "macro_f1": m["test"]["macro_f1"], "test_images": m["test"]["n"],
-                     "labelled_images": m["train_images"], "epochs": epochs, "seconds": round(t), "outputs": str(run)})
+        rows.append(
+            {
+                **base,
+                "arm": arm,
+                "top1": m["test"]["top1"],
+                "top3": m["test"]["top3"],
+                "macro_f1": m["test"]["macro_f1"],
+                "test_images": m["test"]["n"],
+                "labelled_images": m["train_images"],
+                "epochs": epochs,
+                "seconds": round(t),
+                "outputs": str(run),
+            }
+        )
     return rows
 
 
@@ -283,10 +457,15 @@ def git_commit() -> str:
     """The checkout's commit (with '+changes' when it has uncommitted ones); where there is no git
     repository (a copy of the tree on a GPU machine), ``$FACESSL_COMMIT`` or 'unknown'."""
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return head + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("FACESSL_COMMIT", "unknown")
@@ -307,11 +486,30 @@ def merge_rows(out: Path, rows: list[dict], settings: str) -> list[dict]:
     return sorted(kept + rows, key=lambda r: order.index(r["benchmark"]))
 
 
-ROW_NUMBERS = {"classification": ("top1", "top3", "macro_f1", "labelled_images", "epochs", "pretraining_images",
-                                  "simclr_epochs", "simclr_s", "seconds"),
-               "verification": ("accuracy", "accuracy_std", "roc_auc", "pretraining_images", "simclr_epochs",
-                                "simclr_s", "seconds")}
-FIGURE_ARMS = ("SimCLR + fine-tune", "SimCLR embeddings")  # the rows whose run folders' plots are published
+ROW_NUMBERS = {
+    "classification": (
+        "top1",
+        "top3",
+        "macro_f1",
+        "labelled_images",
+        "epochs",
+        "pretraining_images",
+        "simclr_epochs",
+        "simclr_s",
+        "seconds",
+    ),
+    "verification": (
+        "accuracy",
+        "accuracy_std",
+        "roc_auc",
+        "pretraining_images",
+        "simclr_epochs",
+        "simclr_s",
+        "seconds",
+    ),
+}
+# the rows whose run folders' plots are published
+FIGURE_ARMS = ("SimCLR + fine-tune", "SimCLR embeddings")
 
 
 def earlier_table_problem(path: Path) -> str | None:
@@ -330,8 +528,9 @@ def earlier_table_problem(path: Path) -> str | None:
         if not isinstance(row, dict) or row.get("benchmark") not in BENCHMARKS or not isinstance(row.get("arm"), str):
             return f"row {i + 1} names no known benchmark and arm"
         kind = "verification" if "accuracy" in row else "classification"
-        if bad := [k for k in ROW_NUMBERS[kind] if isinstance(row.get(k), bool)
-                   or not isinstance(row.get(k), (int, float))]:
+        if bad := [
+            k for k in ROW_NUMBERS[kind] if isinstance(row.get(k), bool) or not isinstance(row.get(k), (int, float))
+        ]:
             return f"row {i + 1} has no number for {', '.join(bad)}"
         if row["arm"] in FIGURE_ARMS and not isinstance(row.get("outputs"), str):
             return f"row {i + 1} names no outputs folder"
@@ -341,21 +540,28 @@ def earlier_table_problem(path: Path) -> str | None:
 def write_tables(out: Path, rows: list[dict], meta: dict) -> None:
     (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     runs = sorted({(r.get("command", "?"), r.get("commit", "?")) for r in rows})
-    lines = [f"Settings: {meta['settings']} ({meta['settings_detail']}); hardware: {meta['hardware']}; "
-             "made by " + "; ".join(f"`{cmd}` at commit {commit}" for cmd, commit in runs), "",
-             "| benchmark | arm | test top-1 | top-3 | macro-F1 | labelled images | SimCLR images (time) | epochs "
-             "| wall time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Settings: {meta['settings']} ({meta['settings_detail']}); hardware: {meta['hardware']}; "
+        "made by " + "; ".join(f"`{cmd}` at commit {commit}" for cmd, commit in runs),
+        "",
+        "| benchmark | arm | test top-1 | top-3 | macro-F1 | labelled images | SimCLR images (time) | epochs "
+        "| wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         simclr = f"{r['pretraining_images']} ({r['simclr_s']} s)"
         if "accuracy" in r:
-            lines.append(f"| {r['benchmark']} | {r['arm']} | verification acc {r['accuracy']:.3f} +- "
-                         f"{r['accuracy_std']:.3f} | ROC AUC {r['roc_auc']:.3f} | - | 0 | {simclr} | "
-                         f"SimCLR {r['simclr_epochs']} | {r['seconds']} |")
+            lines.append(
+                f"| {r['benchmark']} | {r['arm']} | verification acc {r['accuracy']:.3f} +- "
+                f"{r['accuracy_std']:.3f} | ROC AUC {r['roc_auc']:.3f} | - | 0 | {simclr} | "
+                f"SimCLR {r['simclr_epochs']} | {r['seconds']} |"
+            )
         else:
-            lines.append(f"| {r['benchmark']} | {r['arm']} | {r['top1']:.3f} | {r['top3']:.3f} | {r['macro_f1']:.3f} | "
-                         f"{r['labelled_images']} | {simclr} | {r['epochs']} (SimCLR {r['simclr_epochs']}) | "
-                         f"{r['seconds']} |")
+            lines.append(
+                f"| {r['benchmark']} | {r['arm']} | {r['top1']:.3f} | {r['top3']:.3f} | {r['macro_f1']:.3f} | "
+                f"{r['labelled_images']} | {simclr} | {r['epochs']} (SimCLR {r['simclr_epochs']}) | "
+                f"{r['seconds']} |"
+            )
     for benchmark, files in collect_figures(out, rows).items():
         lines += ["", f"Figures, {benchmark}: " + ", ".join(f"[{Path(f).stem}]({f})" for f in files)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -366,17 +572,29 @@ def main():
     parser.add_argument("--out", required=True, help="folder for every run and results.md / results.json")
     parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated subset")
     parser.add_argument("--reduced", action="store_true", help="CPU settings: 32 px, few epochs")
-    parser.add_argument("--stage", choices=["all", "prepare", "train"], default="all",
-                        help="prepare: the CPU stage only (prepare-data, pair crops); train: the rest, on what an "
-                        "earlier --stage prepare left in --out; all: both")
+    parser.add_argument(
+        "--stage",
+        choices=["all", "prepare", "train"],
+        default="all",
+        help="prepare: the CPU stage only (prepare-data, pair crops); train: the rest, on what an "
+        "earlier --stage prepare left in --out; all: both",
+    )
     parser.add_argument("--simclr-epochs", type=int, default=None, help="override the settings' SimCLR epochs")
     parser.add_argument("--imagenet-weights", default=None, help="torchvision resnet18 ImageNet file: adds that arm")
-    parser.add_argument("--arms", default="", help="comma-separated subset of arms by folder name "
-                        "(scratch, random-linear, simclr-knn, simclr-linear, simclr-fine-tune, simclr-distill, imagenet-fine-tune); "
-                        "default all; celeba-pairs has its one arm, evaluate-pairs, whatever this says")
-    parser.add_argument("--unlabeled-pool", action=argparse.BooleanOptionalAction, default=False,
-                        help="glint6, celeba-wild-75: also pretrain on the photos of the raw set's other identities "
-                        "(beyond the benchmark's raw input: a lever to measure, not the benchmark)")
+    parser.add_argument(
+        "--arms",
+        default="",
+        help="comma-separated subset of arms by folder name "
+        "(scratch, random-linear, simclr-knn, simclr-linear, simclr-fine-tune, simclr-distill, imagenet-fine-tune); "
+        "default all; celeba-pairs has its one arm, evaluate-pairs, whatever this says",
+    )
+    parser.add_argument(
+        "--unlabeled-pool",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="glint6, celeba-wild-75: also pretrain on the photos of the raw set's other identities "
+        "(beyond the benchmark's raw input: a lever to measure, not the benchmark)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (checked before any work)")
     args = parser.parse_args()
     names = list(dict.fromkeys(n.strip() for n in args.benchmarks.split(",") if n.strip()))
@@ -388,10 +606,15 @@ def main():
     if only and only - known_arms:
         parser.error(f"unknown arms {sorted(only - known_arms)}: choose from {', '.join(sorted(known_arms))}")
     if only and "simclr-distill" in only and "simclr-fine-tune" not in only:
-        if lacking := [n for n in names if n != "celeba-pairs" and
-                       not (Path(args.out) / n / "simclr-fine-tune" / "model.pt").is_file()]:
-            parser.error(f"--arms simclr-distill needs its teacher, the simclr-fine-tune arm: add it, or run it "
-                         f"first into this --out ({', '.join(lacking)} lack it)")
+        if lacking := [
+            n
+            for n in names
+            if n != "celeba-pairs" and not (Path(args.out) / n / "simclr-fine-tune" / "model.pt").is_file()
+        ]:
+            parser.error(
+                f"--arms simclr-distill needs its teacher, the simclr-fine-tune arm: add it, or run it "
+                f"first into this --out ({', '.join(lacking)} lack it)"
+            )
     if only and "imagenet-fine-tune" in only and not args.imagenet_weights:
         parser.error("--arms imagenet-fine-tune needs --imagenet-weights")
     if args.imagenet_weights and not Path(args.imagenet_weights).is_file():
@@ -401,8 +624,9 @@ def main():
     settings = "reduced" if args.reduced else "full"
     s = {**SETTINGS[settings], **({"simclr_epochs": args.simclr_epochs} if args.simclr_epochs else {})}
     if args.stage != "train":
-        needed = {FACES / BENCHMARKS[n][0] for n in names} | ({FACES / "celeba-wild" / "pairs.csv"}
-                                                                if "celeba-pairs" in names else set())
+        needed = {FACES / BENCHMARKS[n][0] for n in names} | (
+            {FACES / "celeba-wild" / "pairs.csv"} if "celeba-pairs" in names else set()
+        )
         if missing := sorted(str(p) for p in needed if not p.exists()):
             parser.error(f"benchmark data not found: {missing} (set FACESSL_SHARED to the folder holding data/faces)")
     out = Path(args.out)
@@ -412,20 +636,28 @@ def main():
         parser.error(f"--out {out}: {exc.strerror}")
     if args.stage == "train":
         if problems := [p for n in names if (p := prepared_problem(n, out, s, args.unlabeled_pool))]:
-            parser.error("--stage train needs an earlier --stage prepare into the same --out with the same "
-                         "settings: " + "; ".join(problems))
-    if problem := earlier_table_problem(out / "results.json"):  # a subset run would merge into it: stop now,
-        parser.error(f"{out / 'results.json'} is not a results.json of this suite ({problem}): move it away or "
-                     "pick another --out")  # not after hours of training
+            parser.error(
+                "--stage train needs an earlier --stage prepare into the same --out with the same "
+                "settings: " + "; ".join(problems)
+            )
+    # a subset run would merge into it: stop now,
+    if problem := earlier_table_problem(out / "results.json"):
+        parser.error(
+            f"{out / 'results.json'} is not a results.json of this suite ({problem}): move it away or "
+            "pick another --out"
+            # not after hours of training
+        )
 
     from facessl.common.errors import FacesslError
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.stage != "prepare":  # a wrong device or weights file fails now, not after the CPU stage
+        # a wrong device or weights file fails now, not after the CPU stage
+        if args.stage != "prepare":
             check_training_options(args.device, args.imagenet_weights)
-        if args.stage != "train" and "celeba-pairs" in names:  # nor a broken pairs.csv after other benchmarks
+        # nor a broken pairs.csv after other benchmarks
+        if args.stage != "train" and "celeba-pairs" in names:
             check_pairs_file(FACES / "celeba-wild")
         if args.stage != "train":
             for name in names:
@@ -433,20 +665,27 @@ def main():
         if args.stage == "prepare":
             print(f"prepared {', '.join(names)} in {out}: run --stage train with the same --out and settings")
             return
-        meta = {"settings": settings, "settings_detail": ", ".join(f"{k} {v}" for k, v in s.items()),
-                "hardware": hardware(args.device)}
+        meta = {
+            "settings": settings,
+            "settings_detail": ", ".join(f"{k} {v}" for k, v in s.items()),
+            "hardware": hardware(args.device),
+        }
         made_by = {"command": "python " + " ".join(sys.argv), "commit": git_commit()}
         rows = []
         for name in names:
             started = time.time()
-            rows += [{**r, **made_by} for r in run_benchmark(name, out, s, args.device, args.imagenet_weights, log,
-                                                             only, args.unlabeled_pool)]
+            rows += [
+                {**r, **made_by}
+                for r in run_benchmark(name, out, s, args.device, args.imagenet_weights, log, only, args.unlabeled_pool)
+            ]
             log(f"== {name} done in {time.time() - started:.0f} s")
             write_tables(out, merge_rows(out, rows, settings), meta)
-    except FacesslError as exc:  # bad data found by the suite itself (a broken pairs.csv, unusable weights)
+    # bad data found by the suite itself (a broken pairs.csv, unusable weights)
+    except FacesslError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:  # between jobs (a running job is stopped in job())
+    # between jobs (a running job is stopped in job())
+    except KeyboardInterrupt:
         print("interrupted: run the same command again to go on", file=sys.stderr)
         sys.exit(130)
     print((out / "results.md").read_text())
@@ -463,8 +702,10 @@ def check_pairs_file(root: Path, folds: int = 10) -> None:
         raise BadInputError(f"{root / 'pairs.csv'} names {len(missing)} photos missing under {root}, e.g. {missing[0]}")
     same = sum(s for _, _, s in pairs)
     if min(same, len(pairs) - same) < folds:
-        raise BadInputError(f"{root / 'pairs.csv'} has {same} same and {len(pairs) - same} different pairs: "
-                            f"{folds}-fold verification needs at least {folds} of each")
+        raise BadInputError(
+            f"{root / 'pairs.csv'} has {same} same and {len(pairs) - same} different pairs: "
+            f"{folds}-fold verification needs at least {folds} of each"
+        )
 
 
 def check_training_options(device: str, imagenet_weights: str | None) -> None:

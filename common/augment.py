@@ -64,14 +64,28 @@ def simclr_preset(jitter_strength: float = 0.5, crop_min: float = 0.2, blur_p: f
     (crop_min, 1). The paper uses s=1 and crop_min=0.08 on ImageNet; faces keep more identity with
     a milder crop and s=0.5."""
     s = jitter_strength
-    return AugmentConfig(crop_scale=(crop_min, 1.0), brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s,
-                         hue=min(0.2 * s, 0.5), blur_p=blur_p)
+    return AugmentConfig(
+        crop_scale=(crop_min, 1.0),
+        brightness=0.8 * s,
+        contrast=0.8 * s,
+        saturation=0.8 * s,
+        hue=min(0.2 * s, 0.5),
+        blur_p=blur_p,
+    )
 
 
 def supervised_preset() -> AugmentConfig:
     """Mild augmentation for classifier training: crop 60-100% of the face, flip, light jitter, no blur."""
-    return AugmentConfig(crop_scale=(0.6, 1.0), jitter_p=0.5, brightness=0.2, contrast=0.2, saturation=0.2,
-                         hue=0.02, gray_p=0.05, blur_p=0.0)
+    return AugmentConfig(
+        crop_scale=(0.6, 1.0),
+        jitter_p=0.5,
+        brightness=0.2,
+        contrast=0.2,
+        saturation=0.2,
+        hue=0.02,
+        gray_p=0.05,
+        blur_p=0.0,
+    )
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -83,8 +97,10 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """ImageNet mean and std as (1, 3, 1, 1) tensors, made once per device: building them from Python lists
     at every call is a host-to-device copy, which waits for the GPU twice per batch."""
-    return (torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
-            torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1))
+    return (
+        torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1),
+    )
 
 
 def eval_transform(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -141,8 +157,14 @@ def _rgb_to_hsv(x):
     minc, _ = x.min(dim=1)
     delta = maxc - minc
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue = torch.where(maxc == r, torch.remainder((g - b) / safe, 6),
-                      torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
+    hue = (
+        torch.where(
+            maxc == r,
+            torch.remainder((g - b) / safe, 6),
+            torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4),
+        )
+        / 6
+    )
     hue = torch.where(delta > 0, hue, torch.zeros_like(hue))
     sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
     return hue, sat, maxc
@@ -184,7 +206,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     k = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
     pos = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
     kern = torch.exp(-(pos.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
-    kern = (kern / kern.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (B*C, k)
+    # (B*C, k)
+    kern = (kern / kern.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
     y = F.pad(x.reshape(1, b * c, h, w), (k // 2, k // 2, k // 2, k // 2), mode="reflect")
     y = F.conv2d(y, kern.view(b * c, 1, k, 1), groups=b * c)
     y = F.conv2d(y, kern.view(b * c, 1, 1, k), groups=b * c)
@@ -218,8 +241,10 @@ class BatchAugment:
         jitter = torch.rand(b, generator=gen, device=dev) < cfg.jitter_p
         if cfg.jitter_p > 0:
             one, zero = torch.ones(b, device=dev), torch.zeros(b, device=dev)
-            factors = [torch.where(jitter, _uniform(b, max(0.0, 1 - s), 1 + s, gen, dev), one)
-                       for s in (cfg.brightness, cfg.contrast, cfg.saturation)]
+            factors = [
+                torch.where(jitter, _uniform(b, max(0.0, 1 - s), 1 + s, gen, dev), one)
+                for s in (cfg.brightness, cfg.contrast, cfg.saturation)
+            ]
             hue = torch.where(jitter, _uniform(b, -cfg.hue, cfg.hue, gen, dev), zero)
             order = torch.randperm(4, generator=gen, device=dev).tolist()
             x = color_jitter(x, *factors, hue, order)
@@ -229,9 +254,11 @@ class BatchAugment:
 
         blur = torch.rand(b, generator=gen, device=dev) < cfg.blur_p
         sigma = _uniform(b, cfg.blur_sigma[0], cfg.blur_sigma[1], gen, dev)
-        if dev.type == "cuda":  # blur all, keep the chosen: no host round trip to find which (same values)
+        # blur all, keep the chosen: no host round trip to find which (same values)
+        if dev.type == "cuda":
             x = torch.where(_per(blur), gaussian_blur(x, sigma), x)
-        elif bool(blur.any()):  # on the CPU, where nothing waits on the host, blur only the chosen
+        # on the CPU, where nothing waits on the host, blur only the chosen
+        elif bool(blur.any()):
             idx = blur.nonzero().squeeze(1)
             x = x.index_copy(0, idx, gaussian_blur(x.index_select(0, idx), sigma.index_select(0, idx)))
         return _normalize(x)

@@ -48,7 +48,8 @@ def load_torch_bytes(data: bytes, where: str, map_location="cpu"):
 
     import torch
 
-    if not data.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle format
+    # torch.save's zip archive, or its legacy pickle format
+    if not data.startswith((b"PK\x03\x04", b"\x80")):
         raise BadInputError(f"{where} is not a readable torch file (not a torch.save archive)")
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
@@ -89,8 +90,11 @@ def save_checkpoint(storage: Storage, state: dict, epoch: int, keep: int = 2) ->
     except (NotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         history = []
     # only keys this function wrote: a damaged history must never delete the run's other files
-    history = [k for k in history if isinstance(k, str) and k.startswith("checkpoints/ckpt-")] \
-        if isinstance(history, list) else []
+    history = (
+        [k for k in history if isinstance(k, str) and k.startswith("checkpoints/ckpt-")]
+        if isinstance(history, list)
+        else []
+    )
     history.append(key)
     for old in history[:-keep]:
         storage.delete(old)

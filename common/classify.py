@@ -32,15 +32,31 @@ import torch.nn.functional as F
 from facessl.common.augment import BatchAugment, eval_transform, supervised_preset
 from facessl.common.checkpoints import load_torch, save_torch
 from facessl.common.data import PreparedDataset, refuse_output_inside
-from facessl.common.distributed import (barrier, cleanup, init_distributed, mean_across_ranks, min_across_ranks,
-                                sync_batchnorm)
+from facessl.common.distributed import (
+    barrier,
+    cleanup,
+    init_distributed,
+    mean_across_ranks,
+    min_across_ranks,
+    sync_batchnorm,
+)
 from facessl.common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from facessl.common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
 from facessl.common.models import Classifier, build_encoder, load_encoder_weights
-from facessl.common.storage import claim_output, join_location, location_within, open_storage
 from facessl.common.pool import MemoryPool, epoch_generator, rank_share
-from facessl.common.training import (RunWriter, StopRequest, autocast, embed, knn_predict, last_step_lr,
-                             pick_device, seed_everything, stop_requested, warmup_cosine)
+from facessl.common.storage import claim_output, join_location, location_within, open_storage
+from facessl.common.training import (
+    RunWriter,
+    StopRequest,
+    autocast,
+    embed,
+    knn_predict,
+    last_step_lr,
+    pick_device,
+    seed_everything,
+    stop_requested,
+    warmup_cosine,
+)
 
 
 @dataclass
@@ -70,8 +86,14 @@ class ClassifierConfig:
 
 
 # what a run writes besides config.json; a rerun into the same folder deletes them all first
-RESULTS = ("metrics.json", "model.pt", "metrics.jsonl", "classification_report.txt", "confusion_matrix.png",
-           "training_curves.png")
+RESULTS = (
+    "metrics.json",
+    "model.pt",
+    "metrics.jsonl",
+    "classification_report.txt",
+    "confusion_matrix.png",
+    "training_curves.png",
+)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
@@ -84,7 +106,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         scalar float32, the mean over the N images.
     """
     target = F.softmax(teacher_logits / temperature, dim=1)
-    return -(target * F.log_softmax(student_logits / temperature, dim=1)).sum(1).mean() * temperature ** 2
+    return -(target * F.log_softmax(student_logits / temperature, dim=1)).sum(1).mean() * temperature**2
 
 
 def endless_batches(pool: MemoryPool, batch_size: int, seed: int, rank: int = 0):
@@ -108,10 +130,14 @@ def load_teacher(location: str, classes: list[str], image_size: int, device: tor
 
     teacher, teacher_classes, teacher_size = load_classifier(location)
     if teacher_size != image_size:
-        raise UsageError(f"the teacher {location} was trained at {teacher_size} px: distil at --image-size {teacher_size}")
+        raise UsageError(
+            f"the teacher {location} was trained at {teacher_size} px: distil at --image-size {teacher_size}"
+        )
     if teacher_classes != list(classes):
-        raise BadInputError(f"the teacher {location} knows other identities than this dataset: distil a teacher "
-                            "trained on the same prepared data")
+        raise BadInputError(
+            f"the teacher {location} knows other identities than this dataset: distil a teacher "
+            "trained on the same prepared data"
+        )
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher = teacher.to(device).eval()
@@ -151,8 +177,9 @@ def load_encoder(location: str, run_location: bool = True) -> tuple[torch.nn.Mod
         run = open_storage(location)
         name = next((n for n in ("encoder.pt", "model.pt") if run.exists(n)), None)
         if name is None:
-            raise BadInputError(f"{location} holds neither encoder.pt (a pretrain-simclr run) nor model.pt "
-                                "(a train-classifier run)")
+            raise BadInputError(
+                f"{location} holds neither encoder.pt (a pretrain-simclr run) nor model.pt (a train-classifier run)"
+            )
         location = join_location(location, name)
     try:
         load_encoder_weights(encoder, load_torch(location), location)
@@ -198,8 +225,9 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
     info, device = init_distributed(pick_device(cfg.device))
     stop = StopRequest()
     try:
-        return _train_classifier(data_location, output_location, cfg, info, device, stop,
-                                 log if info.is_main else (lambda *a, **k: None))
+        return _train_classifier(
+            data_location, output_location, cfg, info, device, stop, log if info.is_main else (lambda *a, **k: None)
+        )
     finally:
         stop.restore()
         cleanup()
@@ -211,27 +239,39 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
     if cfg.mode not in ("finetune", "linear-probe", "knn", "distill"):
         raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune, linear-probe, knn or distill")
     if (cfg.mode == "distill") != bool(cfg.teacher):
-        raise UsageError("--mode distill needs --teacher (a fine-tuned train-classifier model.pt), and --teacher "
-                         "needs --mode distill")
+        raise UsageError(
+            "--mode distill needs --teacher (a fine-tuned train-classifier model.pt), and --teacher "
+            "needs --mode distill"
+        )
     out = open_storage(output_location)
     refuse_output_inside(data_location, output_location)
-    claim_output(out, "train-classifier")  # before any work
-    if cfg.teacher and location_within(cfg.teacher, output_location):  # its model.pt is the one a new run deletes
-        raise UsageError(f"--teacher {cfg.teacher} lies inside --output {output_location}, whose model.pt a new run "
-                         "replaces: give the student another --output")
+    # before any work
+    claim_output(out, "train-classifier")
+    # its model.pt is the one a new run deletes
+    if cfg.teacher and location_within(cfg.teacher, output_location):
+        raise UsageError(
+            f"--teacher {cfg.teacher} lies inside --output {output_location}, whose model.pt a new run "
+            "replaces: give the student another --output"
+        )
     data = PreparedDataset(data_location, cfg.image_size)
     classes = data.classes
-    if len(classes) < 2:  # top-1 would be a trivial 1.0; pretrain-simclr can still use such a dataset
-        raise BadInputError(f"{data_location} has {len(classes)} class(es) {classes}: a classifier needs at least "
-                            "two identities; run prepare-data on two or more identity folders")
+    # top-1 would be a trivial 1.0; pretrain-simclr can still use such a dataset
+    if len(classes) < 2:
+        raise BadInputError(
+            f"{data_location} has {len(classes)} class(es) {classes}: a classifier needs at least "
+            "two identities; run prepare-data on two or more identity folders"
+        )
     distributed = info.enabled and cfg.mode in ("finetune", "distill")
     world, rank = (info.world_size, info.rank) if distributed else (1, 0)
     evals = {s: data.load(s) for s in ("val", "test")}
-    unlabelled = None  # distill: this rank's share of every train image, its labels replaced by zeros
-    if distributed and not cfg.labels_per_class and cfg.mode != "distill":  # each rank decodes its shards only
+    # distill: this rank's share of every train image, its labels replaced by zeros
+    unlabelled = None
+    # each rank decodes its shards only
+    if distributed and not cfg.labels_per_class and cfg.mode != "distill":
         train_x, train_y = data.decode(rank_share(data, ["train"], rank, world))
         n_train = sum(data.shard_sizes("train"))
-    else:  # the labelled subset is drawn from the whole split, identically on every rank
+    # the labelled subset is drawn from the whole split, identically on every rank
+    else:
         train_x, train_y = data.load("train")
         if cfg.mode == "distill":
             images = train_x[rank::world]
@@ -252,24 +292,39 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         model = model.to(memory_format=torch.channels_last)
     writer = RunWriter(out)
     if info.is_main:
-        for key in RESULTS:  # a rerun replaces the run: an interrupted one (or a knn one) leaves no old results
+        # a rerun replaces the run: an interrupted one (or a knn one) leaves no old results
+        for key in RESULTS:
             out.delete(key)
-        writer.write_json("config.json", {**asdict(cfg), "data": data_location, "output": out.uri,
-                                          "weights": source, "train_images": n_train, "classes": classes,
-                                          "device": str(device), "world_size": info.world_size,
-                                          "unlabelled_images": len(unlabelled) * world if unlabelled is not None else 0,
-                                          "torch": torch.__version__})
-    log(f"{cfg.mode} from {source}: {n_train} labelled train images, {len(classes)} classes, {device}"
-        + (f"; distilling {cfg.teacher} on {len(unlabelled) * world} train images" if unlabelled is not None else ""))
+        writer.write_json(
+            "config.json",
+            {
+                **asdict(cfg),
+                "data": data_location,
+                "output": out.uri,
+                "weights": source,
+                "train_images": n_train,
+                "classes": classes,
+                "device": str(device),
+                "world_size": info.world_size,
+                "unlabelled_images": len(unlabelled) * world if unlabelled is not None else 0,
+                "torch": torch.__version__,
+            },
+        )
+    log(
+        f"{cfg.mode} from {source}: {n_train} labelled train images, {len(classes)} classes, {device}"
+        + (f"; distilling {cfg.teacher} on {len(unlabelled) * world} train images" if unlabelled is not None else "")
+    )
 
-    if cfg.mode in ("linear-probe", "knn"):  # the frozen encoder's embeddings, computed once
+    # the frozen encoder's embeddings, computed once
+    if cfg.mode in ("linear-probe", "knn"):
         for p in model.encoder.parameters():
             p.requires_grad_(False)
         train_x = embed(model.encoder, train_x, cfg.image_size, device)
         evals = {s: (embed(model.encoder, x, cfg.image_size, device), y) for s, (x, y) in evals.items()}
 
         def run(x, train=False):
-            if cfg.mode == "knn":  # weighted kNN vote of the train embeddings (the kNN monitor's classifier)
+            # weighted kNN vote of the train embeddings (the kNN monitor's classifier)
+            if cfg.mode == "knn":
                 return knn_predict(train_x, train_y, x, len(classes), cfg.knn_k)
             return model.fc(x.to(device))
     else:
@@ -278,7 +333,8 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         train_model = model
         if distributed:
             train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
 
         def run(x, train=False, with_teacher=0):
             """Logits (float32) of the model for a uint8 batch; with ``with_teacher`` n, also the teacher's
@@ -293,19 +349,24 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
                     return logits
                 with torch.no_grad():
                     return logits, teacher(x[:with_teacher]).float()
+
     train_pool = MemoryPool(train_x, train_y)
-    step_pool = train_pool if unlabelled is None else unlabelled  # an epoch is one pass over this pool
+    # an epoch is one pass over this pool
+    step_pool = train_pool if unlabelled is None else unlabelled
 
     n_step = n_train if unlabelled is None else len(unlabelled) * world
     batch = max(1, min(cfg.batch_size, n_step)) // world * world
     per_rank = batch // world
     labelled_batches = None
-    if unlabelled is not None:  # the labelled subset, reshuffled whenever it runs out, beside every distillation batch
+    # the labelled subset, reshuffled whenever it runs out, beside every distillation batch
+    if unlabelled is not None:
         labelled_per_rank = max(1, min(per_rank, len(train_pool)))
         labelled_batches = endless_batches(train_pool, labelled_per_rank, cfg.seed + 7919, rank)
     if distributed:
-        steps_per_epoch = min_across_ranks(len(step_pool) // max(1, per_rank))  # same steps on every rank
-    else:  # every sample each epoch; a last batch of one is dropped (batch norm cannot train on one sample)
+        # same steps on every rank
+        steps_per_epoch = min_across_ranks(len(step_pool) // max(1, per_rank))
+    # every sample each epoch; a last batch of one is dropped (batch norm cannot train on one sample)
+    else:
         steps_per_epoch = -(-n_step // batch) - (n_step % batch == 1 and n_step > batch)
     if batch < world or steps_per_epoch < 1:
         raise BadInputError(f"{n_step} training images cannot feed {world} processes")
@@ -314,8 +375,11 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
     lr = cfg.lr
     optimizer = _optimizer(cfg, model, lr)
     total = cfg.epochs * steps_per_epoch
-    schedule = (lambda step: warmup_cosine(step, total, cfg.warmup_epochs * steps_per_epoch)) \
-        if cfg.schedule == "cosine" else (lambda step: 1.0)
+    schedule = (
+        (lambda step: warmup_cosine(step, total, cfg.warmup_epochs * steps_per_epoch))
+        if cfg.schedule == "cosine"
+        else (lambda step: 1.0)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     labels = {s: y for s, (_, y) in evals.items()}
 
@@ -335,23 +399,30 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
                 logits = run(x, train=True)
                 target = y.to(device)
                 loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
-            else:  # x: unlabelled images (y is all zeros, unused); the labelled batch goes through with them
+            # x: unlabelled images (y is all zeros, unused); the labelled batch goes through with them
+            else:
                 lx, y = next(labelled_batches)
                 both, soft = run(torch.cat([x, lx.to(x.device)]), train=True, with_teacher=len(x))
-                logits, target = both[len(x):], y.to(device)
-                loss = distillation_loss(both[:len(x)], soft, cfg.distill_temperature) + cfg.distill_label_weight * \
-                    F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
-            value = loss.item()  # the step's one wait for the GPU: a NaN/inf never reaches the weights
+                logits, target = both[len(x) :], y.to(device)
+                loss = distillation_loss(
+                    both[: len(x)], soft, cfg.distill_temperature
+                ) + cfg.distill_label_weight * F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+            # the step's one wait for the GPU: a NaN/inf never reaches the weights
+            value = loss.item()
             if not math.isfinite(value):
                 raise DivergedError(f"loss became {value} at epoch {epoch + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if stop_requested(stop):  # minutes of work: no checkpoint, the retry starts over
-                raise PreemptedError(f"stopped by SIGTERM at epoch {epoch + 1}; train-classifier keeps no checkpoint: "
-                                     "run it again to start over")
-            correct += (logits.argmax(1) == target).sum()  # a tensor on the device until the epoch ends
+            # minutes of work: no checkpoint, the retry starts over
+            if stop_requested(stop):
+                raise PreemptedError(
+                    f"stopped by SIGTERM at epoch {epoch + 1}; train-classifier keeps no checkpoint: "
+                    "run it again to start over"
+                )
+            # a tensor on the device until the epoch ends
+            correct += (logits.argmax(1) == target).sum()
             seen += len(y)
             loss_sum += value * len(y)
         correct = int(correct)
@@ -360,11 +431,19 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         val_logits = evaluate("val")
         val_acc = topk_accuracy(val_logits, labels["val"], (1, 3))
         val_loss = F.cross_entropy(val_logits, labels["val"]).item()
-        if not math.isfinite(val_loss):  # e.g. weights that overflow in eval mode: no metrics worth writing
+        # e.g. weights that overflow in eval mode: no metrics worth writing
+        if not math.isfinite(val_loss):
             raise DivergedError(f"val loss became {val_loss} at epoch {epoch + 1}; lower --lr or check the weights")
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
-                  "val_loss": val_loss, "val_top1": val_acc[1], "val_top3": val_acc[3],
-                  "lr": last_step_lr(scheduler, epoch, steps_per_epoch), "elapsed_s": round(time.time() - started, 1)}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_top1": correct / seen,
+            "val_loss": val_loss,
+            "val_top1": val_acc[1],
+            "val_top3": val_acc[3],
+            "lr": last_step_lr(scheduler, epoch, steps_per_epoch),
+            "elapsed_s": round(time.time() - started, 1),
+        }
         if info.is_main:
             writer.log_epoch(record)
         log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -388,15 +467,31 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         "seconds": round(time.time() - started, 1),
     }
     if info.is_main:
-        if cfg.mode != "knn":  # a kNN classifier is the encoder plus the train embeddings: nothing to save
-            save_torch(out, "model.pt", {"model": {k: v.cpu() for k, v in model.state_dict().items()},
-                                         "classes": classes, "image_size": cfg.image_size})
+        # a kNN classifier is the encoder plus the train embeddings: nothing to save
+        if cfg.mode != "knn":
+            save_torch(
+                out,
+                "model.pt",
+                {
+                    "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                    "classes": classes,
+                    "image_size": cfg.image_size,
+                },
+            )
         writer.write_json("metrics.json", metrics)
         out.write_text("classification_report.txt", test["report_text"])
-        writer.write_plot("confusion_matrix.png", lambda p: plot_confusion_matrix(
-            test["confusion_matrix"], classes, p, f"test confusion matrix (top-1 {test['top1']:.3f})"))
+        writer.write_plot(
+            "confusion_matrix.png",
+            lambda p: plot_confusion_matrix(
+                test["confusion_matrix"], classes, p, f"test confusion matrix (top-1 {test['top1']:.3f})"
+            ),
+        )
         if writer.history:
-            writer.write_plot("training_curves.png", lambda p: plot_curves(
-                writer.history, ["train_top1", "val_top1", "val_top3"], p, f"train-classifier ({cfg.mode})"))
+            writer.write_plot(
+                "training_curves.png",
+                lambda p: plot_curves(
+                    writer.history, ["train_top1", "val_top1", "val_top3"], p, f"train-classifier ({cfg.mode})"
+                ),
+            )
     barrier()
     return metrics

@@ -39,7 +39,8 @@ def record_exit_code(code: int) -> None:
     if not path:
         return
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # the first error is the root cause
+        # the first error is the root cause
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError:
         return
     with os.fdopen(fd, "w") as f:
@@ -62,7 +63,8 @@ class FiniteFloatRange(click.FloatRange):
     def convert(self, value, param, ctx):
         import math
 
-        number = click.FLOAT.convert(value, param, ctx)  # finiteness first: inf would read as out of range
+        # finiteness first: inf would read as out of range
+        number = click.FLOAT.convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{number} is not a finite number", param, ctx)
         return super().convert(number, param, ctx)
@@ -82,4 +84,5 @@ def parse_list(value: str | None) -> tuple[str, ...]:
     return names
 
 
-SEED = click.IntRange(0, 2**63 - 1)  # what torch.manual_seed and random.seed take: larger seeds overflow
+# what torch.manual_seed and random.seed take: larger seeds overflow
+SEED = click.IntRange(0, 2**63 - 1)

@@ -36,9 +36,12 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 UNLABELED = "unlabeled"
 MANIFEST = "manifest.json"
-MAX_SAMPLE_PIXELS = 4096 * 4096  # a crop is a few hundred pixels a side; more is a damaged or hostile shard
-MIN_SAMPLE_BYTES = 1024  # a tar member is a 512-byte header plus at least one 512-byte block
-SHARD_NAME = re.compile(r"shard-\d{6}\.tar")  # <split>/shard-000000.tar, as ShardWriter names them
+# a crop is a few hundred pixels a side; more is a damaged or hostile shard
+MAX_SAMPLE_PIXELS = 4096 * 4096
+# a tar member is a 512-byte header plus at least one 512-byte block
+MIN_SAMPLE_BYTES = 1024
+# <split>/shard-000000.tar, as ShardWriter names them
+SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
 
 
 class ShardWriter:
@@ -54,7 +57,8 @@ class ShardWriter:
         self.storage, self.split, self.max_samples = storage, split, max_samples
         self.shards: list[str] = []
         self.sizes: list[int] = []
-        self.digests: list[str] = []  # sha256 of each shard's bytes (the tar members carry no time or owner)
+        # sha256 of each shard's bytes (the tar members carry no time or owner)
+        self.digests: list[str] = []
         self._tar = None
         self._tmp = None
         self._count = 0
@@ -69,7 +73,8 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        key = f"{self.split}/shard-{len(self.shards):06d}.tar"  # matches SHARD_NAME
+        # matches SHARD_NAME
+        key = f"{self.split}/shard-{len(self.shards):06d}.tar"
         with open(self._tmp, "rb") as f:
             self.digests.append(hashlib.file_digest(f, "sha256").hexdigest())
         try:
@@ -115,8 +120,12 @@ def remove_stale_shards(storage: Storage, shards: dict[str, list[str]]) -> list[
     A rerun that writes fewer shards would otherwise leave old ones beside the new manifest. Other files
     in those folders are left alone. Returns the deleted keys."""
     keep = {key for keys in shards.values() for key in keys}
-    stale = [key for split in (*SPLITS, UNLABELED) for key in storage.list(split)
-             if key not in keep and SHARD_NAME.fullmatch(key.split("/", 1)[1])]
+    stale = [
+        key
+        for split in (*SPLITS, UNLABELED)
+        for key in storage.list(split)
+        if key not in keep and SHARD_NAME.fullmatch(key.split("/", 1)[1])
+    ]
     for key in stale:
         storage.delete(key)
     return stale
@@ -133,26 +142,34 @@ def read_manifest(storage: Storage) -> dict:
         manifest = json.loads(storage.read_text(MANIFEST))
     except NotFoundError:
         raise BadInputError(f"{where} not found: --data must be the output of prepare-data") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (nesting deeper than the parser's stack)
+    # (nesting deeper than the parser's stack)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise BadInputError(f"{where} is not valid JSON") from None
-    valid = (isinstance(manifest, dict) and isinstance(manifest.get("classes"), list) and manifest["classes"]
-             and all(isinstance(c, str) for c in manifest["classes"])
-             and isinstance(manifest.get("shards"), dict)
-             and all(isinstance(v, list) and all(isinstance(k, str) for k in v) for v in manifest["shards"].values())
-             and isinstance(manifest.get("shard_sizes", {}), dict)
-             and (manifest.get("image_size") is None or type(manifest["image_size"]) is int and manifest["image_size"] >= 1))
+    valid = (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("classes"), list)
+        and manifest["classes"]
+        and all(isinstance(c, str) for c in manifest["classes"])
+        and isinstance(manifest.get("shards"), dict)
+        and all(isinstance(v, list) and all(isinstance(k, str) for k in v) for v in manifest["shards"].values())
+        and isinstance(manifest.get("shard_sizes", {}), dict)
+        and (manifest.get("image_size") is None or type(manifest["image_size"]) is int and manifest["image_size"] >= 1)
+    )
     if not valid:
-        raise BadInputError(f"{where} is not a facessl manifest (classes and shards are required; image_size, when "
-                            "given, is a positive integer)")
+        raise BadInputError(
+            f"{where} is not a facessl manifest (classes and shards are required; image_size, when "
+            "given, is a positive integer)"
+        )
     if len(set(manifest["classes"])) != len(manifest["classes"]):
         raise BadInputError(f"{where} names a class twice: one identity, one class index")
-    keys = [posixpath.normpath(key) for split in manifest["shards"].values() for key in split]  # (val//x = val/x)
+    # (val//x = val/x)
+    keys = [posixpath.normpath(key) for split in manifest["shards"].values() for key in split]
     if len(set(keys)) != len(keys):
         raise BadInputError(f"{where} lists a shard twice: its samples would be trained on, or tested, twice")
     return manifest
 
 
-def image_to_chw(img) -> "torch.Tensor":
+def image_to_chw(img) -> torch.Tensor:
     """An RGB PIL image as a uint8 tensor (3, H, W), the layout of every decoded crop in this project."""
     import numpy as np
     import torch
@@ -164,7 +181,7 @@ def iter_shard_samples(source: str | os.PathLike | io.BytesIO):
     """Yield ``(key, jpeg_bytes, label_or_None)`` from one tar shard (a local path or a file object), in
     file order."""
     current, jpeg, label = None, None, None
-    with (tarfile.open(fileobj=source, mode="r") if hasattr(source, "read") else tarfile.open(source, "r")) as tar:
+    with tarfile.open(fileobj=source, mode="r") if hasattr(source, "read") else tarfile.open(source, "r") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -193,7 +210,7 @@ class ShardPart:
     stride: int = 1
 
 
-def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_part(data: PreparedDataset, part: ShardPart, size: int, stream: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one part: uint8 (n, 3, size, size) RGB crops and int64 (n,) labels (-1: unlabelled).
 
     ``stream`` reads the shard's bytes straight from storage; otherwise it goes through the local cache.
@@ -205,44 +222,58 @@ def decode_part(data: "PreparedDataset", part: ShardPart, size: int, stream: boo
     import torch
     from PIL import Image
 
-    images, labels = [], []  # grown as samples are read: the manifest's count is checked, not trusted
-    try:  # the storages turn their own failures into facessl errors: an OSError here is the local cache's
-        source = io.BytesIO(data.storage.read_bytes(part.key)) if stream else data.storage.local_copy(part.key, data.cache)
+    # grown as samples are read: the manifest's count is checked, not trusted
+    images, labels = [], []
+    # the storages turn their own failures into facessl errors: an OSError here is the local cache's
+    try:
+        source = (
+            io.BytesIO(data.storage.read_bytes(part.key)) if stream else data.storage.local_copy(part.key, data.cache)
+        )
     except OSError as exc:
-        raise BadInputError(f"cannot copy shard {part.key} into the cache {data.cache} ({exc.strerror or exc}): "
-                            "set FACESSL_CACHE to a writable folder with room") from None
+        raise BadInputError(
+            f"cannot copy shard {part.key} into the cache {data.cache} ({exc.strerror or exc}): "
+            "set FACESSL_CACHE to a writable folder with room"
+        ) from None
     try:
         for i, (key, jpeg, label) in enumerate(iter_shard_samples(source)):
             if i % part.stride != part.offset:
                 continue
             if len(labels) == part.size:
                 raise BadInputError(f"shard {part.key} holds more samples than the manifest says: re-run prepare-data")
-            img = Image.open(io.BytesIO(jpeg))  # reads the header only
-            if img.width * img.height > MAX_SAMPLE_PIXELS:  # (Pillow's own limit is off: common.faces)
-                raise BadInputError(f"shard {part.key} sample {key} is {img.width}x{img.height} pixels, not a face "
-                                    "crop: re-run prepare-data")
+            # reads the header only
+            img = Image.open(io.BytesIO(jpeg))
+            # (Pillow's own limit is off: common.faces)
+            if img.width * img.height > MAX_SAMPLE_PIXELS:
+                raise BadInputError(
+                    f"shard {part.key} sample {key} is {img.width}x{img.height} pixels, not a face "
+                    "crop: re-run prepare-data"
+                )
             img = img.convert("RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
             images.append(image_to_chw(img))
-            if label is None and part.split != UNLABELED:  # it would train as class -1
+            # it would train as class -1
+            if label is None and part.split != UNLABELED:
                 raise BadInputError(f"shard {part.key} sample {key} has no class label (.cls): re-run prepare-data")
             if label is not None and not 0 <= label < len(data.classes):
-                raise BadInputError(f"shard {part.key} has class index {label} but the manifest lists "
-                                    f"{len(data.classes)} classes")
+                raise BadInputError(
+                    f"shard {part.key} has class index {label} but the manifest lists {len(data.classes)} classes"
+                )
             labels.append(-1 if label is None else label)
     except (tarfile.TarError, OSError, ValueError) as exc:
         raise BadInputError(f"cannot read shard {part.key}: {exc}") from None
     if len(labels) != part.size:
-        raise BadInputError(f"shard {part.key} holds {len(labels)} of the {part.size} samples the manifest lists: "
-                            "re-run prepare-data")
+        raise BadInputError(
+            f"shard {part.key} holds {len(labels)} of the {part.size} samples the manifest lists: re-run prepare-data"
+        )
     if not labels:
         return torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
-def decode_parts(data: "PreparedDataset", parts: list[ShardPart], size: int, stream: bool = False,
-                 threads: int | None = None):
+def decode_parts(
+    data: PreparedDataset, parts: list[ShardPart], size: int, stream: bool = False, threads: int | None = None
+):
     """Decode parts in parallel threads (PIL releases the GIL while decoding); yields each part's
     ``(images, labels)`` in ``parts`` order."""
     threads = threads or min(8, os.cpu_count() or 1)
@@ -284,16 +315,20 @@ class PreparedDataset:
         sizes = self.manifest.get("shard_sizes", {}).get(split)
         keys = self.shards(split)
         if isinstance(sizes, list) and len(sizes) == len(keys) and all(type(n) is int and n >= 0 for n in sizes):
-            stored = self.stored_bytes()  # so a damaged count fails before anything is allocated for it
+            # so a damaged count fails before anything is allocated for it
+            stored = self.stored_bytes()
             for key, n in zip(keys, sizes):
                 size = stored.get(posixpath.normpath(key))
                 if size is None:
-                    raise BadInputError(f"shard {key} that {self.storage.url(MANIFEST)} lists is not there: "
-                                        "re-run prepare-data")
+                    raise BadInputError(
+                        f"shard {key} that {self.storage.url(MANIFEST)} lists is not there: re-run prepare-data"
+                    )
                 if n > size // MIN_SAMPLE_BYTES:
-                    raise BadInputError(f"{self.storage.url(MANIFEST)} says shard {key} holds {n} samples, but its "
-                                        f"{size} bytes hold at most {size // MIN_SAMPLE_BYTES}: "
-                                        "the manifest is damaged, re-run prepare-data")
+                    raise BadInputError(
+                        f"{self.storage.url(MANIFEST)} says shard {key} holds {n} samples, but its "
+                        f"{size} bytes hold at most {size // MIN_SAMPLE_BYTES}: "
+                        "the manifest is damaged, re-run prepare-data"
+                    )
             return sizes
         try:
             return [sum(1 for _ in iter_shard_samples(self.storage.local_copy(k, self.cache))) for k in keys]
@@ -318,14 +353,17 @@ class PreparedDataset:
         n = sum(p.size for p in parts)
         try:
             images = torch.empty(n, 3, size, size, dtype=torch.uint8)
-        except RuntimeError:  # (torch's allocator: "can't allocate memory")
-            raise BadInputError(f"{n} crops of {size} px ({n * 3 * size * size / 2**30:.1f} GiB) do not fit in memory: "
-                                "use --data-mode mmap or stream") from None
+        # (torch's allocator: "can't allocate memory")
+        except RuntimeError:
+            raise BadInputError(
+                f"{n} crops of {size} px ({n * 3 * size * size / 2**30:.1f} GiB) do not fit in memory: "
+                "use --data-mode mmap or stream"
+            ) from None
         labels = torch.empty(len(images), dtype=torch.long)
         row = 0
         for part_images, part_labels in decode_parts(self, parts, size, stream):
-            images[row:row + len(part_images)] = part_images
-            labels[row:row + len(part_labels)] = part_labels
+            images[row : row + len(part_images)] = part_images
+            labels[row : row + len(part_labels)] = part_labels
             row += len(part_labels)
         return images, labels
 
@@ -351,10 +389,15 @@ def refuse_output_inside(data_location: str, output_location: str) -> None:
     from facessl.common.errors import UsageError
     from facessl.common.storage import location_within, open_storage
 
-    if (location_within(output_location, data_location) and not location_within(data_location, output_location)
-            and open_storage(data_location).exists(MANIFEST)):
-        raise UsageError(f"--output {output_location} lies inside the prepared dataset {data_location}, which a "
-                         "prepare-data rerun replaces: give a folder outside it")
+    if (
+        location_within(output_location, data_location)
+        and not location_within(data_location, output_location)
+        and open_storage(data_location).exists(MANIFEST)
+    ):
+        raise UsageError(
+            f"--output {output_location} lies inside the prepared dataset {data_location}, which a "
+            "prepare-data rerun replaces: give a folder outside it"
+        )
 
 
 def default_cache_dir(location: str) -> Path:

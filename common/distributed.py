@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
 # torch.distributed.nn.functional's differentiable collectives (used below) warn on every call that the
 # private _functional_collectives will replace them; they are the public API with autograd today.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated", category=FutureWarning
+)
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,10 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         if info.local_rank >= torch.cuda.device_count():
             from facessl.common.errors import UsageError
 
-            raise UsageError(f"local rank {info.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
-                             "start at most that many processes per node, or use --device cpu")
+            raise UsageError(
+                f"local rank {info.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                "start at most that many processes per node, or use --device cpu"
+            )
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -130,7 +133,7 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
         total = stats[-1]
         mean = stats[:channels] / total
-        var = stats[channels:2 * channels] / total - mean * mean
+        var = stats[channels : 2 * channels] / total - mean * mean
         if self.track_running_stats:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
@@ -152,8 +155,9 @@ def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     for name, child in module.named_children():
         if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
             like = next(child.parameters(), child.running_mean)
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats).to(device=like.device, dtype=like.dtype)
+            new = GlobalBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            ).to(device=like.device, dtype=like.dtype)
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)
         else:

@@ -32,7 +32,8 @@ class SkipImage(Exception):
     """A raw file that cannot become a crop; ``str(exc)`` is the recorded reason."""
 
 
-MAX_PHOTO_BYTES = 100 * 1024 * 1024  # larger raw files are skipped (prepare-data) or refused (identify) unread
+# larger raw files are skipped (prepare-data) or refused (identify) unread
+MAX_PHOTO_BYTES = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -146,12 +147,17 @@ def _cascade(name: str = "haarcascade_frontalface_default.xml"):
 
 
 FRONTAL = "haarcascade_frontalface_default.xml"
-CASCADE_CHAIN = (("frontal", FRONTAL, False), ("frontal_alt2", "haarcascade_frontalface_alt2.xml", False),
-                 ("profile", "haarcascade_profileface.xml", False), ("profile_mirrored", "haarcascade_profileface.xml", True))
+CASCADE_CHAIN = (
+    ("frontal", FRONTAL, False),
+    ("frontal_alt2", "haarcascade_frontalface_alt2.xml", False),
+    ("profile", "haarcascade_profileface.xml", False),
+    ("profile_mirrored", "haarcascade_profileface.xml", True),
+)
 
 
-def detect_largest_face(img: Image.Image, cfg: DetectConfig = DetectConfig(),
-                        cascade: str = FRONTAL) -> tuple[int, int, int, int] | None:
+def detect_largest_face(
+    img: Image.Image, cfg: DetectConfig = DetectConfig(), cascade: str = FRONTAL
+) -> tuple[int, int, int, int] | None:
     """The largest face found by one Haar ``cascade`` (an OpenCV cascade file name), as ``(x, y, w, h)``
     in pixels, or None.
 
@@ -169,8 +175,9 @@ def _gray(img: Image.Image) -> np.ndarray:
 def _detections(gray: np.ndarray, cfg: DetectConfig, cascade: str, min_face: int | None = None) -> list[tuple]:
     """Every box ``(x, y, w, h)`` one cascade finds in a grayscale array, largest first."""
     side = min_face or cfg.min_face
-    faces = _cascade(cascade).detectMultiScale(gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors,
-                                               minSize=(side, side))
+    faces = _cascade(cascade).detectMultiScale(
+        gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(side, side)
+    )
     return sorted((tuple(int(v) for v in f) for f in faces), key=lambda b: -b[2] * b[3])
 
 
@@ -190,7 +197,8 @@ def detect_face(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> tuple[t
         box = _largest(gray, cfg, FRONTAL)
         return (box, "frontal") if box else None
     upscale = max(img.size) < cfg.upscale_below and 4 * img.size[0] * img.size[1] <= cfg.max_pixels
-    scales = [1] + ([2] if upscale else [])  # the 2x copy stays within the memory bound of max_pixels
+    # the 2x copy stays within the memory bound of max_pixels
+    scales = [1] + ([2] if upscale else [])
     for scale in scales:
         g = gray if scale == 1 else cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
         for name, cascade, mirrored in CASCADE_CHAIN:
@@ -200,8 +208,9 @@ def detect_face(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> tuple[t
             x, y, w, h = box
             if mirrored:
                 x = g.shape[1] - x - w
-            return (round(x / scale), round(y / scale), round(w / scale), round(h / scale)), \
-                name + ("_x2" if scale == 2 else "")
+            return (round(x / scale), round(y / scale), round(w / scale), round(h / scale)), name + (
+                "_x2" if scale == 2 else ""
+            )
     return None
 
 
@@ -247,9 +256,11 @@ def process_photo(data: bytes, cfg: DetectConfig) -> FaceResult:
     if found is None:
         if cfg.on_no_face != "keep-full":
             return FaceResult(None, None, "no face detected")
-        if min(img.size) < cfg.min_face:  # a 1x1 or 5000x1 image would train as a blown-up smear
-            return FaceResult(None, None, f"no face, and a side under --min-face {cfg.min_face} px: too small to keep "
-                                          "whole")
+        # a 1x1 or 5000x1 image would train as a blown-up smear
+        if min(img.size) < cfg.min_face:
+            return FaceResult(
+                None, None, f"no face, and a side under --min-face {cfg.min_face} px: too small to keep whole"
+            )
         return FaceResult(encode_jpeg(crop_face(img, None, cfg.margin, cfg.image_size)), None, detector="none")
     box, detector = found
     return FaceResult(encode_jpeg(crop_face(img, box, cfg.margin, cfg.image_size)), box, detector=detector)

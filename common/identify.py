@@ -33,14 +33,20 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
     try:
         saved = load_torch(location)
     except NotFoundError:
-        raise BadInputError(f"{location} not found: this needs a finetune, linear-probe or distill run of "
-                            "train-classifier (a --mode knn run writes no model)") from None
-    if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("classes"), list)):
+        raise BadInputError(
+            f"{location} not found: this needs a finetune, linear-probe or distill run of "
+            "train-classifier (a --mode knn run writes no model)"
+        ) from None
+    if not (
+        isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("classes"), list)
+    ):
         raise BadInputError(f"{location} is not a train-classifier model.pt (model, classes, image_size)")
     classes = saved["classes"]
     if not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
-        raise BadInputError(f"{location} has class names that are not distinct non-empty strings: a "
-                            "train-classifier model.pt names each identity once")
+        raise BadInputError(
+            f"{location} has class names that are not distinct non-empty strings: a "
+            "train-classifier model.pt names each identity once"
+        )
     model = Classifier(build_encoder(), len(saved["classes"]))
     try:
         check_weight_values(saved["model"], location)
@@ -67,8 +73,16 @@ def read_photo(location: str) -> bytes:
 
 
 @torch.no_grad()
-def identify(photo: bytes, model: Classifier, classes: list[str], image_size: int, threshold: float = 0.5,
-             detect: bool = True, cfg: DetectConfig = DetectConfig(), device_name: str = "auto"):
+def identify(
+    photo: bytes,
+    model: Classifier,
+    classes: list[str],
+    image_size: int,
+    threshold: float = 0.5,
+    detect: bool = True,
+    cfg: DetectConfig = DetectConfig(),
+    device_name: str = "auto",
+):
     """Faces of a photo with their top-3 identities.
 
     Returns ``(image, faces)``: the decoded RGB photo and one dict per face, largest first: ``box`` (x, y, w,
@@ -88,8 +102,9 @@ def identify(photo: bytes, model: Classifier, classes: list[str], image_size: in
     if not found:
         return img, []
     device = pick_device(device_name)
-    crops = torch.stack([image_to_chw(crop_face(img, box if detect else None, cfg.margin, image_size))
-                         for box, _ in found])
+    crops = torch.stack(
+        [image_to_chw(crop_face(img, box if detect else None, cfg.margin, image_size)) for box, _ in found]
+    )
     model = model.to(device)
     with autocast(device):
         probs = model(eval_transform(crops.to(device), image_size)).float().softmax(1).cpu()
@@ -98,8 +113,14 @@ def identify(photo: bytes, model: Classifier, classes: list[str], image_size: in
     faces = []
     for (box, detector), p, i in zip(found, top_p.tolist(), top_i.tolist()):
         top3 = [(classes[c], round(q, 4)) for c, q in zip(i, p)]
-        faces.append({"box": list(box), "detector": detector, "top3": top3,
-                      "identity": top3[0][0] if top3[0][1] >= threshold else "unknown"})
+        faces.append(
+            {
+                "box": list(box),
+                "detector": detector,
+                "top3": top3,
+                "identity": top3[0][0] if top3[0][1] >= threshold else "unknown",
+            }
+        )
     return img, faces
 
 

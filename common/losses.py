@@ -45,7 +45,8 @@ class NTXentLoss(nn.Module):
         and grow worse as the positives get close and tau small)."""
         if z1.shape != z2.shape or z1.dim() != 2:
             raise ValueError(f"expected two (N, D) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-        with torch.autocast(device_type=z1.device.type, enabled=False):  # float32 logits even inside bf16 autocast
+        # float32 logits even inside bf16 autocast
+        with torch.autocast(device_type=z1.device.type, enabled=False):
             return self._loss(z1.float(), z2.float())
 
     def _loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -58,10 +59,14 @@ class NTXentLoss(nn.Module):
             z1_all, z2_all = gather_with_grad(z1), gather_with_grad(z2)
         else:
             z1_all, z2_all = z1, z2
-        total = z1_all.shape[0]  # N over all ranks
+        # N over all ranks
+        total = z1_all.shape[0]
         local = torch.arange(rank * n, rank * n + n, device=z1.device)
-        rows = torch.cat([local, local + total])           # this rank's views in the global 2N
-        positives = torch.cat([local + total, local])      # each view's other view
+        # this rank's views in the global 2N
+        rows = torch.cat([local, local + total])
+        # each view's other view
+        positives = torch.cat([local + total, local])
         logits = torch.cat([z1, z2]) @ torch.cat([z1_all, z2_all]).t() / self.temperature
-        logits[torch.arange(2 * n, device=z1.device), rows] = float("-inf")  # a view is not its own negative
+        # a view is not its own negative
+        logits[torch.arange(2 * n, device=z1.device), rows] = float("-inf")
         return F.cross_entropy(logits, positives)

@@ -16,7 +16,9 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 3)) -> dic
         ValueError: shapes do not match or N == 0.
     """
     if logits.dim() != 2 or targets.dim() != 1 or logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     if logits.shape[0] == 0:
         raise ValueError("no samples")
     out = {}
@@ -43,9 +45,15 @@ def classification_summary(logits: torch.Tensor, targets: torch.Tensor, class_na
         "top3": topk[3],
         "macro_f1": float(f1.mean()),
         "n": int(len(true)),
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                             "support": int(support[i])}
-                      for i, name in enumerate(class_names)},
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
         "confusion_matrix": confusion_matrix(true, pred, labels=labels).tolist(),
         "report_text": text,
     }
@@ -61,10 +69,12 @@ def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     n = len(class_names)
-    class_names = [name.replace("$", r"\$") for name in class_names]  # no matplotlib mathtext from names
+    # no matplotlib mathtext from names
+    class_names = [name.replace("$", r"\$") for name in class_names]
     fig, ax = plt.subplots(figsize=(max(5, 0.45 * n + 3), max(4, 0.45 * n + 2)))
     ConfusionMatrixDisplay(np.array(matrix), display_labels=class_names).plot(
-        ax=ax, xticks_rotation="vertical", colorbar=False, include_values=n <= 30)
+        ax=ax, xticks_rotation="vertical", colorbar=False, include_values=n <= 30
+    )
     ax.set_title(title.replace("$", r"\$"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -56,7 +56,7 @@ def encoder_state_from_file(state: dict, where: str) -> dict:
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     expected = set(build_encoder().state_dict())
     if set(state) != expected:
@@ -70,7 +70,8 @@ def encoder_state_from_file(state: dict, where: str) -> dict:
 def check_weight_values(state: dict, where: str) -> None:
     """Refuse a state dict whose values no trained network holds: NaN or infinite floats, complex tensors
     (``load_state_dict`` would keep their real part), integer or bool weights (batch-norm's
-    ``num_batches_tracked`` and optimizer ``step`` counters excepted), negative batch-norm ``running_var``. A diverged or
+    ``num_batches_tracked`` and optimizer ``step`` counters excepted), negative batch-norm ``running_var``.
+    A diverged or
     damaged file is refused at load, not after hours of training on NaN features.
 
     Raises:
@@ -81,9 +82,12 @@ def check_weight_values(state: dict, where: str) -> None:
             continue
         if v.is_complex():
             raise ValueError(f"{where} holds a complex tensor at {key}: weights are real numbers")
-        if not v.is_floating_point() and not key.endswith(("num_batches_tracked", "step")):  # (counters)
-            raise ValueError(f"{where} holds {v.dtype} values at {key}: weights are floating point (a cast "
-                             "to integers or booleans loses them)")
+        # (counters)
+        if not v.is_floating_point() and not key.endswith(("num_batches_tracked", "step")):
+            raise ValueError(
+                f"{where} holds {v.dtype} values at {key}: weights are floating point (a cast "
+                "to integers or booleans loses them)"
+            )
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{where} holds NaN or infinite weights, e.g. in {key}")
         if key.endswith("running_var") and (v < 0).any():
@@ -101,7 +105,9 @@ class ProjectionHead(nn.Module):
         if min(in_dim, hidden_dim, out_dim) < 1:
             raise ValueError("projection head dimensions must be positive")
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
         )
 

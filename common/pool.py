@@ -48,7 +48,8 @@ def rank_share(data: PreparedDataset, splits: list[str], rank: int, world: int) 
         if world == 1 or (len(whole) >= world and min(totals) >= 0.9 * max(totals)):
             parts += [ShardPart(split, key, n) for key, n in whole[rank::world]]
         else:
-            offsets = [(rank + j) % world for j in range(len(whole))]  # rotated, so no rank always gets the extra
+            # rotated, so no rank always gets the extra
+            offsets = [(rank + j) % world for j in range(len(whole))]
             parts += [ShardPart(split, key, len(range(o, n, world)), o, world) for (key, n), o in zip(whole, offsets)]
     return parts
 
@@ -72,7 +73,7 @@ class MemoryPool:
     def nbytes(self) -> int:
         return self.images.numel() * self.images.element_size()
 
-    def to(self, device: torch.device) -> "MemoryPool":
+    def to(self, device: torch.device) -> MemoryPool:
         self.images = self.images.to(device)
         return self
 
@@ -83,7 +84,8 @@ class MemoryPool:
         """Yield ``(images, labels)`` for steps ``start .. steps-1`` of the epoch whose order ``generator``
         draws (one permutation of all samples; the last batch may be short when ``steps * batch_size > N``)."""
         order = torch.randperm(len(self), generator=generator)
-        on_device = order.to(self.images.device) if isinstance(self.images, torch.Tensor) else order  # one copy
+        # one copy
+        on_device = order.to(self.images.device) if isinstance(self.images, torch.Tensor) else order
         for step in range(start, steps):
             rows = slice(step * batch_size, (step + 1) * batch_size)
             yield self._rows(on_device[rows]), self.labels[order[rows]]
@@ -160,9 +162,9 @@ class StreamPool:
                             pending.cancel()
                         return
                     if step >= start:
-                        yield x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size]
+                        yield x[i * batch_size : (i + 1) * batch_size], y[i * batch_size : (i + 1) * batch_size]
                     step += 1
-                carry_x, carry_y = x[full * batch_size:], y[full * batch_size:]
+                carry_x, carry_y = x[full * batch_size :], y[full * batch_size :]
 
     def labelled(self, split_rows: int):
         """The train split's part of the share (the parts that come first), decoded into memory."""
@@ -178,12 +180,14 @@ def _available_bytes(path) -> tuple[int, int]:
 
     ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
-        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable page cache, unlike SC_AVPHYS_PAGES
+        # MemAvailable counts reclaimable page cache, unlike SC_AVPHYS_PAGES
+        with open("/proc/meminfo") as f:
             ram = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         pass
     existing = os.path.abspath(path)
-    while not os.path.exists(existing):  # the folder mmap would create: its nearest existing parent
+    # the folder mmap would create: its nearest existing parent
+    while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
         return ram, 0
@@ -213,7 +217,12 @@ def _open_mmap(path, labels_path, n: int, size: int) -> MmapPool | None:
         images, labels = np.load(path, mmap_mode="r"), np.load(labels_path)
     except (OSError, ValueError, EOFError):
         return None
-    if images.dtype != np.uint8 or images.shape != (n, 3, size, size) or labels.shape != (n,) or labels.dtype != np.int64:
+    if (
+        images.dtype != np.uint8
+        or images.shape != (n, 3, size, size)
+        or labels.shape != (n,)
+        or labels.dtype != np.int64
+    ):
         return None
     return MmapPool(images, torch.from_numpy(labels))
 
@@ -225,8 +234,9 @@ def _build_mmap(data: PreparedDataset, parts: list[ShardPart], size: int) -> Mma
     Raises:
         BadInputError: the cache folder cannot be written.
     """
-    digest = hashlib.sha256(json.dumps([data.manifest.get("dataset_id"), size, [asdict(p) for p in parts]])
-                            .encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        json.dumps([data.manifest.get("dataset_id"), size, [asdict(p) for p in parts]]).encode()
+    ).hexdigest()[:16]
     path = data.cache / f"pool-{digest}.npy"
     labels_path = data.cache / f"pool-{digest}.labels.npy"
     n = sum(p.size for p in parts)
@@ -240,24 +250,25 @@ def _build_mmap(data: PreparedDataset, parts: list[ShardPart], size: int) -> Mma
         labels = np.empty(n, dtype=np.int64)
         row = 0
         for images, part_labels in decode_parts(data, parts, size):
-            out[row:row + len(images)] = images.numpy()
-            labels[row:row + len(images)] = part_labels.numpy()
+            out[row : row + len(images)] = images.numpy()
+            labels[row : row + len(images)] = part_labels.numpy()
             row += len(images)
         out.flush()
         del out
         np.save(labels_path, labels)
         os.replace(tmp, path)
     except OSError as exc:
-        raise BadInputError(f"cannot write the decoded-crop cache in {data.cache} ({exc.strerror or exc}): set "
-                            "FACESSL_CACHE to a writable folder with room, or use --data-mode memory or stream") from None
+        raise BadInputError(
+            f"cannot write the decoded-crop cache in {data.cache} ({exc.strerror or exc}): set "
+            "FACESSL_CACHE to a writable folder with room, or use --data-mode memory or stream"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return MmapPool(np.load(path, mmap_mode="r"), torch.from_numpy(np.load(labels_path)))
 
 
-def open_pool(data: PreparedDataset, splits: list[str], rank: int, world: int, mode: str = "auto",
-              window: int = 10000):
+def open_pool(data: PreparedDataset, splits: list[str], rank: int, world: int, mode: str = "auto", window: int = 10000):
     """This rank's share of ``splits`` (samples of ``splits[0]`` first) as a pool; returns
     ``(pool, resolved mode, per-split sample counts of the share)``.
 

@@ -23,9 +23,9 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 
 from facessl.common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, dataset_id, remove_stale_shards
@@ -33,8 +33,10 @@ from facessl.common.errors import BadInputError, PreemptedError, StorageError, U
 from facessl.common.faces import MAX_PHOTO_BYTES, DetectConfig, process_photo
 from facessl.common.storage import Storage, UnsafeKeyError, claim_output, join_location, location_within, open_storage
 
-PREEMPTED = ("stopped by SIGTERM before a new manifest.json was written (it comes last; an earlier dataset "
-             "there is kept until the first shard is rewritten): run again to start over")
+PREEMPTED = (
+    "stopped by SIGTERM before a new manifest.json was written (it comes last; an earlier dataset "
+    "there is kept until the first shard is rewritten): run again to start over"
+)
 _SIGTERM = {"received": False}
 
 
@@ -54,8 +56,10 @@ def _on_sigterm(signum, frame):
 
 OUTSIDE_LINK = "a symlink points outside the input (use a hard link or a copy)"
 BACKSLASH_NAME = "a backslash in the folder or file name (refused as a path separator: rename it)"
-FOLDER_LINK = ("a symlink to a folder, not followed: it can loop, leave the input, or show a folder's photos "
-               "under a second identity (link the photos themselves, or copy the folder)")
+FOLDER_LINK = (
+    "a symlink to a folder, not followed: it can loop, leave the input, or show a folder's photos "
+    "under a second identity (link the photos themselves, or copy the folder)"
+)
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
 
 
@@ -105,7 +109,8 @@ def list_raw_files(storage: Storage) -> tuple[list[tuple[str, int]], list[dict]]
             continue
         try:
             rel.encode("utf-8")
-        except UnicodeEncodeError:  # undecodable bytes in a local file name
+        # undecodable bytes in a local file name
+        except UnicodeEncodeError:
             shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             skipped.append({"source": shown, "status": "skipped", "reason": "file name is not valid UTF-8"})
             continue
@@ -142,8 +147,10 @@ def _process_one(item: tuple[str, int]) -> dict:
     try:
         data = _WORKER["storage"].read_bytes(rel)
     except StorageError:
-        raise  # a storage outage is not a property of the file: fail the job (exit 4) instead of skipping
-    except UnsafeKeyError:  # one reason for all such files, so the manifest's skip counts group them
+        # a storage outage is not a property of the file: fail the job (exit 4) instead of skipping
+        raise
+    # one reason for all such files, so the manifest's skip counts group them
+    except UnsafeKeyError:
         return {**record, "status": "skipped", "reason": BACKSLASH_NAME if "\\" in rel else OUTSIDE_LINK}
     except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the job
         return {**record, "status": "skipped", "reason": f"could not read file: {exc}"}
@@ -154,8 +161,13 @@ def _process_one(item: tuple[str, int]) -> dict:
         return {**record, "status": "skipped", "reason": f"could not process image ({type(exc).__name__})"}
     if result.crop_jpeg is None:
         return {**record, "status": "skipped", "reason": result.reason}
-    return {**record, "status": "ok", "box": list(result.box) if result.box else None, "detector": result.detector,
-            "crop": result.crop_jpeg}
+    return {
+        **record,
+        "status": "ok",
+        "box": list(result.box) if result.box else None,
+        "detector": result.detector,
+        "crop": result.crop_jpeg,
+    }
 
 
 def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) -> list[dict]:
@@ -169,10 +181,13 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     from tqdm import tqdm
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cfg.workers > cores:  # detection is CPU-bound: more processes only cost memory (~60 MB each)
+    # detection is CPU-bound: more processes only cost memory (~60 MB each)
+    if cfg.workers > cores:
         print(f"note: --workers {cfg.workers} lowered to the {cores} CPU cores this process may use", file=sys.stderr)
-    workers = max(1, min(cfg.workers or cores, cores, -(-len(files) // 16)))  # and no idle 16-photo chunk takers
-    interval = 0.5 if sys.stderr.isatty() else 30  # a log file gets a progress line every 30 s, not hundreds
+    # and no idle 16-photo chunk takers
+    workers = max(1, min(cfg.workers or cores, cores, -(-len(files) // 16)))
+    # a log file gets a progress line every 30 s, not hundreds
+    interval = 0.5 if sys.stderr.isatty() else 30
     initargs = (location, cfg.detect, cfg.max_file_bytes)
 
     def progress(records):
@@ -181,8 +196,9 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     if workers == 1:
         _init_worker(*initargs)
         return list(progress(map(_process_one, files)))
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_pool_worker,
-                             initargs=initargs) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_init_pool_worker, initargs=initargs
+    ) as pool:
         try:
             return list(progress(pool.map(_process_one, files, chunksize=16)))
         except (KeyboardInterrupt, _Sigterm):
@@ -194,13 +210,17 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
                 proc.terminate()
             raise
         except BrokenProcessPool:
-            if _SIGTERM["received"]:  # SIGTERM to the whole process group ended the workers too
+            # SIGTERM to the whole process group ended the workers too
+            if _SIGTERM["received"]:
                 raise PreemptedError(PREEMPTED) from None
-            raise StorageError("a face-detection worker process died (out of memory?); nothing was written, "
-                               "run again (fewer --workers needs less memory)") from None
+            raise StorageError(
+                "a face-detection worker process died (out of memory?); nothing was written, "
+                "run again (fewer --workers needs less memory)"
+            ) from None
 
 
 # --- stages 3-5 -------------------------------------------------------------------------------------
+
 
 def deduplicate(records: list[dict]) -> None:
     """Mark byte-identical repeats as skipped (in place); the first by path is kept."""
@@ -231,8 +251,10 @@ def check_unicode_forms(folders: set[str]) -> None:
     for f in folders:
         by_form.setdefault(unicodedata.normalize("NFC", f), []).append(f)
     if clash := next((sorted(names) for names in by_form.values() if len(names) > 1), None):
-        raise BadInputError(f"identity folders {clash} are one name written in two Unicode forms (composed and "
-                            "decomposed accents): merge them into one folder, or rename one")
+        raise BadInputError(
+            f"identity folders {clash} are one name written in two Unicode forms (composed and "
+            "decomposed accents): merge them into one folder, or rename one"
+        )
 
 
 def select_classes(records: list[dict], classes: tuple[str, ...], min_images: int) -> list[str]:
@@ -253,14 +275,20 @@ def select_classes(records: list[dict], classes: tuple[str, ...], min_images: in
     kept = sorted(c for c in wanted if counts[c] >= min_images)
     if classes and len(kept) < len(wanted):
         dropped = {c: counts[c] for c in sorted(wanted - set(kept))}
-        print(f"warning: requested classes with fewer than --min-images {min_images} usable photos are left out: "
-              f"{dropped}", file=sys.stderr)
+        print(
+            f"warning: requested classes with fewer than --min-images {min_images} usable photos are left out: "
+            f"{dropped}",
+            file=sys.stderr,
+        )
     if not kept:
         skipped = [rec["reason"] for rec in records if rec["status"] == "skipped"]
-        kinds = Counter(reason.split(":")[0] for reason in skipped)  # "could not read file: <details>"
+        # "could not read file: <details>"
+        kinds = Counter(reason.split(":")[0] for reason in skipped)
         example = {reason.split(":")[0]: reason for reason in reversed(skipped)}
-        why = "; ".join(f"{n} x {kind} (e.g. {example[kind]})" if example[kind] != kind else f"{n} x {kind}"
-                        for kind, n in kinds.most_common(3))
+        why = "; ".join(
+            f"{n} x {kind} (e.g. {example[kind]})" if example[kind] != kind else f"{n} x {kind}"
+            for kind, n in kinds.most_common(3)
+        )
         raise BadInputError(
             f"no identity has at least {min_images} usable images "
             f"(best: {max(counts.values(), default=0)}); lower --min-images"
@@ -310,12 +338,18 @@ def detection_counts(records: list[dict], splits: list[str]) -> dict:
             overall[r["detector"]] = overall.get(r["detector"], 0) + 1
             if r.get("split") in by_split:
                 by_split[r["split"]][r["detector"]] = by_split[r["split"]].get(r["detector"], 0) + 1
-    return {"photos": len(decoded), "no_face": misses, "miss_rate": misses / max(1, len(decoded)),
-            "skipped_no_face": sum(r.get("reason") == "no face detected" for r in decoded),
-            "by_detector": overall, "per_split": by_split}
+    return {
+        "photos": len(decoded),
+        "no_face": misses,
+        "miss_rate": misses / max(1, len(decoded)),
+        "skipped_no_face": sum(r.get("reason") == "no face detected" for r in decoded),
+        "by_detector": overall,
+        "per_split": by_split,
+    }
 
 
 # --- orchestration ----------------------------------------------------------------------------------
+
 
 def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfig, log=print) -> dict:
     """Run all stages; returns the manifest (also written to ``<output>/manifest.json``).
@@ -330,7 +364,8 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
         UsageError: bad split ratios, or an output at or inside the input. BadInputError: an unusable input
         or output (see the stages). StorageError: S3 unreachable.
     """
-    in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers live there)
+    # (signal handlers live there)
+    in_main_thread = threading.current_thread() is threading.main_thread()
     _SIGTERM["received"] = False
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
@@ -346,22 +381,32 @@ def _prepare_dataset(input_location: str, output_location: str, cfg: PrepareConf
     if not all(math.isfinite(r) and r >= 0 for r in cfg.ratios) or abs(sum(cfg.ratios) - 1.0) > 1e-6:
         raise UsageError(f"split ratios must be finite, >= 0 and sum to 1, got {cfg.ratios}")
     started = time.time()
-    src, dst = open_storage(input_location), open_storage(output_location)  # (a malformed URI is refused here)
-    if location_within(output_location, input_location):  # the next run would read the shards as photos
-        raise UsageError(f"the output {output_location} lies inside the input {input_location}: give a folder "
-                         "outside it")
-    if inside := [split for split in [*SPLITS, UNLABELED]
-                  if location_within(input_location, join_location(output_location, split))]:
-        raise UsageError(f"the input {input_location} lies in the output's {inside[0]}/ folder, where the shards go: "
-                         "give an output folder that does not hold the input")
-    claim_output(dst, "prepare-data", *SPLITS, *([UNLABELED] if cfg.unlabeled_pool else []))  # before detection
+    # (a malformed URI is refused here)
+    src, dst = open_storage(input_location), open_storage(output_location)
+    # the next run would read the shards as photos
+    if location_within(output_location, input_location):
+        raise UsageError(
+            f"the output {output_location} lies inside the input {input_location}: give a folder outside it"
+        )
+    if inside := [
+        split
+        for split in [*SPLITS, UNLABELED]
+        if location_within(input_location, join_location(output_location, split))
+    ]:
+        raise UsageError(
+            f"the input {input_location} lies in the output's {inside[0]}/ folder, where the shards go: "
+            "give an output folder that does not hold the input"
+        )
+    # before detection
+    claim_output(dst, "prepare-data", *SPLITS, *([UNLABELED] if cfg.unlabeled_pool else []))
     files, records_outside = list_raw_files(src)
     present = {rel.split("/", 1)[0] for rel, _ in files}
     wanted = folder_names(cfg.classes, present)
     if cfg.classes:
         if missing := sorted(set(wanted) - present):
             raise BadInputError(f"--classes names identities with no folder in the input: {missing}")
-        if not cfg.unlabeled_pool:  # nothing outside --classes can be used: do not decode it
+        # nothing outside --classes can be used: do not decode it
+        if not cfg.unlabeled_pool:
             files = [(rel, size) for rel, size in files if rel.split("/", 1)[0] in set(wanted)]
     check_unicode_forms({rel.split("/", 1)[0] for rel, _ in files})
     log(f"{len(files)} raw files in {len({f.split('/', 1)[0] for f, _ in files})} identity folders")
@@ -377,7 +422,8 @@ def _prepare_dataset(input_location: str, output_location: str, cfg: PrepareConf
 
     counts: dict[str, dict[str, int]] = {}
     splits = [*SPLITS, UNLABELED] if cfg.unlabeled_pool else list(SPLITS)
-    dst.delete(MANIFEST)  # before the first shard changes: a run stopped from here on leaves no stale manifest
+    # before the first shard changes: a run stopped from here on leaves no stale manifest
+    dst.delete(MANIFEST)
     shards, shard_sizes, digests = {}, {}, {}
     for split in splits:
         members = [r for r in records if r.get("split") == split]

@@ -73,8 +73,8 @@ def location_within(inner: str | os.PathLike, outer: str | os.PathLike) -> bool:
     if is_s3(inner) != is_s3(outer):
         return False
     if is_s3(inner):
-        a, b = ([seg for seg in loc[len("s3://"):].split("/") if seg not in ("", ".")] for loc in (inner, outer))
-        return a[:len(b)] == b
+        a, b = ([seg for seg in loc[len("s3://") :].split("/") if seg not in ("", ".")] for loc in (inner, outer))
+        return a[: len(b)] == b
     a, b = Path(inner).resolve(), Path(outer).resolve()
     return a == b or b in a.parents
 
@@ -95,6 +95,7 @@ class Storage:
     def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         """The object's bytes. With ``max_bytes``, a larger object (or a local FIFO, device... anything but a
         regular file) raises BadInputError before it is read."""
+
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def upload_file(self, local_path: str | os.PathLike, key: str) -> None: ...
     def download_file(self, key: str, local_path: str | os.PathLike) -> None: ...
@@ -130,7 +131,8 @@ class Storage:
             for probe in [".facessl-write-check"] + [f"{folder}/.facessl-write-check" for folder in folders]:
                 self.write_text(probe, "")
                 self.delete(probe)
-        except NotFoundError as exc:  # e.g. /proc reporting the probe it refused as missing
+        # e.g. /proc reporting the probe it refused as missing
+        except NotFoundError as exc:
             raise BadInputError(f"cannot write to {self.uri}: {exc}") from None
 
 
@@ -145,9 +147,11 @@ def _local_errors(method):
             return method(self, key, *args, **kwargs)
         except FileNotFoundError:
             raise NotFoundError(f"not found: {self.url(key) if key else self.uri}") from None
-        except (FileExistsError, NotADirectoryError):  # mkdir/open through a path component that is a file
-            raise BadInputError(f"cannot use {self.url(key) if key else self.uri}: a file stands on the path where "
-                                "a folder is needed") from None
+        # mkdir/open through a path component that is a file
+        except (FileExistsError, NotADirectoryError):
+            raise BadInputError(
+                f"cannot use {self.url(key) if key else self.uri}: a file stands on the path where a folder is needed"
+            ) from None
         except OSError as exc:
             raise BadInputError(f"cannot use {self.url(key) if key else self.uri}: {exc.strerror or exc}") from None
 
@@ -192,7 +196,8 @@ class LocalStorage(Storage):
     def read_bytes(self, key, max_bytes=None):
         try:
             path = self._path(key)
-            if max_bytes is not None:  # stat first: opening a FIFO would wait for a writer
+            # stat first: opening a FIFO would wait for a writer
+            if max_bytes is not None:
                 st = path.stat()
                 if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
                     raise BadInputError(f"{self.url(key)} is not a regular file")
@@ -207,7 +212,8 @@ class LocalStorage(Storage):
         path = self._entry(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
+        # mkstemp makes 0600 files; outputs get the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)
         return path, fd, tmp
 
     @_local_errors
@@ -231,7 +237,8 @@ class LocalStorage(Storage):
         os.close(fd)
         try:
             shutil.copyfile(local_path, tmp)
-            os.replace(tmp, path)  # e.g. a folder standing where the file goes
+            # e.g. a folder standing where the file goes
+            os.replace(tmp, path)
         except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
             if isinstance(exc, OSError):
@@ -317,7 +324,8 @@ def _s3_client():
                 retries={"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))},
                 s3={"addressing_style": "path" if custom_endpoint else "auto"},
                 connect_timeout=10,
-                read_timeout=60,  # botocore's default: a silent server costs attempts x 60 s
+                # botocore's default: a silent server costs attempts x 60 s
+                read_timeout=60,
             )
             _CLIENTS[pid] = boto3.session.Session().client("s3", config=config)
         return _CLIENTS[pid]
@@ -327,11 +335,12 @@ class S3Storage(Storage):
     """An ``s3://bucket/prefix`` location on AWS S3 or any S3-compatible server."""
 
     def __init__(self, uri: str):
-        rest = uri[len("s3://"):]
+        rest = uri[len("s3://") :]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise BadInputError(f"no bucket in {uri!r}: expected s3://bucket/prefix")
-        if not re.fullmatch(r"[a-zA-Z0-9._-]{1,255}", bucket):  # what botocore accepts; S3 itself is stricter
+        # what botocore accepts; S3 itself is stricter
+        if not re.fullmatch(r"[a-zA-Z0-9._-]{1,255}", bucket):
             raise BadInputError(f"{bucket!r} in {uri!r} is not a bucket name: letters, digits, '.', '-' and '_' only")
         self.bucket = bucket
         self.prefix = safe_key(prefix) if prefix.strip("/") else ""
@@ -408,7 +417,8 @@ class S3Storage(Storage):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
         for page in self._call(prefix, lambda: list(pages)):
             for obj in page.get("Contents", []):
-                if not obj["Key"].endswith("/"):  # a folder marker (the S3 console's "Create folder"), no file
+                # a folder marker (the S3 console's "Create folder"), no file
+                if not obj["Key"].endswith("/"):
                     out[obj["Key"][strip:]] = int(obj["Size"])
         return dict(sorted(out.items()))
 
@@ -443,14 +453,19 @@ class S3Storage(Storage):
 
 # files that mark a location as one job's: each writes them and no other job does (metrics.json and config.json
 # are written by several)
-RUN_MARKERS = {"prepare-data": ("manifest.json",), "pretrain-simclr": ("encoder.pt", "checkpoints/latest.json"),
-               "train-classifier": ("model.pt", "classification_report.txt"), "evaluate-pairs": ("scores.csv",)}
+RUN_MARKERS = {
+    "prepare-data": ("manifest.json",),
+    "pretrain-simclr": ("encoder.pt", "checkpoints/latest.json"),
+    "train-classifier": ("model.pt", "classification_report.txt"),
+    "evaluate-pairs": ("scores.csv",),
+}
 
 
 def claim_output(out: Storage, job: str, *folders: str) -> None:
     """Refuse an output location that holds a prepared dataset or another job's run (writing there would
     replace that run's ``config.json`` and ``metrics.jsonl``), then probe that it, and ``folders`` under it,
-    can be written (:meth:`Storage.check_writable`). A location of the same job is reused (resume, or a rerun that replaces it).
+    can be written (:meth:`Storage.check_writable`). A location of the same job
+    is reused (resume, or a rerun that replaces it).
 
     Raises:
         UsageError: naming the other job and the file that shows it. BadInputError / StorageError: the
@@ -463,7 +478,7 @@ def claim_output(out: Storage, job: str, *folders: str) -> None:
     out.check_writable(*folders)
 
 
-def open_file_location(location: str | os.PathLike) -> tuple["Storage", str]:
+def open_file_location(location: str | os.PathLike) -> tuple[Storage, str]:
     """The storage of a file's folder and the file's key in it, for a local file path or ``s3://bucket/key``.
 
     Raises:
@@ -477,7 +492,8 @@ def open_file_location(location: str | os.PathLike) -> tuple["Storage", str]:
         return open_storage(parent), name
     if not location.strip():
         raise UsageError("empty location: give a file path or s3://bucket/key")
-    if "://" in location:  # https://... would otherwise be looked for as a local folder named "https:"
+    # https://... would otherwise be looked for as a local folder named "https:"
+    if "://" in location:
         raise BadInputError(f"unsupported location {location!r}: use a local path or s3://bucket/key")
     return open_storage(os.path.dirname(os.path.abspath(location))), os.path.basename(location)
 

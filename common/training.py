@@ -72,8 +72,9 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def embed(encoder: torch.nn.Module, images: torch.Tensor, size: int, device: torch.device,
-          batch_size: int = 256) -> torch.Tensor:
+def embed(
+    encoder: torch.nn.Module, images: torch.Tensor, size: int, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
     """Encoder outputs for uint8 images (N, 3, H, W): float32 (N, 512) on the CPU, eval mode."""
     was_training = encoder.training
     encoder.eval()
@@ -88,8 +89,14 @@ def embed(encoder: torch.nn.Module, images: torch.Tensor, size: int, device: tor
     return torch.cat(out)
 
 
-def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
-                num_classes: int, k: int = 20, temperature: float = 0.07) -> torch.Tensor:
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> torch.Tensor:
     """Weighted kNN class scores (N_query, C): cosine similarity, the k nearest training embeddings
     vote with weight exp(sim / temperature). Wu et al., "Unsupervised Feature Learning via
     Non-Parametric Instance Discrimination", CVPR 2018, arXiv:1805.01978."""

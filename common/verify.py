@@ -20,16 +20,24 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
+from facessl.common.classify import load_encoder
 from facessl.common.data import image_to_chw
 from facessl.common.errors import BadInputError, UsageError
 from facessl.common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face, encode_jpeg
-from facessl.common.classify import load_encoder
-from facessl.common.storage import (NotFoundError, UnsafeKeyError, claim_output, join_location, location_within,
-                            open_file_location, open_storage, safe_key)
+from facessl.common.storage import (
+    NotFoundError,
+    UnsafeKeyError,
+    claim_output,
+    join_location,
+    location_within,
+    open_file_location,
+    open_storage,
+    safe_key,
+)
 from facessl.common.training import RunWriter, embed, pick_device
 
-
-OUTPUTS = ("scores.csv", "roc.png", "metrics.json")  # what evaluate_pairs writes under its output location
+# what evaluate_pairs writes under its output location
+OUTPUTS = ("scores.csv", "roc.png", "metrics.json")
 
 
 def read_pairs(text: str, where: str, dropped: dict | None = None) -> list[tuple[str, str, int]]:
@@ -44,7 +52,8 @@ def read_pairs(text: str, where: str, dropped: dict | None = None) -> list[tuple
     """
     reader = csv.DictReader(io.StringIO(text))
 
-    def rows():  # the csv module's own errors (a field over its size limit...) as a bad-input line
+    # the csv module's own errors (a field over its size limit...) as a bad-input line
+    def rows():
         try:
             if not {"image_a", "image_b", "same_identity"} <= set(reader.fieldnames or []):
                 raise BadInputError(f"{where} must have the columns image_a,image_b,same_identity")
@@ -57,18 +66,23 @@ def read_pairs(text: str, where: str, dropped: dict | None = None) -> list[tuple
         a, b, same = ((row.get(k) or "").strip() for k in ("image_a", "image_b", "same_identity"))
         if same not in ("0", "1") or not a or not b:
             raise BadInputError(f"{where} line {reader.line_num}: expected two image paths and same_identity 0 or 1")
-        try:  # one spelling per photo ('./a/1.jpg' is 'a/1.jpg'), so a photo is recognised wherever it is named
+        # one spelling per photo ('./a/1.jpg' is 'a/1.jpg'), so a photo is recognised wherever it is named
+        try:
             a, b = safe_key(a), safe_key(b)
         except UnsafeKeyError as exc:
-            raise BadInputError(f"{where} line {reader.line_num}: {exc}: paths must stay inside the image folder") from None
+            raise BadInputError(
+                f"{where} line {reader.line_num}: {exc}: paths must stay inside the image folder"
+            ) from None
         key = frozenset((a, b))
         if a == b:
             skipped[f"line {reader.line_num}"] = f"{a} paired with itself"
         elif key in seen:
             first, label = seen[key]
             if label != int(same):
-                raise BadInputError(f"{where} line {reader.line_num}: {a} and {b} are labelled same_identity "
-                                    f"{same} here and {label} on line {first}")
+                raise BadInputError(
+                    f"{where} line {reader.line_num}: {a} and {b} are labelled same_identity "
+                    f"{same} here and {label} on line {first}"
+                )
             skipped[f"line {reader.line_num}"] = f"the pair of line {first} again"
         else:
             seen[key] = (reader.line_num, int(same))
@@ -84,8 +98,10 @@ def read_pairs(text: str, where: str, dropped: dict | None = None) -> list[tuple
 def check_fold_counts(n_same: int, n_different: int, folds: int) -> None:
     """Raise BadInputError when stratified ``folds``-fold accuracy cannot run: fewer pairs of a kind than folds."""
     if min(n_same, n_different) < folds:
-        raise BadInputError(f"{folds}-fold accuracy needs at least {folds} same and {folds} different pairs "
-                            f"({n_same} same, {n_different} different): give more pairs or a smaller --folds")
+        raise BadInputError(
+            f"{folds}-fold accuracy needs at least {folds} same and {folds} different pairs "
+            f"({n_same} same, {n_different} different): give more pairs or a smaller --folds"
+        )
 
 
 def fold_accuracy(scores: np.ndarray, same: np.ndarray, folds: int = 10, seed: int = 0) -> dict:
@@ -106,8 +122,12 @@ def fold_accuracy(scores: np.ndarray, same: np.ndarray, folds: int = 10, seed: i
         t = best_threshold(scores[train], same[train])
         thresholds.append(t)
         accs.append(float(((scores[test] >= t) == same[test]).mean()))
-    return {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)), "thresholds": thresholds,
-            "folds": folds}
+    return {
+        "accuracy": float(np.mean(accs)),
+        "accuracy_std": float(np.std(accs)),
+        "thresholds": thresholds,
+        "folds": folds,
+    }
 
 
 def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
@@ -133,7 +153,8 @@ def crop_photos(storage, names: list[str], cfg: DetectConfig | None, size: int):
     for name in names:
         try:
             img = decode_image(storage.read_bytes(name))
-        except (SkipImage, BadInputError) as exc:  # corrupt, missing, or a path leaving the image root
+        # corrupt, missing, or a path leaving the image root
+        except (SkipImage, BadInputError) as exc:
             yield name, None, False, str(exc)
             continue
         found = detect_face(img, cfg) if cfg is not None else None
@@ -159,8 +180,10 @@ def load_crops(storage, names: list[str], cfg: DetectConfig | None, size: int):
         kept.append(name)
     if not crops:
         example = next(iter(unreadable.items()), ("-", "no photos"))
-        raise BadInputError(f"none of the {len(names)} pair images could be read (for example {example[0]}: "
-                            f"{example[1]}); is --images the folder the CSV's paths are relative to?")
+        raise BadInputError(
+            f"none of the {len(names)} pair images could be read (for example {example[0]}: "
+            f"{example[1]}); is --images the folder the CSV's paths are relative to?"
+        )
     return torch.stack(crops), kept, no_face, unreadable
 
 
@@ -173,15 +196,27 @@ def read_pairs_file(pairs_location: str, dropped: dict | None = None) -> list[tu
     pairs_store, pairs_key = open_file_location(pairs_location)
     try:
         text = pairs_store.read_text(pairs_key)
-    except NotFoundError as exc:  # (missing, or a folder)
+    # (missing, or a folder)
+    except NotFoundError as exc:
         raise BadInputError(f"pairs file {pairs_location}: {exc}") from None
     except UnicodeDecodeError:
         raise BadInputError(f"pairs file {pairs_location} is not UTF-8 text") from None
-    return read_pairs(text.removeprefix("\ufeff"), pairs_location, dropped)  # a byte-order mark (Excel's CSV) is not a column
+    return read_pairs(
+        text.removeprefix("\ufeff"),
+        pairs_location,
+        dropped,
+        # a byte-order mark (Excel's CSV) is not a column
+    )
 
 
-def write_pair_crops(pairs_location: str, images_location: str, output_location: str, image_size: int = 112,
-                     detect: DetectConfig = DetectConfig(), log=print) -> dict:
+def write_pair_crops(
+    pairs_location: str,
+    images_location: str,
+    output_location: str,
+    image_size: int = 112,
+    detect: DetectConfig = DetectConfig(),
+    log=print,
+) -> dict:
     """The face crop of every photo of a pairs CSV, made once, as JPEG files under ``output_location`` at
     the photos' relative paths, plus ``crops.json`` (photos, those without a detected face, unreadable
     ones with reasons). ``evaluate_pairs(..., detect=None)`` on that folder then embeds exactly these crops:
@@ -196,7 +231,8 @@ def write_pair_crops(pairs_location: str, images_location: str, output_location:
     src, out = open_storage(images_location), open_storage(output_location)
     if location_within(output_location, images_location):
         raise UsageError(f"the crops would overwrite or join the photos: give an output outside {images_location}")
-    out.check_writable()  # written last, crops.json marks completion
+    # written last, crops.json marks completion
+    out.check_writable()
     log(f"cropping the faces of {len(names)} pair photos at {image_size} px")
     no_face, unreadable = [], {}
     for name, crop, detected, reason in crop_photos(src, names, detect, image_size):
@@ -207,18 +243,31 @@ def write_pair_crops(pairs_location: str, images_location: str, output_location:
             no_face.append(name)
         out.write_bytes(name, encode_jpeg(crop))
     if len(unreadable) == len(names):
-        raise BadInputError(f"none of the {len(names)} pair photos could be read, for example "
-                            f"{names[0]}: {unreadable[names[0]]}")
-    summary = {"photos": len(names), "image_size": image_size, "without_detected_face": no_face,
-               "unreadable_photos": unreadable,
-               "detect": asdict(replace(detect, image_size=image_size)) if detect is not None else None}
+        raise BadInputError(
+            f"none of the {len(names)} pair photos could be read, for example {names[0]}: {unreadable[names[0]]}"
+        )
+    summary = {
+        "photos": len(names),
+        "image_size": image_size,
+        "without_detected_face": no_face,
+        "unreadable_photos": unreadable,
+        "detect": asdict(replace(detect, image_size=image_size)) if detect is not None else None,
+    }
     RunWriter(out).write_json("crops.json", summary)
     return summary
 
 
-def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: str, output_location: str,
-                   image_size: int = 112, folds: int = 10, device_name: str = "auto",
-                   detect: DetectConfig | None = DetectConfig(), log=print) -> dict:
+def evaluate_pairs(
+    pairs_location: str,
+    images_location: str,
+    encoder_location: str,
+    output_location: str,
+    image_size: int = 112,
+    folds: int = 10,
+    device_name: str = "auto",
+    detect: DetectConfig | None = DetectConfig(),
+    log=print,
+) -> dict:
     """Run the verification protocol; returns the metrics written to ``metrics.json`` (last, after
     ``scores.csv`` and ``roc.png``). ``detect=None``: the photos are face crops already (for example
     made by :func:`write_pair_crops`) and are embedded whole.
@@ -233,21 +282,32 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
     device = pick_device(device_name)
     if any(location_within(pairs_location, join_location(output_location, name)) for name in OUTPUTS):
         raise UsageError(f"the output {output_location} would overwrite the pairs file {pairs_location}")
-    if location_within(output_location, images_location):  # roc.png would later be listed as a photo
+    # roc.png would later be listed as a photo
+    if location_within(output_location, images_location):
         raise UsageError(f"the outputs would join the photos: give an --output outside {images_location}")
     dropped = {}
     pairs = read_pairs_file(pairs_location, dropped)
     n_same = sum(s for _, _, s in pairs)
-    check_fold_counts(n_same, len(pairs) - n_same, folds)  # now, not after the embedding (checked again on the pairs kept)
+    check_fold_counts(
+        n_same,
+        len(pairs) - n_same,
+        folds,
+        # now, not after the embedding (checked again on the pairs kept)
+    )
     out = open_storage(output_location)
-    claim_output(out, "evaluate-pairs")  # now, not after the embedding
+    # now, not after the embedding
+    claim_output(out, "evaluate-pairs")
     encoder, encoder_file = load_encoder(encoder_location)
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
     if dropped:
-        log(f"left out {len(dropped)} rows of {pairs_location} (repeated pairs, photos paired with themselves), "
-            f"listed in metrics.json")
-    log(f"{len(pairs)} pairs over {len(names)} photos; {'detecting and ' if detect else ''}embedding at "
-        f"{image_size} px on {device}")
+        log(
+            f"left out {len(dropped)} rows of {pairs_location} (repeated pairs, photos paired with themselves), "
+            f"listed in metrics.json"
+        )
+    log(
+        f"{len(pairs)} pairs over {len(names)} photos; {'detecting and ' if detect else ''}embedding at "
+        f"{image_size} px on {device}"
+    )
     crops, kept, no_face, unreadable = load_crops(open_storage(images_location), names, detect, image_size)
     feats = embed(encoder.to(device), crops, image_size, device)
     if not torch.isfinite(feats).all():
@@ -266,14 +326,25 @@ def evaluate_pairs(pairs_location: str, images_location: str, encoder_location: 
 
     result = fold_accuracy(scores, same, folds)
     fpr, tpr, _ = roc_curve(same, scores)
-    metrics = {"pairs": len(pairs), "rows_left_out": dropped, "pairs_evaluated": len(usable), "photos": len(names),
-               "photos_without_detected_face": no_face, "unreadable_photos": unreadable,
-               **result, "roc_auc": float(roc_auc_score(same, scores)),
-               "threshold_all_pairs": best_threshold(scores, same), "encoder": encoder_file,
-               "image_size": image_size, "detection": detect is not None, "seconds": round(time.time() - started, 1)}
+    metrics = {
+        "pairs": len(pairs),
+        "rows_left_out": dropped,
+        "pairs_evaluated": len(usable),
+        "photos": len(names),
+        "photos_without_detected_face": no_face,
+        "unreadable_photos": unreadable,
+        **result,
+        "roc_auc": float(roc_auc_score(same, scores)),
+        "threshold_all_pairs": best_threshold(scores, same),
+        "encoder": encoder_file,
+        "image_size": image_size,
+        "detection": detect is not None,
+        "seconds": round(time.time() - started, 1),
+    }
     writer = RunWriter(out)
     table = io.StringIO()
-    rows = csv.writer(table, lineterminator="\n")  # quoted where a path holds a comma or a quote
+    # quoted where a path holds a comma or a quote
+    rows = csv.writer(table, lineterminator="\n")
     rows.writerow(["image_a", "image_b", "same_identity", "cosine_similarity"])
     rows.writerows([a, b, s, f"{score:.6f}"] for (a, b, s), score in zip(usable, scores))
     out.write_text("scores.csv", table.getvalue())

@@ -39,17 +39,22 @@ def test_crop_boxes_follow_scale_and_ratio_ranges():
     area = w * h / 10000
     assert area.min() >= 0.19 and area.max() <= 1.0
     ratio = w / h
-    assert ratio.min() >= 0.70 and ratio.max() <= 1.43  # 3/4..4/3, up to integer rounding of small boxes
+    # 3/4..4/3, up to integer rounding of small boxes
+    assert ratio.min() >= 0.70 and ratio.max() <= 1.43
     assert (ratio < 0.76).any() and (ratio > 1.3).any()
-    assert 0.5 < area.mean() < 0.7  # uniform in [0.2, 1] gives 0.6, minus some rejected draws
+    # uniform in [0.2, 1] gives 0.6, minus some rejected draws
+    assert 0.5 < area.mean() < 0.7
 
 
 def test_flip_and_grayscale_rates():
     x = torch.zeros(4000, 3, 8, 8, dtype=torch.uint8)
-    x[:, 0, :, :4] = 255  # red left half: flipped images have red on the right
+    # red left half: flipped images have red on the right
+    x[:, 0, :, :4] = 255
     cfg = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, gray_p=0.2, blur_p=0.0)
     out = BatchAugment(cfg)(x, 8, torch.Generator().manual_seed(3))
-    out = out * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    out = out * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
+        1, 3, 1, 1
+    )
     flipped = out[:, :, :, 6:].mean(dim=(1, 2, 3)) > out[:, :, :, :2].mean(dim=(1, 2, 3))
     gray = (out[:, 0] - out[:, 1]).abs().amax(dim=(1, 2)) < 1e-4
     assert flipped.float().mean().item() == pytest.approx(0.5, abs=0.03)
@@ -77,8 +82,11 @@ def test_crop_distribution_matches_torchvision_reference():
 
     torch.manual_seed(0)
     img = torch.zeros(3, 60, 80)
-    ref = torch.tensor([RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)],
-                       dtype=torch.float)  # (top, left, h, w)
+    ref = torch.tensor(
+        [RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)],
+        dtype=torch.float,
+        # (top, left, h, w)
+    )
     ref_area, ref_ratio = ref[:, 2] * ref[:, 3] / 4800, ref[:, 3] / ref[:, 2]
     boxes = sample_crop_boxes(4000, 60, 80, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0), "cpu")
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -97,10 +105,22 @@ def test_brightness_and_saturation_ranges_match_torchvision_reference():
     base = torch.tensor([0.6, 0.4, 0.2]).view(3, 1, 1).expand(3, 4, 4)
     ref = torch.stack([ColorJitter(brightness=0.4, saturation=0.4)(base) for _ in range(2000)])
     x = (base * 255).round().to(torch.uint8).expand(2000, 3, 4, 4).contiguous()
-    cfg = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=1.0, brightness=0.4,
-                        contrast=0.0, saturation=0.4, hue=0.0, gray_p=0.0, blur_p=0.0)
+    cfg = AugmentConfig(
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=1.0,
+        brightness=0.4,
+        contrast=0.0,
+        saturation=0.4,
+        hue=0.0,
+        gray_p=0.0,
+        blur_p=0.0,
+    )
     ours = BatchAugment(cfg)(x, 4, torch.Generator().manual_seed(0))
-    ours = ours * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    ours = ours * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
+        1, 3, 1, 1
+    )
     q = torch.tensor([0.02, 0.25, 0.5, 0.75, 0.98])
     for channel in range(3):
         assert torch.allclose(ours[:, channel, 0, 0].quantile(q), ref[:, channel, 0, 0].quantile(q), atol=0.03), channel

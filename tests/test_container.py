@@ -25,15 +25,21 @@ if not IMAGE or not shutil.which("podman"):
         raise RuntimeError("FACESSL_REQUIRE_CONTAINER=1 but FACESSL_IMAGE is unset or podman is missing")
     pytest.skip("container tests need podman and FACESSL_IMAGE (see infra/ci/build-image.sh)", allow_module_level=True)
 
-PER_IDENTITY = 60  # 6 test images per identity, 18 in all: 'above chance' is not one lucky image
+# 6 test images per identity, 18 in all: 'above chance' is not one lucky image
+PER_IDENTITY = 60
 
 
 @pytest.fixture(scope="module")
 def bucket(s3_server):
     """A bucket on the moto server holding raw photos: PER_IDENTITY of each of three glint24 identities."""
     name = f"ctr-{uuid.uuid4().hex[:10]}"
-    s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing-key-id",
-                      aws_secret_access_key="testing-secret-do-not-print", region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id="testing-key-id",
+        aws_secret_access_key="testing-secret-do-not-print",
+        region_name="us-east-1",
+    )
     s3.create_bucket(Bucket=name)
     for identity in E2E_IDENTITIES:
         for photo in sorted((GLINT24 / identity).iterdir())[:PER_IDENTITY]:
@@ -43,10 +49,15 @@ def bucket(s3_server):
 
 def container(s3_server, *args, name=None, detach=False):
     """``podman run`` of the image with the standard AWS variables pointing at the moto server."""
-    env = {"AWS_ENDPOINT_URL_S3": s3_server, "AWS_ACCESS_KEY_ID": "testing-key-id",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-print", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
-           "OMP_NUM_THREADS": "2"}
+    env = {
+        "AWS_ENDPOINT_URL_S3": s3_server,
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-print",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+        "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+        "OMP_NUM_THREADS": "2",
+    }
     cmd = ["podman", "run", "--network", "host", "--shm-size", "256m"]
     cmd += ["--name", name] if name else ["--rm"]
     cmd += ["-d"] if detach else []
@@ -58,21 +69,51 @@ def container(s3_server, *args, name=None, detach=False):
 def test_three_jobs_run_as_containers_and_pretraining_survives_sigterm(s3_server, bucket):
     name, s3 = bucket
     root = f"s3://{name}"
-    prep = container(s3_server, "prepare-data", "--input", f"{root}/raw", "--output", f"{root}/prepared",
-                     "--image-size", 64, "--on-no-face", "keep-full", "--workers", 2)
+    prep = container(
+        s3_server,
+        "prepare-data",
+        "--input",
+        f"{root}/raw",
+        "--output",
+        f"{root}/prepared",
+        "--image-size",
+        64,
+        "--on-no-face",
+        "keep-full",
+        "--workers",
+        2,
+    )
     assert prep.returncode == 0, prep.stdout + prep.stderr
     manifest = json.loads(s3.get_object(Bucket=name, Key="prepared/manifest.json")["Body"].read())
     assert manifest["classes"] == sorted(E2E_IDENTITIES)
     assert sum(manifest["counts"]["splits"].values()) == manifest["counts"]["ok"] > 0.9 * 3 * PER_IDENTITY
 
-    simclr = ["pretrain-simclr", "--data", f"{root}/prepared", "--output", f"{root}/simclr", "--epochs", 4,
-              "--batch-size", 16, "--image-size", 48, "--warmup-epochs", 1, "--knn-every", 0, "--log-every", 1]
+    simclr = [
+        "pretrain-simclr",
+        "--data",
+        f"{root}/prepared",
+        "--output",
+        f"{root}/simclr",
+        "--epochs",
+        4,
+        "--batch-size",
+        16,
+        "--image-size",
+        48,
+        "--warmup-epochs",
+        1,
+        "--knn-every",
+        0,
+        "--log-every",
+        1,
+    ]
     run_name = f"facessl-test-{uuid.uuid4().hex[:8]}"
     started = container(s3_server, *simclr, name=run_name, detach=True)
     assert started.returncode == 0, started.stderr
     try:
         deadline = time.time() + 600
-        while time.time() < deadline:  # wait until training is under way in epoch 2, then preempt it
+        # wait until training is under way in epoch 2, then preempt it
+        while time.time() < deadline:
             logs = subprocess.run(["podman", "logs", run_name], capture_output=True, text=True).stdout
             if "epoch 2 step 2/" in logs:
                 break
@@ -82,7 +123,8 @@ def test_three_jobs_run_as_containers_and_pretraining_survives_sigterm(s3_server
         subprocess.run(["podman", "kill", "--signal", "TERM", run_name], check=True, capture_output=True)
         waited = subprocess.run(["podman", "wait", run_name], capture_output=True, text=True, timeout=300)
         logs = subprocess.run(["podman", "logs", run_name], capture_output=True, text=True)
-        assert waited.stdout.strip() == "4", logs.stdout + logs.stderr  # checkpoint written, retry and resume
+        # checkpoint written, retry and resume
+        assert waited.stdout.strip() == "4", logs.stdout + logs.stderr
         assert "stopped by SIGTERM" in logs.stdout + logs.stderr
     finally:
         subprocess.run(["podman", "rm", "-f", run_name], capture_output=True)
@@ -93,24 +135,47 @@ def test_three_jobs_run_as_containers_and_pretraining_survives_sigterm(s3_server
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     # SIGTERM is sent once epoch 2 is under way; on a fast or busy machine it lands a few steps later
     assert re.search(r"resuming at epoch [234], step \d+", resumed.stdout), resumed.stdout
-    history = [json.loads(line) for line in
-               s3.get_object(Bucket=name, Key="simclr/metrics.jsonl")["Body"].read().decode().splitlines()]
+    history = [
+        json.loads(line)
+        for line in s3.get_object(Bucket=name, Key="simclr/metrics.jsonl")["Body"].read().decode().splitlines()
+    ]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 
-    classify = container(s3_server, "train-classifier", "--data", f"{root}/prepared", "--output", f"{root}/cls",
-                         "--encoder", f"{root}/simclr", "--epochs", 10, "--image-size", 64, "--optimizer", "adamw",
-                         "--lr", "1e-3", "--weight-decay", "0.05", "--label-smoothing", "0.1")
+    classify = container(
+        s3_server,
+        "train-classifier",
+        "--data",
+        f"{root}/prepared",
+        "--output",
+        f"{root}/cls",
+        "--encoder",
+        f"{root}/simclr",
+        "--epochs",
+        10,
+        "--image-size",
+        64,
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "1e-3",
+        "--weight-decay",
+        "0.05",
+        "--label-smoothing",
+        "0.1",
+    )
     assert classify.returncode == 0, classify.stdout + classify.stderr
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=name)["Contents"]}
     assert {"prepared/manifest.json", "simclr/encoder.pt", "cls/model.pt", "cls/metrics.json"} <= keys
     metrics = json.loads(s3.get_object(Bucket=name, Key="cls/metrics.json")["Body"].read())
-    assert metrics["test"]["top1"] > 0.5, metrics["test"]  # chance is 1/3
+    # chance is 1/3
+    assert metrics["test"]["top1"] > 0.5, metrics["test"]
 
 
 def test_container_exit_codes(s3_server, bucket):
     """The codes the job specs rely on: 2 usage error, 3 bad input (never retried)."""
     name, _ = bucket
-    usage = container(s3_server, "pretrain-simclr", "--data", f"s3://{name}/prepared")  # --output missing
+    # --output missing
+    usage = container(s3_server, "pretrain-simclr", "--data", f"s3://{name}/prepared")
     assert usage.returncode == 2, usage.stderr
     bad = container(s3_server, "pretrain-simclr", "--data", f"s3://{name}/raw", "--output", f"s3://{name}/x")
     assert bad.returncode == 3 and "manifest.json" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr

@@ -28,7 +28,11 @@ def make_model_and_views():
     torch.manual_seed(0)
     model = SimCLRModel(build_encoder(), ProjectionHead(512, 64, 32))
     gen = torch.Generator().manual_seed(1)
-    return model.double(), torch.randn(N, 3, SIZE, SIZE, generator=gen).double(), torch.randn(N, 3, SIZE, SIZE, generator=gen).double()
+    return (
+        model.double(),
+        torch.randn(N, 3, SIZE, SIZE, generator=gen).double(),
+        torch.randn(N, 3, SIZE, SIZE, generator=gen).double(),
+    )
 
 
 def _rank(rank, world, init_file, result_file):
@@ -38,7 +42,7 @@ def _rank(rank, world, init_file, result_file):
     model = sync_batchnorm(model, torch.device("cpu"))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     n = N // world
-    loss = simclr_loss(ddp, v1[rank * n:(rank + 1) * n], v2[rank * n:(rank + 1) * n], NTXentLoss(0.5))
+    loss = simclr_loss(ddp, v1[rank * n : (rank + 1) * n], v2[rank * n : (rank + 1) * n], NTXentLoss(0.5))
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -73,23 +77,61 @@ def test_local_only_loss_would_differ(tmp_path):
 def one_and_two_processes(script, args, tmp_path):
     """Run a job once as a plain process and once under torchrun with 2 gloo processes."""
     bin_dir = Path(sys.executable).parent
-    one = subprocess.run([str(bin_dir / script), *args, "--output", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=900)
+    one = subprocess.run(
+        [str(bin_dir / script), *args, "--output", str(tmp_path / "one")], capture_output=True, text=True, timeout=900
+    )
     assert one.returncode == 0, one.stdout + one.stderr
-    two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", str(bin_dir / script),
-                          *args, "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", "FACESSL_DEVICE": "cpu"})
+    two = subprocess.run(
+        [
+            str(bin_dir / "torchrun"),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(bin_dir / script),
+            *args,
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "FACESSL_DEVICE": "cpu"},
+    )
     assert two.returncode == 0, two.stdout + two.stderr
     return two
 
 
 def test_torchrun_two_processes_write_the_same_outputs(prepared_sharded, tmp_path):
     """Each rank streams its own whole shards (17 train shards of 10 are dealt out between the 2 ranks)."""
-    two = one_and_two_processes("pretrain-simclr", ["--data", str(prepared_sharded), "--epochs", "2", "--batch-size",
-                                                    "32", "--image-size", "32", "--knn-every", "1", "--log-every", "0",
-                                                    "--data-mode", "stream", "--shuffle-window", "40"], tmp_path)
+    two = one_and_two_processes(
+        "pretrain-simclr",
+        [
+            "--data",
+            str(prepared_sharded),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--image-size",
+            "32",
+            "--knn-every",
+            "1",
+            "--log-every",
+            "0",
+            "--data-mode",
+            "stream",
+            "--shuffle-window",
+            "40",
+        ],
+        tmp_path,
+    )
     assert "data mode stream" in two.stdout
-    files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and "checkpoints/ckpt" not in p.as_posix())  # noqa: E731
+
+    def files(d):
+        return sorted(
+            p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and "checkpoints/ckpt" not in p.as_posix()
+        )
+
     assert files(tmp_path / "one") == files(tmp_path / "two")
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["world_size"] == 2 and config["global_batch_size"] == 32 and config["data_mode"] == "stream"
@@ -98,8 +140,11 @@ def test_torchrun_two_processes_write_the_same_outputs(prepared_sharded, tmp_pat
 
 
 def test_torchrun_two_processes_train_a_classifier(prepared_subset, tmp_path):
-    two = one_and_two_processes("train-classifier", ["--data", str(prepared_subset), "--epochs", "2",
-                                                     "--batch-size", "32", "--image-size", "32"], tmp_path)
+    two = one_and_two_processes(
+        "train-classifier",
+        ["--data", str(prepared_subset), "--epochs", "2", "--batch-size", "32", "--image-size", "32"],
+        tmp_path,
+    )
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
     assert two.stdout.count("test top-1") == 1, "only rank 0 reports"
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
@@ -116,15 +161,24 @@ def test_spec_wrapper_exits_with_the_failing_ranks_code(prepared_sharded, tmp_pa
 
     data = tmp_path / "data"
     shutil.copytree(prepared_sharded, data)
-    shard = data / "train" / "shard-000001.tar"  # dealt to rank 1: damaged past byte 3000, its size kept
-    whole = shard.read_bytes()  # (a shorter file is refused on every rank, from the manifest's count)
+    # dealt to rank 1: damaged past byte 3000, its size kept
+    shard = data / "train" / "shard-000001.tar"
+    # (a shorter file is refused on every rank, from the manifest's count)
+    whole = shard.read_bytes()
     shard.write_bytes(whole[:3000] + random.Random(0).randbytes(len(whole) - 3000))
     bin_dir = Path(sys.executable).parent
-    torchrun = (f'{bin_dir / "torchrun"} --standalone --nproc-per-node 2 {bin_dir / "pretrain-simclr"} '
-                f'--data {data} --output {tmp_path / "out"} --epochs 1 --image-size 32 --data-mode memory')
+    torchrun = (
+        f"{bin_dir / 'torchrun'} --standalone --nproc-per-node 2 {bin_dir / 'pretrain-simclr'} "
+        f"--data {data} --output {tmp_path / 'out'} --epochs 1 --image-size 32 --data-mode memory"
+    )
     script = f'rm -f "$FACESSL_EXIT_CODE_FILE"; {torchrun}; {EXIT_WRAPPER_TAIL}'
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FACESSL_DEVICE": "cpu", "FACESSL_EXIT_CODE_FILE": str(tmp_path / "exit-code"),
-           "FACESSL_CACHE": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "FACESSL_DEVICE": "cpu",
+        "FACESSL_EXIT_CODE_FILE": str(tmp_path / "exit-code"),
+        "FACESSL_CACHE": str(tmp_path / "cache"),
+    }
     bare = subprocess.run(["sh", "-c", torchrun], capture_output=True, text=True, timeout=600, env=env)
     assert bare.returncode == 1, "torchrun on its own loses the code"
     wrapped = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=600, env=env)
@@ -136,11 +190,27 @@ def test_resuming_with_another_process_count_is_refused(prepared_sharded, tmp_pa
     """The global batch, the LR and the steps per epoch depend on the process count: a resumed run must not
     silently change them."""
     bin_dir = Path(sys.executable).parent
-    args = ["--data", str(prepared_sharded), "--output", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "9",
-            "--image-size", "32", "--knn-every", "0"]
+    args = [
+        "--data",
+        str(prepared_sharded),
+        "--output",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "9",
+        "--image-size",
+        "32",
+        "--knn-every",
+        "0",
+    ]
     one = subprocess.run([str(bin_dir / "pretrain-simclr"), *args], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2",
-                          str(bin_dir / "pretrain-simclr"), *args], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "FACESSL_DEVICE": "cpu"})
+    two = subprocess.run(
+        [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", str(bin_dir / "pretrain-simclr"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "FACESSL_DEVICE": "cpu"},
+    )
     assert two.returncode != 0 and "world_size: 1 -> 2" in two.stderr

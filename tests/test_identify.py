@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from facessl.common.models import Classifier, build_encoder
 from conftest import CASES
+from facessl.common.models import Classifier, build_encoder
 
 BIN = Path(sys.executable).parent
 CLASSES = ["Barack Obama", "Keira Knightley", "Tom Hanks"]
@@ -60,8 +60,10 @@ def test_no_face_and_bad_input(model_file, tmp_path):
     assert r.returncode == 3 and "cannot read the photo" in r.stderr and "Traceback" not in r.stderr
     r = identify("--model", model_file, "--photo", tmp_path / "missing.jpg")
     assert r.returncode == 3 and "Traceback" not in r.stderr
-    os.mkfifo(tmp_path / "pipe.jpg")  # reading it would wait for a writer forever
-    with open(tmp_path / "huge.jpg", "wb") as f:  # sparse: 200 MiB that take no disk
+    # reading it would wait for a writer forever
+    os.mkfifo(tmp_path / "pipe.jpg")
+    # sparse: 200 MiB that take no disk
+    with open(tmp_path / "huge.jpg", "wb") as f:
         f.truncate(200 * 1024 * 1024)
     for name, message in (("pipe.jpg", "is not a regular file"), ("huge.jpg", "over the 104,857,600-byte limit")):
         r = identify("--model", model_file, "--photo", tmp_path / name)
@@ -74,8 +76,11 @@ def test_no_face_and_bad_input(model_file, tmp_path):
 def test_weights_no_network_holds_are_refused(tmp_path):
     """NaN, a complex tensor or a negative batch-norm variance: exit 3 naming the tensor, not NaN scores."""
     photo = CASES / "raw" / "Tom Hanks" / "plain.jpg"
-    for name, key, value in [("nan", "fc.weight", float("nan")), ("inf", "encoder.bn1.running_var", float("inf")),
-                             ("negvar", "encoder.layer1.0.bn1.running_var", -1.0)]:
+    for name, key, value in [
+        ("nan", "fc.weight", float("nan")),
+        ("inf", "encoder.bn1.running_var", float("inf")),
+        ("negvar", "encoder.layer1.0.bn1.running_var", -1.0),
+    ]:
         state = Classifier(build_encoder(), 3).state_dict()
         state[key][0] = value
         torch.save({"model": state, "classes": CLASSES, "image_size": 48}, tmp_path / f"{name}.pt")
@@ -86,14 +91,21 @@ def test_weights_no_network_holds_are_refused(tmp_path):
     torch.save({"model": state, "classes": CLASSES, "image_size": 48}, tmp_path / "complex.pt")
     r = identify("--model", tmp_path / "complex.pt", "--photo", photo, "--no-detect")
     assert r.returncode == 3 and "complex tensor at fc.bias" in r.stderr, r.stdout + r.stderr
-    for dtype in (torch.long, torch.bool):  # a cast weight file: all zeros, a class-blind 1/3 for every face
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in Classifier(build_encoder(), 3).state_dict().items()}
+    # a cast weight file: all zeros, a class-blind 1/3 for every face
+    for dtype in (torch.long, torch.bool):
+        state = {
+            k: v.to(dtype) if v.is_floating_point() else v
+            for k, v in Classifier(build_encoder(), 3).state_dict().items()
+        }
         torch.save({"model": state, "classes": CLASSES, "image_size": 48}, tmp_path / "cast.pt")
         r = identify("--model", tmp_path / "cast.pt", "--photo", photo, "--no-detect")
         assert r.returncode == 3 and f"{dtype} values at encoder.conv1.weight" in r.stderr, r.stdout + r.stderr
-    for classes in (["a", "a", "b"], [1, 2, 3], ["a", "", "b"]):  # printed as if they were identities
-        torch.save({"model": Classifier(build_encoder(), 3).state_dict(), "classes": classes, "image_size": 48},
-                   tmp_path / "names.pt")
+    # printed as if they were identities
+    for classes in (["a", "a", "b"], [1, 2, 3], ["a", "", "b"]):
+        torch.save(
+            {"model": Classifier(build_encoder(), 3).state_dict(), "classes": classes, "image_size": 48},
+            tmp_path / "names.pt",
+        )
         r = identify("--model", tmp_path / "names.pt", "--photo", photo, "--no-detect")
         assert r.returncode == 3 and "not distinct non-empty strings" in r.stderr, (classes, r.stdout + r.stderr)
 
@@ -118,7 +130,8 @@ def test_annotate_never_replaces_the_photo_or_a_non_jpeg(model_file, tmp_path):
     assert r.returncode == 2 and ".jpg or .jpeg" in r.stderr and (tmp_path / "manifest.json").read_text() == "{}"
     assert "face 1" not in r.stdout, "checked before any work"
     (tmp_path / "model.pt").write_bytes(b"weights")
-    (tmp_path / "link.jpg").symlink_to(tmp_path / "model.pt")  # a .jpg name through a link: the link is replaced
+    # a .jpg name through a link: the link is replaced
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "model.pt")
     r = identify("--model", model_file, "--photo", photo, "--annotate", tmp_path / "link.jpg")
     assert r.returncode == 0 and (tmp_path / "model.pt").read_bytes() == b"weights", r.stderr
     assert not (tmp_path / "link.jpg").is_symlink() and (tmp_path / "link.jpg").read_bytes()[:2] == b"\xff\xd8"
@@ -131,7 +144,9 @@ def test_annotate_never_replaces_the_photo_or_a_non_jpeg(model_file, tmp_path):
 
 def test_model_with_a_bad_image_size_is_refused(tmp_path):
     for size in ("abc", 0, True):
-        torch.save({"model": Classifier(build_encoder(), 3).state_dict(), "classes": CLASSES, "image_size": size},
-                   tmp_path / "m.pt")
+        torch.save(
+            {"model": Classifier(build_encoder(), 3).state_dict(), "classes": CLASSES, "image_size": size},
+            tmp_path / "m.pt",
+        )
         r = identify("--model", tmp_path / "m.pt", "--photo", CASES / "raw" / "Tom Hanks" / "plain.jpg")
         assert r.returncode == 3 and "image_size" in r.stderr and "Traceback" not in r.stderr, (size, r.stderr)

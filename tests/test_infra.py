@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from facessl.common.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RETRY, UsageError
 from conftest import REPO
+from facessl.common.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RETRY, UsageError
 
 BIN = Path(sys.executable).parent
 K8S = sorted((REPO / "infra" / "k8s").glob("*.yaml"))
@@ -40,7 +40,8 @@ def test_kubernetes_resources_validate_strictly(path):
 
 def test_kubernetes_validation_can_fail(tmp_path):
     job = yaml.safe_load((REPO / "infra" / "k8s" / "pretrain-simclr-job.yaml").read_text())
-    job["spec"]["backofLimit"] = 2  # a typo the API server would silently drop
+    # a typo the API server would silently drop
+    job["spec"]["backofLimit"] = 2
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     assert run(BIN / "kubernetes-validate", "--strict", tmp_path / "job.yaml").returncode != 0
 
@@ -83,7 +84,8 @@ def test_job_specs_fail_fast_on_the_jobs_non_retryable_codes(path):
         rules = spec["podFailurePolicy"]["rules"]
         fail = [r for r in rules if r["action"] == "FailJob"]
         assert sorted(fail[0]["onExitCodes"]["values"]) == NEVER_RETRY
-        assert EXIT_RETRY not in fail[0]["onExitCodes"]["values"]  # preempted / transient: retried
+        # preempted / transient: retried
+        assert EXIT_RETRY not in fail[0]["onExitCodes"]["values"]
         assert any(r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget" for r in rules)
         pod = spec["template"]["spec"]
         assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 60
@@ -110,8 +112,11 @@ def test_specs_keep_tini_as_pid_1(path):
 def test_torchrun_spec_passes_the_ranks_exit_code_on():
     """torchrun exits 1 whatever its ranks exit with: the multi-node spec must exit with the code the ranks
     recorded in FACESSL_EXIT_CODE_FILE (tests/test_distributed.py runs that shell line for real)."""
-    job = next(d for d in yaml.safe_load_all((REPO / "infra" / "k8s" / "pretrain-simclr-multinode.yaml").read_text())
-               if d and d["kind"] == "Job")
+    job = next(
+        d
+        for d in yaml.safe_load_all((REPO / "infra" / "k8s" / "pretrain-simclr-multinode.yaml").read_text())
+        if d and d["kind"] == "Job"
+    )
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:3] == ["/usr/bin/tini", "-g", "--"]
     assert {"name": "FACESSL_EXIT_CODE_FILE", "value": "/tmp/facessl-exit-code"} in container["env"]

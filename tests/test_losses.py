@@ -60,7 +60,8 @@ def test_loss_is_float32_inside_bf16_autocast():
     similarity logits must stay float32: in bf16 the loss moves by percents."""
     torch.manual_seed(0)
     z1 = torch.randn(64, 128)
-    z2 = z1 + 0.05 * torch.randn(64, 128)  # close positives: where bf16 rounding hurts most
+    # close positives: where bf16 rounding hurts most
+    z2 = z1 + 0.05 * torch.randn(64, 128)
     loss_fn = NTXentLoss(0.1, gather_distributed=False)
     exact = loss_fn(z1.double(), z2.double())
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):

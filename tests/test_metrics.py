@@ -5,10 +5,18 @@ from facessl.common.metrics import classification_summary, topk_accuracy
 
 
 def test_topk_accuracy_known_values():
-    logits = torch.tensor([[0.9, 0.05, 0.03, 0.02],   # target 0: top-1
-                           [0.1, 0.2, 0.3, 0.4],      # target 1: rank 3
-                           [0.5, 0.4, 0.05, 0.05],    # target 1: rank 2
-                           [0.1, 0.2, 0.3, 0.4]])     # target 0: rank 4
+    logits = torch.tensor(
+        [
+            # target 0: top-1
+            [0.9, 0.05, 0.03, 0.02],
+            # target 1: rank 3
+            [0.1, 0.2, 0.3, 0.4],
+            # target 1: rank 2
+            [0.5, 0.4, 0.05, 0.05],
+            [0.1, 0.2, 0.3, 0.4],
+        ]
+        # target 0: rank 4
+    )
     targets = torch.tensor([0, 1, 1, 0])
     acc = topk_accuracy(logits, targets, (1, 2, 3, 4))
     assert acc == {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0}

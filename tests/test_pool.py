@@ -28,10 +28,12 @@ def test_rank_shares_are_disjoint_and_cover_the_split(prepared_sharded, world):
     assert [sum(p.size for p in parts) for parts in shares] == [len(share) for share in ids]
     sizes = [sum(p.size for p in parts) for parts in shares]
     assert min(sizes) >= 0.9 * max(sizes) - 1
-    if all(p.stride == 1 for parts in shares for p in parts):  # whole shards: no rank opens another's shard
+    # whole shards: no rank opens another's shard
+    if all(p.stride == 1 for parts in shares for p in parts):
         keys = [{p.key for p in parts} for parts in shares]
         assert all(not (keys[a] & keys[b]) for a in range(world) for b in range(a + 1, world))
-    else:  # too few or too uneven shards: every rank keeps every world-th sample of each shard
+    # too few or too uneven shards: every rank keeps every world-th sample of each shard
+    else:
         assert all(len(parts) == len(data.shards("train")) and parts[0].stride == world for parts in shares)
     if world == 2:
         assert all(p.stride == 1 for parts in shares for p in parts), "17 shards split evenly enough"
@@ -44,7 +46,8 @@ def test_shard_sizes_are_in_the_manifest_and_match_the_shards(prepared_sharded):
     data = PreparedDataset(str(prepared_sharded), 32)
     assert manifest["shard_sizes"]["train"] == data.shard_sizes("train")
     assert sum(manifest["shard_sizes"]["train"]) == len(data.load("train")[1]) == manifest["counts"]["splits"]["train"]
-    del data.manifest["shard_sizes"]  # a manifest from before shard_sizes: counted from the shards
+    # a manifest from before shard_sizes: counted from the shards
+    del data.manifest["shard_sizes"]
     assert data.shard_sizes("train") == manifest["shard_sizes"]["train"]
 
 
@@ -55,13 +58,16 @@ def test_memory_and_mmap_pools_serve_identical_batches(prepared_sharded, tmp_pat
     mmap, mode_f, _ = open_pool(data, ["train"], 0, 1, "mmap")
     assert (mode_m, mode_f) == ("memory", "mmap") and counts["train"] == len(memory) == len(mmap)
     steps = len(memory) // 16
-    for (xm, ym), (xf, yf) in zip(memory.batches(epoch_generator(1, 0), 16, steps),
-                                  mmap.batches(epoch_generator(1, 0), 16, steps)):
+    for (xm, ym), (xf, yf) in zip(
+        memory.batches(epoch_generator(1, 0), 16, steps), mmap.batches(epoch_generator(1, 0), 16, steps)
+    ):
         assert torch.equal(xm, xf) and torch.equal(ym, yf) and xm.dtype == torch.uint8 and xm.shape == (16, 3, 32, 32)
     files = sorted(tmp_path.rglob("pool-*.npy"))
-    assert len(files) == 2  # crops and labels
+    # crops and labels
+    assert len(files) == 2
     stamp = [f.stat().st_mtime_ns for f in files]
-    again, _, _ = open_pool(data, ["train"], 0, 1, "mmap")  # a later run (or a resumed one) reuses the file
+    # a later run (or a resumed one) reuses the file
+    again, _, _ = open_pool(data, ["train"], 0, 1, "mmap")
     assert [f.stat().st_mtime_ns for f in files] == stamp and len(again) == len(mmap)
 
 
@@ -109,7 +115,8 @@ def test_damaged_mmap_cache_is_rebuilt(prepared_sharded, tmp_path, monkeypatch):
     monkeypatch.setenv("FACESSL_CACHE", str(tmp_path))
     data = PreparedDataset(str(prepared_sharded), 32)
     first, _, _ = open_pool(data, ["train"], 0, 1, "mmap")
-    reference = torch.from_numpy(np.array(first.images))  # a copy: the file is about to be cut short
+    # a copy: the file is about to be cut short
+    reference = torch.from_numpy(np.array(first.images))
     del first
     crops = next(p for p in tmp_path.rglob("pool-*.npy") if not p.name.endswith(".labels.npy"))
     with open(crops, "r+b") as f:
@@ -123,7 +130,8 @@ def test_unwritable_cache(prepared_sharded, tmp_path, monkeypatch):
     blocker.write_text("not a folder")
     monkeypatch.setenv("FACESSL_CACHE", str(blocker / "cache"))
     data = PreparedDataset(str(prepared_sharded), 32)
-    pool, mode, _ = open_pool(data, ["train"], 0, 1, "auto")  # local shards need no cache: RAM it is
+    # local shards need no cache: RAM it is
+    pool, mode, _ = open_pool(data, ["train"], 0, 1, "auto")
     assert mode == "memory" and len(pool) > 0
     with pytest.raises(BadInputError, match="cannot write the decoded-crop cache"):
         open_pool(data, ["train"], 0, 1, "mmap")

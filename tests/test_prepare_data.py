@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from facessl.common.data import iter_shard_samples
 from conftest import CASES, GLINT24, SHARED
+from facessl.common.data import iter_shard_samples
 from facessl.jobs.prepare_data import main as prepare_main
 
 
@@ -20,8 +20,10 @@ def cases_run(tmp_path_factory):
     (raw / "Tom Hanks" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
     (raw / "Tom Hanks" / "._plain.jpg").write_bytes(b"\x00\x05\x16\x07")
     out = tmp_path_factory.mktemp("out") / "prepared"
-    result = CliRunner().invoke(prepare_main, ["--input", str(raw), "--output", str(out), "--min-images", "1",
-                                               "--image-size", "96", "--workers", "2"])
+    result = CliRunner().invoke(
+        prepare_main,
+        ["--input", str(raw), "--output", str(out), "--min-images", "1", "--image-size", "96", "--workers", "2"],
+    )
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "manifest.json").read_text())
 
@@ -83,17 +85,34 @@ def test_oversized_image_refused_before_decoding(tmp_path):
     raw.mkdir(parents=True)
     Image.new("RGB", (4000, 3000)).save(raw / "huge.png")
     shutil.copyfile(CASES / "raw" / "Tom Hanks" / "plain.jpg", raw / "ok.jpg")
-    result = CliRunner().invoke(prepare_main, ["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "o"),
-                                               "--min-images", "1", "--max-pixels", "1000000", "--workers", "1"])
+    result = CliRunner().invoke(
+        prepare_main,
+        [
+            "--input",
+            str(tmp_path / "raw"),
+            "--output",
+            str(tmp_path / "o"),
+            "--min-images",
+            "1",
+            "--max-pixels",
+            "1000000",
+            "--workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    reasons = {r["source"]: r.get("reason") for r in json.loads((tmp_path / "o" / "manifest.json").read_text())["records"]}
+    reasons = {
+        r["source"]: r.get("reason") for r in json.loads((tmp_path / "o" / "manifest.json").read_text())["records"]
+    }
     assert reasons["Someone/huge.png"].startswith("too large")
     assert reasons["Someone/ok.jpg"] is None
 
 
 def test_unknown_class_is_a_clear_error(tmp_path):
-    result = CliRunner().invoke(prepare_main, ["--input", str(CASES / "raw"), "--output", str(tmp_path / "o"),
-                                               "--classes", "Tom Hanks,Nobody At All"])
+    result = CliRunner().invoke(
+        prepare_main,
+        ["--input", str(CASES / "raw"), "--output", str(tmp_path / "o"), "--classes", "Tom Hanks,Nobody At All"],
+    )
     assert result.exit_code == 3
     assert "Nobody At All" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o" / "manifest.json").exists()
@@ -120,8 +139,13 @@ def test_split_is_reproducible_and_seeded(glint_subset, tmp_path):
     from facessl.common.prepare import PrepareConfig, prepare_dataset
 
     def splits(seed, name):
-        cfg = PrepareConfig(detect=DetectConfig(image_size=32, on_no_face="keep-full"), seed=seed, workers=1,
-                            classes=("Tom Hanks",), min_images=1)
+        cfg = PrepareConfig(
+            detect=DetectConfig(image_size=32, on_no_face="keep-full"),
+            seed=seed,
+            workers=1,
+            classes=("Tom Hanks",),
+            min_images=1,
+        )
         m = prepare_dataset(str(glint_subset), str(tmp_path / name), cfg, log=lambda *_: None)
         return {r["source"]: r.get("split") for r in m["records"]}, m["dataset_id"]
 
@@ -135,8 +159,12 @@ def test_unlabeled_pool_keeps_other_identities(glint_subset, tmp_path):
     from facessl.common.faces import DetectConfig
     from facessl.common.prepare import PrepareConfig, prepare_dataset
 
-    cfg = PrepareConfig(detect=DetectConfig(image_size=32, on_no_face="keep-full"), workers=1,
-                        classes=("Tom Hanks", "Barack Obama"), unlabeled_pool=True)
+    cfg = PrepareConfig(
+        detect=DetectConfig(image_size=32, on_no_face="keep-full"),
+        workers=1,
+        classes=("Tom Hanks", "Barack Obama"),
+        unlabeled_pool=True,
+    )
     m = prepare_dataset(str(glint_subset), str(tmp_path / "p"), cfg, log=lambda *_: None)
     assert m["classes"] == ["Barack Obama", "Tom Hanks"]
     assert m["counts"]["splits"]["unlabeled"] == 80
@@ -160,8 +188,18 @@ def test_small_photo_found_upscaled_unless_the_copy_exceeds_max_pixels():
 def test_rerun_with_fewer_shards_removes_the_old_ones(tmp_path):
     """The output holds only the shards the new manifest lists (and the user's own files)."""
     out = tmp_path / "prepared"
-    args = ["--input", str(CASES / "raw"), "--output", str(out), "--min-images", "1", "--image-size", "32",
-            "--workers", "1"]
+    args = [
+        "--input",
+        str(CASES / "raw"),
+        "--output",
+        str(out),
+        "--min-images",
+        "1",
+        "--image-size",
+        "32",
+        "--workers",
+        "1",
+    ]
     assert CliRunner().invoke(prepare_main, [*args, "--shard-size", "1"]).exit_code == 0
     assert len(list((out / "train").glob("shard-*.tar"))) > 1
     (out / "train" / "notes.txt").write_text("mine")
@@ -183,17 +221,46 @@ def test_keep_full_skips_photos_too_small_to_hold_a_face(tmp_path):
     Image.new("RGB", (1, 1), (200, 150, 120)).save(raw / "dot.png")
     Image.new("RGB", (5000, 1), (200, 150, 120)).save(raw / "line.png")
     shutil.copyfile(next(iter(sorted((GLINT24 / "Tom Hanks").iterdir()))), raw / "crop.jpg")
-    result = CliRunner().invoke(prepare_main, ["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "o"),
-                                               "--min-images", "1", "--workers", "1", "--on-no-face", "keep-full"])
+    result = CliRunner().invoke(
+        prepare_main,
+        [
+            "--input",
+            str(tmp_path / "raw"),
+            "--output",
+            str(tmp_path / "o"),
+            "--min-images",
+            "1",
+            "--workers",
+            "1",
+            "--on-no-face",
+            "keep-full",
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = {r["source"]: r for r in json.loads((tmp_path / "o" / "manifest.json").read_text())["records"]}
     for name in ("dot.png", "line.png"):
-        assert records[f"Someone/{name}"]["reason"] == "no face, and a side under --min-face 30 px: too small to keep whole"
+        assert (
+            records[f"Someone/{name}"]["reason"]
+            == "no face, and a side under --min-face 30 px: too small to keep whole"
+        )
     assert records["Someone/crop.jpg"]["status"] == "ok"
 
 
 def test_empty_val_or_test_split_is_warned_about(tmp_path):
-    result = CliRunner().invoke(prepare_main, ["--input", str(CASES / "raw"), "--output", str(tmp_path / "o"),
-                                               "--min-images", "1", "--workers", "1", "--split", "1,0,0"])
+    result = CliRunner().invoke(
+        prepare_main,
+        [
+            "--input",
+            str(CASES / "raw"),
+            "--output",
+            str(tmp_path / "o"),
+            "--min-images",
+            "1",
+            "--workers",
+            "1",
+            "--split",
+            "1,0,0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "warning: the val and test splits are empty: pretrain-simclr can use this dataset" in result.output

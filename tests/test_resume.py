@@ -14,20 +14,47 @@ import torch
 from facessl.common.checkpoints import load_latest_checkpoint, load_torch
 from facessl.common.storage import open_storage
 
-ARGS = ["--epochs", "3", "--batch-size", "32", "--image-size", "32", "--warmup-epochs", "2", "--knn-every", "0",
-        "--log-every", "1", "--checkpoint-every", "1", "--device", "cpu"]  # bitwise equality: a CPU property
+ARGS = [
+    "--epochs",
+    "3",
+    "--batch-size",
+    "32",
+    "--image-size",
+    "32",
+    "--warmup-epochs",
+    "2",
+    "--knn-every",
+    "0",
+    "--log-every",
+    "1",
+    "--checkpoint-every",
+    "1",
+    "--device",
+    "cpu",
+    # bitwise equality: a CPU property
+]
 SCRIPT = str(Path(sys.executable).parent / "pretrain-simclr")
 
 
 def pretrain(data, out, extra=(), env=None):
-    return subprocess.run([SCRIPT, "--data", str(data), "--output", out, *ARGS, *extra], capture_output=True,
-                          text=True, timeout=900, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [SCRIPT, "--data", str(data), "--output", out, *ARGS, *extra],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def interrupt_mid_epoch(data, out, env, when="epoch 2 step 2/", extra=()):
     """Start pretraining, send SIGTERM once it logs ``when``, return the finished process."""
-    proc = subprocess.Popen([SCRIPT, "--data", str(data), "--output", out, *ARGS, *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    proc = subprocess.Popen(
+        [SCRIPT, "--data", str(data), "--output", out, *ARGS, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
     for line in proc.stdout:
         if line.startswith(when):
             proc.send_signal(signal.SIGTERM)
@@ -41,7 +68,9 @@ def uninterrupted(prepared_subset, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
     r = pretrain(prepared_subset, str(out))
     assert r.returncode == 0, r.stdout + r.stderr
-    return load_torch(str(out / "encoder.pt")), [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return load_torch(str(out / "encoder.pt")), [
+        json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -72,8 +101,9 @@ def test_sigterm_then_resume_matches_uninterrupted_run(where, prepared_subset, u
     assert where == "s3" or not (tmp_path / "cache").exists()
 
 
-def test_a_finished_run_rewrites_its_weights_and_a_restart_leaves_none_of_its_results(prepared_subset, uninterrupted,
-                                                                                       tmp_path):
+def test_a_finished_run_rewrites_its_weights_and_a_restart_leaves_none_of_its_results(
+    prepared_subset, uninterrupted, tmp_path
+):
     """A finished run whose encoder.pt was deleted printed "wrote encoder.pt" and wrote nothing. A restart
     (--resume never) over a finished run, stopped mid-way, left the new config beside the old encoder.pt,
     which train-classifier then used without a word."""
@@ -105,7 +135,8 @@ def test_resume_of_a_checkpoint_from_another_device_kind_reseeds_instead_of_cras
     assert code == 4, stdout + stderr
     path = out / json.loads((out / "checkpoints" / "latest.json").read_text())["key"]
     state = torch.load(path, weights_only=True)
-    state["aug_rng"], state["aug_rng_device"] = torch.zeros(16, dtype=torch.uint8), "cuda"  # a CUDA generator's state
+    # a CUDA generator's state
+    state["aug_rng"], state["aug_rng_device"] = torch.zeros(16, dtype=torch.uint8), "cuda"
     torch.save(state, path)
     resumed = pretrain(prepared_subset, str(out))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -125,9 +156,34 @@ def test_a_last_step_that_breaks_the_weights_is_divergence_not_a_finished_run(pr
     """The loss is checked before each step, so a one-step run never saw the update of --lr 1e30: it ended
     with exit 0 and an encoder whose embeddings overflow."""
     out = tmp_path / "run"
-    r = subprocess.run([SCRIPT, "--data", str(prepared_subset), "--output", str(out), "--epochs", "1", "--batch-size",
-                        "100000", "--image-size", "32", "--lr", "1e30", "--optimizer", "sgd", "--warmup-epochs", "0",
-                        "--knn-every", "0", "--device", "cpu"], capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            SCRIPT,
+            "--data",
+            str(prepared_subset),
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "100000",
+            "--image-size",
+            "32",
+            "--lr",
+            "1e30",
+            "--optimizer",
+            "sgd",
+            "--warmup-epochs",
+            "0",
+            "--knn-every",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 5 and "after the last step" in r.stderr, r.stdout + r.stderr
     assert not (out / "encoder.pt").exists()
 
@@ -135,9 +191,22 @@ def test_a_last_step_that_breaks_the_weights_is_divergence_not_a_finished_run(pr
 def test_sigterm_stops_train_classifier_with_the_retry_code(prepared_subset, tmp_path):
     """train-classifier keeps no checkpoint (minutes of work): SIGTERM still ends it with code 4, which the
     job specs retry, rather than with the signal's default status."""
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "train-classifier"), "--data", str(prepared_subset),
-                             "--output", str(tmp_path / "cls"), "--epochs", "50", "--image-size", "32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "train-classifier"),
+            "--data",
+            str(prepared_subset),
+            "--output",
+            str(tmp_path / "cls"),
+            "--epochs",
+            "50",
+            "--image-size",
+            "32",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith("epoch=1 "):
             proc.send_signal(signal.SIGTERM)
@@ -160,12 +229,15 @@ def test_logged_lr_is_the_last_steps_whatever_step_a_run_resumed_at():
         ran.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert [last_step_lr(scheduler, e, steps) for e in range(epochs)] == [ran[(e + 1) * steps - 1] for e in range(epochs)]
+    assert [last_step_lr(scheduler, e, steps) for e in range(epochs)] == [
+        ran[(e + 1) * steps - 1] for e in range(epochs)
+    ]
     assert ran[steps - 1] == 0.5 and 0 < last_step_lr(scheduler, epochs - 1, steps) < 0.1
 
 
 def test_resume_refuses_other_data_and_damaged_checkpoints(prepared_subset, tmp_path):
-    """Another --data or other data at the same location, a checkpoint without its optimizer or RNG state, with NaN weights or optimizer moments, or
+    """Another --data or other data at the same location, a checkpoint without its optimizer or RNG state, with NaN
+    weights or optimizer moments, or
     a negative epoch: exit 2 / 3 naming the cause, and
     the checkpoint is left as it was. A damaged history.json never deletes the run's other files."""
     import shutil
@@ -177,7 +249,8 @@ def test_resume_refuses_other_data_and_damaged_checkpoints(prepared_subset, tmp_
     shutil.copytree(data, other)
     r = pretrain(other, str(out))
     assert r.returncode == 2 and "data:" in r.stderr and "other options" in r.stderr, r.stdout + r.stderr
-    manifest = (data / "manifest.json").read_text()  # a prepare-data rerun at the same location: other crops
+    # a prepare-data rerun at the same location: other crops
+    manifest = (data / "manifest.json").read_text()
     (data / "manifest.json").write_text(json.dumps({**json.loads(manifest), "dataset_id": "0" * 32}))
     r = pretrain(data, str(out))
     assert r.returncode == 2 and "dataset_id:" in r.stderr, r.stdout + r.stderr
@@ -186,13 +259,28 @@ def test_resume_refuses_other_data_and_damaged_checkpoints(prepared_subset, tmp_
     good = torch.load(path, weights_only=True)
     nan_like = lambda t: torch.full_like(t, float("nan"))  # noqa: E731
     first_moments = next(iter(good["optimizer"]["state"]))
-    damages = {  # name: (changed entries, message)
+    # name: (changed entries, message)
+    damages = {
         "no optimizer": ({"optimizer": None}, "damaged"),
-        "nan": ({"model": {**good["model"], "encoder.conv1.weight": nan_like(good["model"]["encoder.conv1.weight"])}},
-                "NaN or infinite"),
-        "nan optimizer state": ({"optimizer": {**good["optimizer"], "state": {**good["optimizer"]["state"], first_moments: {
-            k: nan_like(v) if torch.is_tensor(v) and v.is_floating_point() else v
-            for k, v in good["optimizer"]["state"][first_moments].items()}}}}, "optimizer state"),
+        "nan": (
+            {"model": {**good["model"], "encoder.conv1.weight": nan_like(good["model"]["encoder.conv1.weight"])}},
+            "NaN or infinite",
+        ),
+        "nan optimizer state": (
+            {
+                "optimizer": {
+                    **good["optimizer"],
+                    "state": {
+                        **good["optimizer"]["state"],
+                        first_moments: {
+                            k: nan_like(v) if torch.is_tensor(v) and v.is_floating_point() else v
+                            for k, v in good["optimizer"]["state"][first_moments].items()
+                        },
+                    },
+                }
+            },
+            "optimizer state",
+        ),
         "no rng": ({"rng": None}, "damaged"),
         "negative epoch": ({"epoch": -3}, "damaged"),
     }

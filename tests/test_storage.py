@@ -48,7 +48,8 @@ def test_missing_key_is_a_clear_error(store):
 
 def test_files_and_sync_to_local(store, tmp_path):
     big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(9 * 1024 * 1024))  # above boto3's 8 MiB multipart threshold
+    # above boto3's 8 MiB multipart threshold
+    big.write_bytes(os.urandom(9 * 1024 * 1024))
     store.upload_file(big, "shards/big.bin")
     store.write_bytes("shards/small.bin", b"x" * 10)
     store.download_file("shards/big.bin", tmp_path / "back" / "big.bin")
@@ -80,7 +81,8 @@ def test_s3_errors_name_the_uri_and_never_the_secret(s3_env, monkeypatch):
 def test_unsupported_scheme_is_refused():
     with pytest.raises(BadInputError, match="unsupported location"):
         open_storage("gs://bucket/x")
-    with pytest.raises(BadInputError, match="unsupported location"):  # a file option (identify --photo, --encoder)
+    # a file option (identify --photo, --encoder)
+    with pytest.raises(BadInputError, match="unsupported location"):
         open_file_location("https://example.com/face.jpg")
 
 
@@ -89,9 +91,12 @@ def test_location_within_sees_through_links_and_dots(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "raw")
     assert location_within(tmp_path / "raw", tmp_path / "raw/../raw")
     assert location_within(tmp_path / "link" / "a" / "out", tmp_path / "raw")
-    assert not location_within(tmp_path / "raw-2", tmp_path / "raw")  # a prefix of the name is not inside
+    # a prefix of the name is not inside
+    assert not location_within(tmp_path / "raw-2", tmp_path / "raw")
     assert location_within("s3://b/data/raw/x", "s3://b/data//raw/")
-    assert not location_within("s3://b/data/rawx", "s3://b/data/raw") and not location_within("s3://b/raw", str(tmp_path))
+    assert not location_within("s3://b/data/rawx", "s3://b/data/raw") and not location_within(
+        "s3://b/raw", str(tmp_path)
+    )
 
 
 def test_s3_folder_markers_are_not_listed_as_files(s3_env, s3_server):

@@ -25,20 +25,39 @@ _spec.loader.exec_module(suite)
 
 def test_reduced_suite_table_and_simclr_beats_scratch_on_glint24_20(tmp_path):
     out = tmp_path / "suite"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "suite.py"), "--out", str(out), "--reduced",
-           "--benchmarks", "glint24-20", "--arms", "scratch,simclr-fine-tune", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "suite.py"),
+        "--out",
+        str(out),
+        "--reduced",
+        "--benchmarks",
+        "glint24-20",
+        "--arms",
+        "scratch,simclr-fine-tune",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "FACESSL_SHARED": str(SHARED), "OMP_NUM_THREADS": "2"}
     # the two stages apart, as on a GPU machine that receives only the prepared data (benchmarks/gpu/)
     r = subprocess.run(cmd + ["--stage", "prepare"], capture_output=True, text=True, timeout=3600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / "glint24-20" / "prepared" / "manifest.json").is_file() and not (out / "results.md").exists()
-    r = subprocess.run(cmd + ["--stage", "train"], capture_output=True, text=True, timeout=3600,
-                       env={**env, "FACESSL_SHARED": str(tmp_path / "no-raw-data-needed")})
+    r = subprocess.run(
+        cmd + ["--stage", "train"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**env, "FACESSL_SHARED": str(tmp_path / "no-raw-data-needed")},
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (out / "results.md").read_text()
     assert "| glint24-20 | scratch |" in table and "| glint24-20 | SimCLR + fine-tune |" in table
-    for name in ("simclr-fine-tune-confusion_matrix.png", "simclr-fine-tune-training_curves.png",
-                 "simclr-loss_curve.png"):
+    for name in (
+        "simclr-fine-tune-confusion_matrix.png",
+        "simclr-fine-tune-training_curves.png",
+        "simclr-loss_curve.png",
+    ):
         figure = f"figures/glint24-20/{name}"
         assert (out / figure).stat().st_size > 1000 and f"]({figure})" in table
     results = json.loads((out / "results.json").read_text())
@@ -48,17 +67,22 @@ def test_reduced_suite_table_and_simclr_beats_scratch_on_glint24_20(tmp_path):
     train_split = manifest["counts"]["splits"]["train"]
     assert set(rows) == {"scratch", "SimCLR + fine-tune"}
     for row in rows.values():
-        assert row["labelled_images"] == 24 * 20 - 2  # Lindsay Lohan has 18 train crops, every other identity 20
+        # Lindsay Lohan has 18 train crops, every other identity 20
+        assert row["labelled_images"] == 24 * 20 - 2
         assert row["test_images"] > 900 and row["epochs"] == 10
-        assert row["pretraining_images"] == train_split > 8000  # the whole train split (labels unused), no val/test
+        # the whole train split (labels unused), no val/test
+        assert row["pretraining_images"] == train_split > 8000
         assert row["commit"] != "unknown" and "--reduced" in row["command"]
     scratch, simclr = rows["scratch"]["top1"], rows["SimCLR + fine-tune"]["top1"]
     assert simclr > scratch + 0.02, f"SimCLR + fine-tune {simclr:.3f} does not beat scratch {scratch:.3f}"
 
 
 def test_unknown_arm_is_a_usage_error(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "suite.py"), "--out", str(tmp_path),
-                        "--arms", "simclr-finetune"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "suite.py"), "--out", str(tmp_path), "--arms", "simclr-finetune"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "unknown arms ['simclr-finetune']" in r.stderr
 
 
@@ -69,17 +93,27 @@ def test_unknown_or_empty_benchmarks_and_missing_data_are_usage_errors(tmp_path)
         assert r.returncode == 2, (extra, r.stderr)
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FACESSL_SHARED": str(tmp_path)})
     assert r.returncode == 2 and "benchmark data not found" in r.stderr and "celeba-wild" in r.stderr
-    (tmp_path / "results.json").write_text("not json")  # a run would merge into it: refused before any work
-    real_data = {**os.environ, "FACESSL_SHARED": str(SHARED)}  # a clone need not sit beside ../shared
+    # a run would merge into it: refused before any work
+    (tmp_path / "results.json").write_text("not json")
+    # a clone need not sit beside ../shared
+    real_data = {**os.environ, "FACESSL_SHARED": str(SHARED)}
     r = subprocess.run(cmd + ["--benchmarks", "glint6"], capture_output=True, text=True, env=real_data)
     assert r.returncode == 2 and "is not a results.json of this suite" in r.stderr
-    for rows in ([{"benchmark": "glint24-20", "arm": "scratch", "top1": 0.2}], [{"benchmark": "glint24-50"}],
-                 ["benchmark"]):  # each used to fail with a traceback after all the training, while merging
+    for rows in (
+        [{"benchmark": "glint24-20", "arm": "scratch", "top1": 0.2}],
+        [{"benchmark": "glint24-50"}],
+        ["benchmark"],
+        # each used to fail with a traceback after all the training, while merging
+    ):
         (tmp_path / "results.json").write_text(json.dumps({"settings": "reduced", "rows": rows}))
         r = subprocess.run(cmd + ["--benchmarks", "glint6", "--reduced"], capture_output=True, text=True, env=real_data)
         assert r.returncode == 2 and "is not a results.json of this suite (row 1 " in r.stderr, r.stderr
-    r = subprocess.run([*cmd[:-1], str(tmp_path / "results.json"), "--benchmarks", "glint6"], capture_output=True,
-                       text=True, env=real_data)
+    r = subprocess.run(
+        [*cmd[:-1], str(tmp_path / "results.json"), "--benchmarks", "glint6"],
+        capture_output=True,
+        text=True,
+        env=real_data,
+    )
     assert r.returncode == 2 and "--out" in r.stderr
 
 
@@ -88,27 +122,41 @@ def test_bad_stage_device_weights_or_pairs_file_stop_the_suite_before_any_work(t
     real_data = {**os.environ, "FACESSL_SHARED": str(SHARED)}
     r = subprocess.run(cmd + ["--benchmarks", "glint6", "--stage", "train"], capture_output=True, text=True)
     assert r.returncode == 2 and "needs an earlier --stage prepare" in r.stderr and "glint6" in r.stderr
-    r = subprocess.run(cmd + ["--benchmarks", "glint6", "--device", "tpu"], capture_output=True, text=True, env=real_data)
+    r = subprocess.run(
+        cmd + ["--benchmarks", "glint6", "--device", "tpu"], capture_output=True, text=True, env=real_data
+    )
     assert r.returncode == 2 and "unknown device 'tpu'" in r.stderr
     weights = tmp_path / "resnet18.pth"
     weights.write_bytes(b"not a checkpoint")
-    r = subprocess.run(cmd + ["--benchmarks", "glint6", "--imagenet-weights", str(weights), "--device", "cpu"],
-                       capture_output=True, text=True, env=real_data)
+    r = subprocess.run(
+        cmd + ["--benchmarks", "glint6", "--imagenet-weights", str(weights), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=real_data,
+    )
     assert r.returncode == 3 and "resnet18.pth" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "out" / "glint6").exists()  # refused before prepare-data
+    # refused before prepare-data
+    assert not (tmp_path / "out" / "glint6").exists()
     faces = tmp_path / "shared" / "data" / "faces" / "celeba-wild"
     (faces / "1").mkdir(parents=True)
     (faces / "pairs.csv").write_text("left,right,same_identity\n1/a.jpg,1/b.jpg,1\n")
     fake = {**os.environ, "FACESSL_SHARED": str(tmp_path / "shared")}
     (faces.parent / "glint24" / "Someone").mkdir(parents=True)
-    r = subprocess.run(cmd + ["--benchmarks", "glint24-20,celeba-pairs", "--stage", "prepare"], capture_output=True,
-                       text=True, env=fake)
+    r = subprocess.run(
+        cmd + ["--benchmarks", "glint24-20,celeba-pairs", "--stage", "prepare"],
+        capture_output=True,
+        text=True,
+        env=fake,
+    )
     assert r.returncode == 3 and "must have the columns image_a,image_b,same_identity" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "glint24-20").exists()  # before any benchmark
-    (faces / "pairs.csv").write_text("image_a,image_b,same_identity\n" + "".join(
-        f"1/{i}.jpg,1/{i + 1}.jpg,{i % 2}\n" for i in range(30)))
-    r = subprocess.run(cmd + ["--benchmarks", "celeba-pairs", "--stage", "prepare"], capture_output=True, text=True,
-                       env=fake)
+    # before any benchmark
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "glint24-20").exists()
+    (faces / "pairs.csv").write_text(
+        "image_a,image_b,same_identity\n" + "".join(f"1/{i}.jpg,1/{i + 1}.jpg,{i % 2}\n" for i in range(30))
+    )
+    r = subprocess.run(
+        cmd + ["--benchmarks", "celeba-pairs", "--stage", "prepare"], capture_output=True, text=True, env=fake
+    )
     assert r.returncode == 3 and "names 31 photos missing" in r.stderr
 
 
@@ -133,7 +181,8 @@ def test_a_subset_run_updates_the_table_and_keeps_the_other_benchmarks(tmp_path)
     (tmp_path / "results.json").write_text(json.dumps({"settings": "reduced", "rows": old}))
     merged = suite.merge_rows(tmp_path, [{"benchmark": "glint6", "arm": "scratch", "top1": 0.5}], "reduced")
     assert [(r["benchmark"], r["top1"]) for r in merged] == [("glint6", 0.5), ("glint24-20", 0.1)]
-    assert suite.merge_rows(tmp_path, old[:1], "full") == old[:1]  # other settings: not mixed
+    # other settings: not mixed
+    assert suite.merge_rows(tmp_path, old[:1], "full") == old[:1]
 
 
 @pytest.mark.parametrize("signame,code,delay", [("SIGTERM", 4, 0), ("SIGTERM", 4, 2), ("SIGINT", 130, 2)])
@@ -150,16 +199,32 @@ def test_sigterm_or_ctrl_c_stop_the_running_job_and_the_suite(signame, code, del
         (glint24 / name).mkdir(parents=True)
         for src in sorted((SHARED / "data" / "faces" / "glint24" / name).iterdir())[:12]:
             shutil.copyfile(src, glint24 / name / src.name)
-    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "suite.py"), "--out", str(tmp_path / "out"),
-                             "--reduced", "--benchmarks", "glint6", "--arms", "scratch", "--device", "cpu"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "FACESSL_SHARED": str(tmp_path / "shared")})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "suite.py"),
+            "--out",
+            str(tmp_path / "out"),
+            "--reduced",
+            "--benchmarks",
+            "glint6",
+            "--arms",
+            "scratch",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FACESSL_SHARED": str(tmp_path / "shared")},
+    )
     try:
         deadline, jobs = time.time() + 120, []
         while not jobs and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
-            jobs = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "jobs.pretrain_simclr"], capture_output=True,
-                                  text=True).stdout.split()
+            jobs = subprocess.run(
+                ["pgrep", "-f", "-P", str(proc.pid), "jobs.pretrain_simclr"], capture_output=True, text=True
+            ).stdout.split()
         assert jobs, "pretrain-simclr never started"
         time.sleep(delay)
         proc.send_signal(getattr(signal, signame))
