@@ -50,18 +50,8 @@ from checkout import facessl_path
 REPO = Path(__file__).resolve().parents[1]
 # facessl from this checkout, installed or not (a GPU machine's own python has no install)
 CHECKOUT_PATH = facessl_path()
-FACES = (
-    Path(
-        os.environ.get("FACESSL_SHARED")
-        # unset: beside the checkout, else this project's /work/shared
-        or next(
-            (c for c in (REPO.parent / "shared", Path("/work/shared")) if (c / "data" / "faces").is_dir()),
-            REPO.parent / "shared",
-        )
-    )
-    / "data"
-    / "faces"
-)
+# the shared data: FACESSL_SHARED, or ../shared beside the checkout
+FACES = Path(os.environ.get("FACESSL_SHARED") or REPO.parent / "shared") / "data" / "faces"
 GLINT6 = "Leonardo DiCaprio,Barack Obama,Keanu Reeves,Tom Hanks,Keira Knightley,Jennifer Aniston"
 
 # name -> (raw folder, prepare-data options, labels per class for the arms or None for all)

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _shared_dir() -> Path:
-    for candidate in (os.environ.get("FACESSL_SHARED"), REPO.parent / "shared", "/work/shared"):
+    for candidate in (os.environ.get("FACESSL_SHARED"), REPO.parent / "shared"):
         if candidate and (Path(candidate) / "data" / "faces").is_dir():
             return Path(candidate)
     raise RuntimeError("real test data not found: set FACESSL_SHARED to the folder holding data/faces and cases/")

@@ -11,7 +11,6 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 shared=${FACESSL_SHARED:-$repo/../shared}
-[ -d "$shared/data/faces" ] || shared=/work/shared
 venv=$(infra/ci/setup-venv.sh)
 rm -rf .devdata
 mkdir -p .devdata/glint/shared/data/faces .devdata/celeba

@@ -9,10 +9,8 @@
 # (about 8 minutes on an idle 2-core CPU); on a GPU raise EPOCHS_* and the image sizes (see README, "Measured results").
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-default_raw=$repo/../shared/data/faces/glint24
-for shared in "${FACESSL_SHARED:-}" /work/shared; do  # clones that do not sit beside ../shared
-  [ -d "$default_raw" ] || [ -z "$shared" ] || default_raw=$shared/data/faces/glint24
-done
+# the shared data: FACESSL_SHARED, or ../shared beside the checkout
+default_raw=${FACESSL_SHARED:-$repo/../shared}/data/faces/glint24
 raw=${1:-$default_raw}
 out=${2:-$repo/runs/glint6}
 if [[ "$raw" != s3://* && ! -d "$raw" ]]; then
