@@ -1,7 +1,11 @@
-"""NT-Xent, the normalised temperature-scaled cross-entropy loss of SimCLR.
+"""Contrastive losses of SimCLR pretraining over a batch of N positive pairs (2N views).
 
-Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
-Representations", ICML 2020, https://arxiv.org/abs/2002.05709 (equation 1).
+NTXentLoss: NT-Xent, the normalised temperature-scaled cross-entropy loss of SimCLR. Chen, Kornblith,
+    Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual Representations", ICML 2020,
+    https://arxiv.org/abs/2002.05709 (equation 1).
+DCLLoss: the decoupled contrastive loss, NT-Xent with the positive left out of the denominator. Yeh, Hong,
+    Hsu, Liu, Chen, LeCun, "Decoupled Contrastive Learning", ECCV 2022, https://arxiv.org/abs/2110.06848
+    (equation 6).
 """
 
 from __future__ import annotations
@@ -69,4 +73,45 @@ class NTXentLoss(nn.Module):
         logits = torch.cat([z1, z2]) @ torch.cat([z1_all, z2_all]).t() / self.temperature
         # a view is not its own negative
         logits[torch.arange(2 * n, device=z1.device), rows] = float("-inf")
+        return self._from_logits(logits, positives)
+
+    def _from_logits(self, logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        """float32 (2n, 2N) logits, each row's own column already -inf, and long (2n,) positive columns ->
+        the mean loss over the rows."""
         return F.cross_entropy(logits, positives)
+
+
+class DCLLoss(NTXentLoss):
+    """The decoupled contrastive loss (DCL) over a batch of N positive pairs (2N views).
+
+    For view i with positive j: ``l(i, j) = -sim(z_i, z_j)/tau + log sum_{k != i, k != j} exp(sim(z_i, z_k)/tau)``,
+    NT-Xent without the positive in the denominator; the loss is the mean of ``l`` over all 2N views.
+    Yeh et al., "Decoupled Contrastive Learning", ECCV 2022, https://arxiv.org/abs/2110.06848, equation 6 (the
+    unweighted DCL, not DCLW). NT-Xent's gradient carries a factor ``1 - p_ij`` (the softmax weight of the
+    positive) that shrinks both the pull and the push once the positive dominates a small batch's
+    denominator; leaving the positive out removes that coupling, so DCL learns more per step at small batch
+    sizes and few epochs (the paper's section 3).
+
+    Unlike NT-Xent the loss can be negative (it is no cross-entropy), and it needs at least one negative:
+    at least 2 pairs in the batch, over all processes.
+
+    Attributes and distributed behaviour: as :class:`NTXentLoss`.
+
+    Raises:
+        ValueError: temperature <= 0 (constructor); inputs of different shapes or not 2-D, or fewer than
+            2 pairs in the whole batch (forward).
+
+    Example:
+        >>> loss = DCLLoss(0.2)(z1, z2)   # z1, z2: float (N, D) projections of the two views, N >= 2
+    """
+
+    def _from_logits(self, logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] < 4:
+            raise ValueError(
+                f"DCL needs at least 2 pairs in the batch (a negative for each view), got {logits.shape[1] // 2}"
+            )
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        positive = logits[rows, positives]
+        # the positive leaves the denominator (not in place: autograd still needs the logits)
+        negatives = logits.index_put((rows, positives), torch.tensor(float("-inf"), device=logits.device))
+        return (torch.logsumexp(negatives, dim=1) - positive).mean()
