@@ -353,7 +353,7 @@ class S3Storage(Storage):
     def _fail(self, exc: Exception, key: str) -> Exception:
         """Turn a boto3/botocore exception into a credential-free NotFoundError / BadInputError /
         StorageError."""
-        from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ParamValidationError
 
         where = self.url(key) if key else self.uri
         code = None
@@ -367,14 +367,49 @@ class S3Storage(Storage):
         if code is not None:
             if code in ("NoSuchKey", "404", "NotFound"):
                 return NotFoundError(f"not found: {where}")
-            if code in ("NoSuchBucket",):
-                return BadInputError(f"bucket {self.bucket!r} does not exist ({where})")
+            # SeaweedFS answers an upload into a missing bucket with AccessDenied (it would create the bucket for an
+            # admin identity): the bucket's own answer names the real cause
+            if code == "NoSuchBucket" or (code == "AccessDenied" and self._bucket_missing()):
+                return BadInputError(f"bucket {self.bucket!r} does not exist (NoSuchBucket) for {where}")
+            # a HEAD answer has no body, so no error code: a GET of the same key gives it
+            if code == "403" and key:
+                code = self._error_code(key) or code
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 return BadInputError(f"access denied ({code}) for {where}: check the AWS credentials")
             return StorageError(f"S3 error {code} for {where}")
         if isinstance(exc, NoCredentialsError):
             return BadInputError(f"no AWS credentials found for {where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        if isinstance(exc, EndpointConnectionError):
+            endpoint = _s3_client().meta.endpoint_url
+            return StorageError(
+                f"cannot connect to the S3 endpoint {endpoint} for {where} (EndpointConnectionError): is the server up,"
+                " and AWS_ENDPOINT_URL_S3 right?"
+            )
         return StorageError(f"S3 request failed for {where}: {type(exc).__name__}")
+
+    def _bucket_missing(self) -> bool:
+        """True only when the server says the bucket does not exist (any other answer or failure: False)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            _s3_client().head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            return str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound")
+        except BotoCoreError:
+            return False
+        return False
+
+    def _error_code(self, key: str) -> str | None:
+        """The S3 error code a one-byte GET of ``key`` gets (None when it gets none, or succeeds)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            _s3_client().get_object(Bucket=self.bucket, Key=self._key(key), Range="bytes=0-0")["Body"].close()
+        except ClientError as exc:
+            return exc.response.get("Error", {}).get("Code")
+        except BotoCoreError:
+            return None
+        return None
 
     def _call(self, key, fn, *args, **kwargs):
         from boto3.exceptions import Boto3Error

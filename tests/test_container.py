@@ -4,7 +4,8 @@ pretraining container resumed by the next one.
 Needs podman and a built image named by FACESSL_IMAGE (``infra/ci/build-image.sh`` builds one; .ci/run does
 it). These are the ``container`` tier: the fast tier deselects them, and when they are selected (``--all``,
 ``-m container``) a missing podman or image fails them: a tier that was asked for is never skipped.
-The containers reach moto's server on 127.0.0.1 through ``--network host``.
+The containers reach the real S3 server of the tests (SeaweedFS, ``s3_server``) on 127.0.0.1 through
+``--network host``, as its non-admin writer identity.
 """
 
 import json
@@ -15,13 +16,12 @@ import subprocess
 import time
 import uuid
 
-import boto3
 import pytest
 
-from conftest import E2E_IDENTITIES, GLINT24
+from conftest import E2E_IDENTITIES, GLINT24, S3_WRITER, s3_client
 
 IMAGE = os.environ.get("FACESSL_IMAGE")
-pytestmark = pytest.mark.container
+pytestmark = [pytest.mark.container, pytest.mark.real_s3]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,15 +39,10 @@ PER_IDENTITY = 60
 
 @pytest.fixture(scope="module")
 def bucket(s3_server):
-    """A bucket on the moto server holding raw photos: PER_IDENTITY of each of three glint24 identities."""
+    """A bucket on the S3 server holding raw photos: PER_IDENTITY of each of three glint24 identities; yields its
+    name and an admin client."""
     name = f"ctr-{uuid.uuid4().hex[:10]}"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        aws_access_key_id="testing-key-id",
-        aws_secret_access_key="testing-secret-do-not-print",
-        region_name="us-east-1",
-    )
+    s3 = s3_client(s3_server)
     s3.create_bucket(Bucket=name)
     for identity in E2E_IDENTITIES:
         for photo in sorted((GLINT24 / identity).iterdir())[:PER_IDENTITY]:
@@ -56,14 +51,13 @@ def bucket(s3_server):
 
 
 def container(s3_server, *args, name=None, detach=False):
-    """``podman run`` of the image with the standard AWS variables pointing at the moto server."""
+    """``podman run`` of the image with the standard AWS variables pointing at the S3 server (boto3's default
+    checksum settings)."""
     env = {
         "AWS_ENDPOINT_URL_S3": s3_server,
-        "AWS_ACCESS_KEY_ID": "testing-key-id",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-print",
+        "AWS_ACCESS_KEY_ID": S3_WRITER[0],
+        "AWS_SECRET_ACCESS_KEY": S3_WRITER[1],
         "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-        "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
         "OMP_NUM_THREADS": "2",
     }
     cmd = ["podman", "run", "--network", "host", "--shm-size", "256m"]
