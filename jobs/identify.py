@@ -14,15 +14,34 @@ from facessl.common.cli import FiniteFloatRange, report_errors
 @click.option(
     "--model",
     "model_location",
-    required=True,
-    help="train-classifier model.pt or its run location (path or s3:// URI).",
+    default=None,
+    help="One-photo mode: train-classifier model.pt or its run location (path or s3:// URI).",
 )
-@click.option("--photo", "photo_location", required=True, help="Photo to read: path or s3:// URI.")
+@click.option("--photo", "photo_location", default=None, help="One-photo mode: the photo to read (path or s3:// URI).")
+@click.option(
+    "--gallery",
+    "gallery_location",
+    default=None,
+    help="Collection mode: enroll's gallery (its output location or gallery.pt; path or s3:// URI).",
+)
+@click.option(
+    "--photos",
+    "photos_location",
+    default=None,
+    help="Collection mode: every photo under this folder or s3:// prefix, recursively.",
+)
+@click.option(
+    "--output",
+    "output_location",
+    default=None,
+    help="Collection mode: where results.jsonl and summary.json go (a rerun resumes there).",
+)
 @click.option(
     "--threshold",
-    type=FiniteFloatRange(min=0, max=1),
-    default=0.5,
-    help="Below this top probability a face is 'unknown'.",
+    type=FiniteFloatRange(min=-1, max=1),
+    default=None,
+    help="One-photo mode: below this top probability a face is 'unknown' (default 0.5). Collection mode: "
+    "cosine similarity below which a face is unknown (default: the gallery's calibrated threshold).",
 )
 @click.option(
     "--annotate",
@@ -34,13 +53,69 @@ from facessl.common.cli import FiniteFloatRange, report_errors
     "--detect/--no-detect", default=True, help="--no-detect: the photo is already a face crop (classify it whole)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option(
+    "--encoder",
+    "encoder_location",
+    default=None,
+    help="Collection mode: where the gallery's encoder file is now, when it moved (checked by its sha256).",
+)
+@click.option("--num-shards", type=click.IntRange(min=1), default=1, help="Collection mode: split it into N shards.")
+@click.option(
+    "--shard-index",
+    type=click.IntRange(min=0),
+    default=0,
+    envvar="JOB_COMPLETION_INDEX",
+    help="Collection mode: the shard this run does (an Indexed Job sets JOB_COMPLETION_INDEX).",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, help="Collection mode: face crops per embedding batch."
+)
+@click.option(
+    "--chunk", type=click.IntRange(min=1), default=500, help="Collection mode: photos per results part written."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    envvar="FACESSL_WORKERS",
+    help="Collection mode: detection processes (0: one per CPU core).",
+)
 @click.option("--device", default="auto", envvar="FACESSL_DEVICE", help="auto, cpu, cuda or cuda:N.")
 @report_errors
-def main(model_location, photo_location, threshold, annotate_location, detect, as_json, device):
+def main(
+    model_location,
+    photo_location,
+    gallery_location,
+    photos_location,
+    output_location,
+    threshold,
+    annotate_location,
+    detect,
+    as_json,
+    encoder_location,
+    num_shards,
+    shard_index,
+    batch_size,
+    chunk,
+    workers,
+    device,
+):
     """Print each face's box with its top-3 identities and probabilities.
 
-    Example: identify --model runs/glint6/classifier --photo group.jpg --annotate group-named.jpg
+    One photo: identify --model runs/glint6/classifier --photo group.jpg --annotate group-named.jpg
+
+    A collection, open-set: identify --gallery runs/gallery --photos holiday/ --output runs/holiday-named
     """
+    if gallery_location or photos_location or output_location:
+        return identify_collection_mode(locals())
+    if not model_location or not photo_location:
+        raise click.UsageError(
+            "give --model and --photo (one photo), or --gallery, --photos and --output (a collection)"
+        )
+    if threshold is None:
+        threshold = 0.5
+    elif threshold < 0:
+        raise click.BadParameter(f"{threshold} is a probability threshold here: 0 to 1", param_hint="--threshold")
     from facessl.common.errors import UsageError
     from facessl.common.identify import annotate, identify, load_classifier, read_photo
     from facessl.common.storage import location_within, open_file_location
@@ -71,6 +146,43 @@ def main(model_location, photo_location, threshold, annotate_location, detect, a
         storage.write_bytes(key, annotate(img, faces))
         if not as_json:
             click.echo(f"wrote {annotate_location}")
+
+
+def identify_collection_mode(options: dict) -> None:
+    """``--gallery --photos --output``: identify a whole collection (common.collection)."""
+    from facessl.common.collection import identify_collection
+
+    missing = [f"--{name}" for name in ("gallery", "photos", "output") if not options[f"{name}_location"]]
+    if missing:
+        raise click.UsageError(f"collection mode needs --gallery, --photos and --output: {', '.join(missing)} missing")
+    if extra := [f"--{name}" for name in ("model", "photo", "annotate") if options[f"{name}_location"]]:
+        raise click.UsageError(f"{', '.join(extra)} belong to the one-photo mode, not to --gallery")
+    if options["as_json"] or not options["detect"]:
+        raise click.UsageError("--json and --no-detect belong to the one-photo mode, not to --gallery")
+    status = identify_collection(
+        options["gallery_location"],
+        options["photos_location"],
+        options["output_location"],
+        encoder_location=options["encoder_location"],
+        threshold=options["threshold"],
+        num_shards=options["num_shards"],
+        shard_index=options["shard_index"],
+        chunk=options["chunk"],
+        batch_size=options["batch_size"],
+        workers=options["workers"],
+        device_name=options["device"],
+        log=click.echo,
+    )
+    click.echo(
+        f"shard {status['shard']} of {status['num_shards']}: {status['photos']} photos, {status['faces']} faces "
+        f"({status['named']} named, {status['unknown']} unknown), {status['errors']} unreadable, "
+        f"{status['photos_per_second']} photos/s"
+    )
+    where = options["output_location"].rstrip("/")
+    if status["merged"]:
+        click.echo(f"wrote {where}/results.jsonl and summary.json")
+    else:
+        click.echo(f"wrote this shard's results under {where}/parts/ (results.jsonl comes with the last shard)")
 
 
 if __name__ == "__main__":
