@@ -7,7 +7,9 @@ et al., "Labeled Faces in the Wild", UMass TR 07-49, 2007): the pairs are split 
 the threshold that maximises accuracy on the other nine is applied to it; the report gives the mean and
 standard deviation over the folds. ROC AUC and the ROC curve come from scikit-learn over all pairs.
 
-Outputs under the run's location: ``metrics.json``, ``scores.csv`` (one row per pair), ``roc.png``.
+Outputs under the run's location: ``metrics.json``, ``scores.csv`` (one row per pair), ``roc.png``, and
+``threshold.json`` (the accuracy-maximising threshold and those at FAR 1e-2 and 1e-3 with their TAR, for
+``enroll --threshold-from``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from facessl.common.storage import (
 from facessl.common.training import RunWriter, embed, pick_device
 
 # what evaluate_pairs writes under its output location
-OUTPUTS = ("scores.csv", "roc.png", "metrics.json")
+OUTPUTS = ("scores.csv", "roc.png", "threshold.json", "metrics.json")
 
 
 def read_pairs(text: str, where: str, dropped: dict | None = None) -> list[tuple[str, str, int]]:
@@ -349,8 +351,23 @@ def evaluate_pairs(
     rows.writerows([a, b, s, f"{score:.6f}"] for (a, b, s), score in zip(usable, scores))
     out.write_text("scores.csv", table.getvalue())
     writer.write_plot("roc.png", lambda p: plot_roc(fpr, tpr, metrics["roc_auc"], metrics["accuracy"], folds, p))
+    writer.write_json("threshold.json", threshold_record(scores, same, encoder_file, image_size))
     writer.write_json("metrics.json", metrics)
     return metrics
+
+
+def threshold_record(scores: np.ndarray, same: np.ndarray, encoder_file: str, image_size: int) -> dict:
+    """``threshold.json``: the accuracy-maximising threshold and those at FAR 1e-2 and 1e-3 with their TAR
+    (common.gallery.pair_thresholds), with the encoder file, its sha256 and the image size they hold for
+    (``enroll --threshold-from`` checks them)."""
+    from facessl.common.gallery import file_sha256, pair_thresholds
+
+    return {
+        **pair_thresholds(scores, same),
+        "encoder": encoder_file,
+        "encoder_sha256": file_sha256(encoder_file),
+        "image_size": image_size,
+    }
 
 
 def plot_roc(fpr, tpr, auc: float, accuracy: float, folds: int, path: str) -> None:
