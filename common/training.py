@@ -111,19 +111,28 @@ def knn_predict(
 
 
 class RunWriter:
-    """Writes a run's outputs to its storage: JSON files, the per-epoch ``metrics.jsonl``, PNGs."""
+    """Writes a run's outputs to its storage: JSON files, the per-epoch ``metrics.jsonl``, PNGs, and TensorBoard
+    event files of the epoch records (``tensorboard``: None writes them when the optional tensorboard package
+    imports; True without it raises UsageError; see :mod:`facessl.common.tensorboard`)."""
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, tensorboard: bool | None = None):
+        from facessl.common.tensorboard import EventLog, tensorboard_available
+
         self.storage = storage
         self.history: list[dict] = []
+        use_tensorboard = tensorboard_available() if tensorboard is None else tensorboard
+        self.events = EventLog(storage) if use_tensorboard else None
 
     def write_json(self, key: str, obj) -> None:
         self.storage.write_text(key, json.dumps(obj, indent=1, ensure_ascii=False, default=str))
 
     def log_epoch(self, record: dict) -> None:
-        """Append a record and rewrite ``metrics.jsonl`` (one JSON object per line)."""
+        """Append a record and rewrite ``metrics.jsonl`` (one JSON object per line); add its numbers to the
+        TensorBoard events."""
         self.history.append(record)
         self.storage.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.events is not None:
+            self.events.add_epoch(record, int(record.get("epoch", len(self.history))))
 
     def write_plot(self, key: str, draw) -> None:
         """``draw(path)`` into a local temporary PNG, then upload it to ``key``."""
