@@ -13,6 +13,11 @@ then the arms, each a train-classifier run on the same prepared data:
                          fine-tune model's predictions on every train image, beside the labelled subset
     ImageNet + fine-tune fine-tuning from torchvision's ImageNet ResNet18 file, when --imagenet-weights is given
 ``celeba-pairs`` pretrains on the celeba-wild photos that are in no pair and runs evaluate-pairs.
+``celeba-open`` (open-set identification, benchmarks/open_set.py) prepares what its encoders may see (glint24 and
+the celeba-wild identities with fewer than 20 photos), pretrains SimCLR on it, fine-tunes a supervised backbone on
+its labels (train-classifier), and runs each encoder (random-init, SimCLR, supervised) through the real enroll
+and identify on the protocol: rank-1, DIR@FAR=1% and 10%, the rates at the calibrated threshold, identify's
+photos/s, and a figure of DIR against FAR. Its train stage also needs the raw celeba-wild photos.
 
 Writes ``results.md`` and ``results.json`` under --out (plus every job's own outputs), one row per
 benchmark and arm: test top-1, top-3, macro-F1 (verification: 10-fold accuracy and ROC AUC), labelled
@@ -61,6 +66,8 @@ BENCHMARKS = {
     # + --classes: the 75 with 30 photos
     "celeba-wild-75": ("celeba-wild", ["--min-images", "10"], None),
     "celeba-pairs": ("celeba-wild", [], None),
+    # the training input is benchmarks/open_set.py's training_raw_folder; celeba-wild's raw photos are probed
+    "celeba-open": ("celeba-wild", ["--on-no-face", "keep-full", "--min-images", "5"], None),
 }
 # full: the GPU recipe of the shared README; reduced: what a 2-core CPU finishes in minutes
 SETTINGS = {
@@ -193,6 +200,10 @@ def prepare_benchmark(name: str, out: Path, s: dict, log, unlabeled_pool: bool =
     raw_name, prepare_opts, _ = BENCHMARKS[name]
     root = out / name
     raw = pairs_raw_folder(out) if name == "celeba-pairs" else FACES / raw_name
+    if name == "celeba-open":
+        import open_set
+
+        raw = open_set.training_raw_folder(out, FACES)
     extra = ["--split", "1,0,0", "--min-images", "1"] if name == "celeba-pairs" else []
     # chosen by photos in the raw folder, not by faces found (a miss must not drop one)
     if name == "celeba-wild-75":
@@ -352,6 +363,8 @@ def run_benchmark(
             }
         ]
 
+    if name == "celeba-open":
+        return run_open_set(root, s, device, base, log)
     labels = ["--labels-per-class", per_class] if per_class else []
     arms = [
         ("scratch", [*FINETUNE, "--epochs", s["ft_epochs"]]),
@@ -411,6 +424,77 @@ def run_benchmark(
                 "outputs": str(run),
             }
         )
+    return rows
+
+
+OPEN_SET_ENCODERS = ("random-init", "SimCLR", "supervised")
+
+
+def run_open_set(root: Path, s: dict, device: str, base: dict, log) -> list[dict]:
+    """celeba-open's rows: a supervised backbone fine-tuned on the prepared training identities (train-classifier,
+    the fine-tune recipe), then random-init, SimCLR and that backbone each through benchmarks/open_set.py's real
+    enroll and identify; the DIR-vs-FAR curves of all three in figures/celeba-open/dir_far.png."""
+    import open_set
+    import torch
+
+    from facessl.common.models import build_encoder
+
+    supervised = root / "supervised"
+    train_s = job(
+        "train-classifier",
+        "--data",
+        root / "prepared",
+        "--output",
+        supervised,
+        "--image-size",
+        s["size"],
+        "--batch-size",
+        s["ft_batch"],
+        "--device",
+        device,
+        *FINETUNE,
+        "--epochs",
+        s["ft_epochs"],
+        log=log,
+    )
+    random_init = root / "random-init"
+    random_init.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(build_encoder().state_dict(), random_init / "encoder.pt")
+    (random_init / "config.json").write_text(json.dumps({"image_size": s["size"]}))
+    labelled = json.loads((supervised / "metrics.json").read_text())["train_images"]
+    encoders = {"random-init": random_init, "SimCLR": root / "simclr", "supervised": supervised}
+    rows, curves = [], {}
+    for arm, encoder in encoders.items():
+        m = open_set.run(
+            str(encoder),
+            root / f"open-set-{arm_slug(arm)}",
+            [],
+            device=device,
+            faces=FACES,
+            job=lambda name, *args: job(name, *args, log=log),
+        )
+        curves[arm] = m["curve"]
+        rows.append(
+            {
+                **base,
+                "arm": arm,
+                "rank1": m["rank1"],
+                "dir_far_1": m["dir_at_far"]["0.01"],
+                "dir_far_10": m["dir_at_far"]["0.1"],
+                "known_named": m["known_named_correctly"],
+                "unknown_accepted": m["unknown_accepted"],
+                "target_far": m["threshold"]["far"],
+                "photos_per_second": m["identify_photos_per_second"],
+                "labelled_images": labelled if arm == "supervised" else 0,
+                "epochs": s["ft_epochs"] if arm == "supervised" else 0,
+                "seconds": round((train_s if arm == "supervised" else 0) + m["enroll_wall_s"] + m["identify_wall_s"]),
+                "outputs": str(root / f"open-set-{arm_slug(arm)}"),
+            }
+        )
+    figure = root.parent / "figures" / "celeba-open" / "dir_far.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    open_set.plot_dir_far(curves, figure)
     return rows
 
 
@@ -488,6 +572,18 @@ ROW_NUMBERS = {
         "simclr_s",
         "seconds",
     ),
+    "open-set": (
+        "rank1",
+        "dir_far_1",
+        "dir_far_10",
+        "known_named",
+        "unknown_accepted",
+        "photos_per_second",
+        "pretraining_images",
+        "simclr_epochs",
+        "simclr_s",
+        "seconds",
+    ),
     "verification": (
         "accuracy",
         "accuracy_std",
@@ -517,7 +613,7 @@ def earlier_table_problem(path: Path) -> str | None:
     for i, row in enumerate(table["rows"]):
         if not isinstance(row, dict) or row.get("benchmark") not in BENCHMARKS or not isinstance(row.get("arm"), str):
             return f"row {i + 1} names no known benchmark and arm"
-        kind = "verification" if "accuracy" in row else "classification"
+        kind = "verification" if "accuracy" in row else "open-set" if "rank1" in row else "classification"
         if bad := [
             k for k in ROW_NUMBERS[kind] if isinstance(row.get(k), bool) or not isinstance(row.get(k), (int, float))
         ]:
@@ -540,6 +636,8 @@ def write_tables(out: Path, rows: list[dict], meta: dict) -> None:
     ]
     for r in rows:
         simclr = f"{r['pretraining_images']} ({r['simclr_s']} s)"
+        if "rank1" in r:
+            continue
         if "accuracy" in r:
             lines.append(
                 f"| {r['benchmark']} | {r['arm']} | verification acc {r['accuracy']:.3f} +- "
@@ -550,6 +648,23 @@ def write_tables(out: Path, rows: list[dict], meta: dict) -> None:
             lines.append(
                 f"| {r['benchmark']} | {r['arm']} | {r['top1']:.3f} | {r['top3']:.3f} | {r['macro_f1']:.3f} | "
                 f"{r['labelled_images']} | {simclr} | {r['epochs']} (SimCLR {r['simclr_epochs']}) | "
+                f"{r['seconds']} |"
+            )
+    if open_rows := [r for r in rows if "rank1" in r]:
+        lines += [
+            "",
+            "Open-set identification (celeba-open, through enroll and identify; unknown probes accepted at the "
+            "gallery's calibrated threshold):",
+            "",
+            "| benchmark | encoder | rank-1 | DIR@FAR=1% | DIR@FAR=10% | known named | unknown accepted (target) "
+            "| identify photos/s | labelled images | SimCLR images (time) | wall time (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in open_rows:
+            lines.append(
+                f"| {r['benchmark']} | {r['arm']} | {r['rank1']:.3f} | {r['dir_far_1']:.3f} | {r['dir_far_10']:.3f} | "
+                f"{r['known_named']:.3f} | {r['unknown_accepted']:.3f} ({r['target_far']}) | "
+                f"{r['photos_per_second']} | {r['labelled_images']} | {r['pretraining_images']} ({r['simclr_s']} s) | "
                 f"{r['seconds']} |"
             )
     for benchmark, files in collect_figures(out, rows).items():
@@ -617,6 +732,9 @@ def main():
         needed = {FACES / BENCHMARKS[n][0] for n in names} | (
             {FACES / "celeba-wild" / "pairs.csv"} if "celeba-pairs" in names else set()
         )
+        if "celeba-open" in names:
+            protocol = FACES / "celeba-wild" / "open-set" / "celeba-open"
+            needed |= {FACES / "glint24", protocol / "enroll.csv", protocol / "probes.csv"}
         if missing := sorted(str(p) for p in needed if not p.exists()):
             parser.error(f"benchmark data not found: {missing} (set FACESSL_SHARED to the folder holding data/faces)")
     out = Path(args.out)
@@ -625,7 +743,11 @@ def main():
     except OSError as exc:
         parser.error(f"--out {out}: {exc.strerror}")
     if args.stage == "train":
-        if problems := [p for n in names if (p := prepared_problem(n, out, s, args.unlabeled_pool))]:
+        problems = [p for n in names if (p := prepared_problem(n, out, s, args.unlabeled_pool))]
+        # its probes are raw photos, enrolled and identified in this stage
+        if "celeba-open" in names and not (FACES / "celeba-wild" / "open-set" / "celeba-open" / "probes.csv").is_file():
+            problems.append(f"celeba-open: its raw photos are not under {FACES} (set FACESSL_SHARED)")
+        if problems:
             parser.error(
                 "--stage train needs an earlier --stage prepare into the same --out with the same "
                 "settings: " + "; ".join(problems)
