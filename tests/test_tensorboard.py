@@ -9,29 +9,36 @@ from click.testing import CliRunner
 
 from facessl.common.errors import UsageError
 from facessl.common.storage import open_storage
+from facessl.common.tensorboard import EVENTS_KEY
 from facessl.common.training import RunWriter
 from facessl.jobs.pretrain_simclr import main as pretrain_main
 from facessl.jobs.train_classifier import main as classifier_main
 
 
-def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series in the event files of ``folder``, as TensorBoard reads it: tag -> [(step, value)]."""
+def _accumulator(folder):
+    """TensorBoard's reader of the event files in ``folder``, loaded."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(folder))
     events.Reload()
+    return events
+
+
+def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in the event files of ``folder``, as TensorBoard reads it: tag -> [(step, value)]."""
+    events = _accumulator(folder)
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def event_files(folder) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("events.out.tfevents."))
+    return sorted(p.name for p in folder.iterdir() if "tfevents" in p.name)
 
 
 def test_epoch_records_become_scalars_beside_metrics_jsonl(tmp_path):
     writer = RunWriter(open_storage(str(tmp_path)))
     writer.log_epoch({"epoch": 1, "loss": 4.5, "lr": 0.1, "images_per_s": 120.0, "mode": "knn", "resumed": False})
     writer.log_epoch({"epoch": 2, "loss": 4.25, "lr": 0.05, "images_per_s": 130.5, "knn_top1": 0.5})
-    assert len(event_files(tmp_path)) == 1 and (tmp_path / "metrics.jsonl").is_file()
+    assert event_files(tmp_path) == [EVENTS_KEY] and (tmp_path / "metrics.jsonl").is_file()
     assert read_scalars(tmp_path) == {
         "loss": [(1, 4.5), (2, 4.25)],
         "lr": [(1, pytest.approx(0.1)), (2, pytest.approx(0.05))],
@@ -40,21 +47,28 @@ def test_epoch_records_become_scalars_beside_metrics_jsonl(tmp_path):
     }
 
 
-def test_a_resumed_run_adds_a_file_and_a_restart_replaces_the_points(tmp_path):
-    """A second process (a resume) writes a file of its own; steps that start over (a new run in the same folder)
-    replace the older points in TensorBoard's reading."""
+def test_a_resumed_run_continues_the_curves_and_a_restart_replaces_them(tmp_path):
+    """Each RunWriter stands for one process of the job. A resume keeps the earlier points (and their times)
+    before its first step and drops the later ones (an epoch logged by a run stopped before its checkpoint); a run
+    started again at step 1 replaces them all. One file throughout."""
     store = open_storage(str(tmp_path))
     first = RunWriter(store)
-    first.log_epoch({"epoch": 1, "loss": 3.0})
-    first.events.close()
-    second = RunWriter(store)
-    second.log_epoch({"epoch": 2, "loss": 2.0})
-    second.events.close()
-    assert len(event_files(tmp_path)) == 2
-    assert read_scalars(tmp_path) == {"loss": [(1, 3.0), (2, 2.0)]}
-    restart = RunWriter(store)
-    restart.log_epoch({"epoch": 1, "loss": 5.0})
+    for epoch, loss in ((1, 3.0), (2, 2.5), (3, 2.25)):
+        first.log_epoch({"epoch": epoch, "loss": loss})
+    times = [e.wall_time for e in _accumulator(tmp_path).Scalars("loss")]
+    # stopped during epoch 4 with the checkpoint of epoch 2: the resume logs epoch 3 again
+    RunWriter(store).log_epoch({"epoch": 3, "loss": 2.0})
+    assert event_files(tmp_path) == [EVENTS_KEY]
+    assert read_scalars(tmp_path) == {"loss": [(1, 3.0), (2, 2.5), (3, 2.0)]}
+    assert [e.wall_time for e in _accumulator(tmp_path).Scalars("loss")][:2] == times[:2]
+    RunWriter(store).log_epoch({"epoch": 1, "loss": 5.0})
     assert read_scalars(tmp_path) == {"loss": [(1, 5.0)]}
+
+
+def test_a_damaged_event_file_is_replaced(tmp_path):
+    (tmp_path / EVENTS_KEY).write_bytes(b"not an event file at all")
+    RunWriter(open_storage(str(tmp_path))).log_epoch({"epoch": 2, "loss": 1.5})
+    assert read_scalars(tmp_path) == {"loss": [(2, 1.5)]}
 
 
 def test_no_event_files_when_turned_off_or_not_installed(tmp_path, monkeypatch):
@@ -99,9 +113,8 @@ def test_both_training_jobs_write_their_metrics_as_tensorboard_events(prepared_s
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     store = open_storage(output)
-    names = [key for key in store.list() if key.startswith("events.out.tfevents.")]
-    assert len(names) == 1 and "metrics.jsonl" in store.list()
-    store.download_file(names[0], tmp_path / "from-s3" / names[0])
+    assert {EVENTS_KEY, "metrics.jsonl"} <= set(store.list())
+    store.download_file(EVENTS_KEY, tmp_path / "from-s3" / EVENTS_KEY)
     scalars = read_scalars(tmp_path / "from-s3")
     for key in ("train_loss", "val_loss", "train_top1", "val_top1", "val_top3"):
         assert scalars[key] == [(h["epoch"], pytest.approx(h[key], rel=1e-6)) for h in history(store)], key
