@@ -47,6 +47,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _free_port_with(offset: int) -> int:
+    """A free port of 127.0.0.1 whose port + ``offset`` is free too."""
+    while True:
+        port = _free_port()
+        if port + offset < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + offset))
+                except OSError:
+                    continue
+                return port
+
+
 def s3_client(endpoint: str, identity: tuple[str, str] = S3_ADMIN):
     """A boto3 S3 client for ``endpoint`` acting as ``identity`` (one of S3_ADMIN, S3_WRITER, S3_READER)."""
     import boto3
@@ -120,10 +133,12 @@ def _start_weed(root: Path) -> tuple[subprocess.Popen, str]:
             "volume.port.grpc",
             "filer.port",
             "filer.port.grpc",
-            "admin.port",
-            "admin.port.grpc",
         )
     }
+    # the built-in maintenance worker dials the admin's HTTP port + 10000 whatever -admin.port.grpc says: a pair of
+    # free ports 10000 apart, or it would retry forever, or reach another test session's admin
+    ports["admin.port"] = _free_port_with(10000)
+    ports["admin.port.grpc"] = ports["admin.port"] + 10000
     args = [f"-{name}={port}" for name, port in ports.items()]
     args += [
         f"-dir={root / 'data'}",
@@ -132,6 +147,8 @@ def _start_weed(root: Path) -> tuple[subprocess.Popen, str]:
         "-master.telemetry=false",
         "-webdav=false",
         "-admin.ui=false",
+        # no grace for clients at exit: nothing else uses this server
+        "-volume.preStopSeconds=0",
         # 0 disables the Iceberg and Lance catalogs, which would listen on fixed ports
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
