@@ -87,11 +87,13 @@ def _weed_binary() -> str:
 
 
 def _die_with_parent():
-    """In the child before exec: the kernel kills weed when pytest dies, even by SIGKILL (no orphan server)."""
+    """A preexec_fn for Linux: the kernel kills the child when pytest dies, even by SIGKILL (no orphan server).
+    libc's prctl is looked up here, in the parent: the child then only calls it (no dlopen after fork)."""
     import ctypes
 
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     # PR_SET_PDEATHSIG
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    return lambda: prctl(1, signal.SIGKILL)
 
 
 def _start_weed(root: Path) -> tuple[subprocess.Popen, str]:
@@ -167,7 +169,7 @@ def _start_weed(root: Path) -> tuple[subprocess.Popen, str]:
         stdin=subprocess.DEVNULL,
         env=env,
         cwd=root,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        preexec_fn=_die_with_parent() if sys.platform == "linux" else None,
     )
     log.close()
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
