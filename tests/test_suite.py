@@ -18,6 +18,8 @@ import pytest
 
 from conftest import REPO, SHARED
 
+# the suite imports its sibling benchmarks/checkout.py, as it does when run as a script
+sys.path.insert(0, str(REPO / "benchmarks"))
 _spec = importlib.util.spec_from_file_location("suite", REPO / "benchmarks" / "suite.py")
 suite = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(suite)
