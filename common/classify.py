@@ -46,13 +46,14 @@ from facessl.common.models import Classifier, build_encoder, load_encoder_weight
 from facessl.common.pool import MemoryPool, epoch_generator, rank_share
 from facessl.common.storage import claim_output, join_location, location_within, open_storage
 from facessl.common.training import (
+    Precision,
     RunWriter,
     StopRequest,
-    autocast,
     embed,
     knn_predict,
     last_step_lr,
     pick_device,
+    resolve_precision,
     seed_everything,
     stop_requested,
     warmup_cosine,
@@ -83,6 +84,7 @@ class ClassifierConfig:
     distill_label_weight: float = 1.0
     seed: int = 1337
     device: str = "auto"
+    precision: str = "auto"
 
 
 # what a run writes besides config.json; a rerun into the same folder deletes them all first
@@ -118,9 +120,11 @@ def endless_batches(pool: MemoryPool, batch_size: int, seed: int, rank: int = 0)
         passes += 1
 
 
-def load_teacher(location: str, classes: list[str], image_size: int, device: torch.device) -> torch.nn.Module:
+def load_teacher(
+    location: str, classes: list[str], image_size: int, device: torch.device, precision: Precision | None = None
+) -> torch.nn.Module:
     """A fine-tuned train-classifier model (``model.pt`` or its run location) for distillation, in eval
-    mode on ``device`` with frozen weights.
+    mode on ``device`` with frozen weights, in ``precision``'s layout (None: ``auto`` for the device).
 
     Raises:
         BadInputError: not a train-classifier model, or trained on other identities than ``classes``.
@@ -140,8 +144,7 @@ def load_teacher(location: str, classes: list[str], image_size: int, device: tor
         )
     for p in teacher.parameters():
         p.requires_grad_(False)
-    teacher = teacher.to(device).eval()
-    return teacher.to(memory_format=torch.channels_last) if device.type == "cuda" else teacher
+    return (precision or resolve_precision("auto", device)).layout(teacher.to(device).eval())
 
 
 def subsample_per_class(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
@@ -223,17 +226,25 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
         PreemptedError: SIGTERM arrived (nothing is kept; a rerun starts over).
     """
     info, device = init_distributed(pick_device(cfg.device))
+    precision = resolve_precision(cfg.precision, device)
     stop = StopRequest()
     try:
         return _train_classifier(
-            data_location, output_location, cfg, info, device, stop, log if info.is_main else (lambda *a, **k: None)
+            data_location,
+            output_location,
+            cfg,
+            info,
+            device,
+            precision,
+            stop,
+            log if info.is_main else (lambda *a, **k: None),
         )
     finally:
         stop.restore()
         cleanup()
 
 
-def _train_classifier(data_location, output_location, cfg, info, device, stop, log) -> dict:
+def _train_classifier(data_location, output_location, cfg, info, device, precision, stop, log) -> dict:
     if cfg.encoder and cfg.init != "scratch":
         raise UsageError("give either --encoder (a SimCLR encoder) or --init (other weights), not both")
     if cfg.mode not in ("finetune", "linear-probe", "knn", "distill"):
@@ -283,13 +294,11 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         train_x, train_y = train_x[rank::world], train_y[rank::world]
     seed_everything(cfg.seed)
     encoder, source = initial_encoder(cfg)
-    teacher = load_teacher(cfg.teacher, classes, cfg.image_size, device) if cfg.mode == "distill" else None
+    teacher = load_teacher(cfg.teacher, classes, cfg.image_size, device, precision) if cfg.mode == "distill" else None
     model = Classifier(encoder, len(classes))
     if distributed:
         model = sync_batchnorm(model, device)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = precision.layout(model.to(device))
     writer = RunWriter(out)
     if info.is_main:
         # a rerun replaces the run: an interrupted one (or a knn one) leaves no old results
@@ -305,11 +314,14 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
                 "train_images": n_train,
                 "classes": classes,
                 "device": str(device),
+                "precision_used": precision.name,
+                "precision_reason": precision.reason,
                 "world_size": info.world_size,
                 "unlabelled_images": len(unlabelled) * world if unlabelled is not None else 0,
                 "torch": torch.__version__,
             },
         )
+    log(precision.describe())
     log(
         f"{cfg.mode} from {source}: {n_train} labelled train images, {len(classes)} classes, {device}"
         + (f"; distilling {cfg.teacher} on {len(unlabelled) * world} train images" if unlabelled is not None else "")
@@ -319,8 +331,10 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
     if cfg.mode in ("linear-probe", "knn"):
         for p in model.encoder.parameters():
             p.requires_grad_(False)
-        train_x = embed(model.encoder, train_x, cfg.image_size, device)
-        evals = {s: (embed(model.encoder, x, cfg.image_size, device), y) for s, (x, y) in evals.items()}
+        train_x = embed(model.encoder, train_x, cfg.image_size, device, precision=precision)
+        evals = {
+            s: (embed(model.encoder, x, cfg.image_size, device, precision=precision), y) for s, (x, y) in evals.items()
+        }
 
         def run(x, train=False):
             # weighted kNN vote of the train embeddings (the kNN monitor's classifier)
@@ -341,9 +355,8 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
             for the batch's first n images, on the same augmented views."""
             x = x.to(device, non_blocking=True)
             x = augment(x, cfg.image_size, aug_gen) if train else eval_transform(x, cfg.image_size)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
+            x = precision.layout(x)
+            with precision.autocast(device):
                 logits = (train_model if train else model)(x).float()
                 if not with_teacher:
                     return logits
@@ -459,6 +472,7 @@ def _train_classifier(data_location, output_location, cfg, info, device, stop, l
         "val": {k: val[k] for k in ("top1", "top3", "macro_f1", "n")},
         "best_epoch": best["epoch"],
         "mode": cfg.mode,
+        "precision": precision.name,
         "weights": source,
         "train_images": n_train,
         "classes": classes,

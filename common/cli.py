@@ -86,3 +86,16 @@ def parse_list(value: str | None) -> tuple[str, ...]:
 
 # what torch.manual_seed and random.seed take: larger seeds overflow
 SEED = click.IntRange(0, 2**63 - 1)
+
+
+def precision_option(fn):
+    """The ``--precision`` option (``auto``, ``fp32``, ``bf16``) of the jobs that run the network; resolved per
+    device by ``common.training.resolve_precision``."""
+    return click.option(
+        "--precision",
+        type=click.Choice(["auto", "fp32", "bf16"]),
+        default="auto",
+        envvar="FACESSL_PRECISION",
+        help="Network arithmetic. auto: bf16 autocast in channels_last on CUDA and on CPUs with native bf16 "
+        "(avx512_bf16 or amx_bf16), fp32 elsewhere. Losses and softmaxes stay float32.",
+    )(fn)

@@ -18,7 +18,7 @@ from facessl.common.errors import BadInputError
 from facessl.common.faces import MAX_PHOTO_BYTES, DetectConfig, SkipImage, crop_face, decode_image, detect_faces
 from facessl.common.models import Classifier, build_encoder, check_weight_values, load_error_summary
 from facessl.common.storage import NotFoundError, open_file_location
-from facessl.common.training import autocast, pick_device
+from facessl.common.training import pick_device, resolve_precision
 
 
 def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
@@ -82,8 +82,10 @@ def identify(
     detect: bool = True,
     cfg: DetectConfig = DetectConfig(),
     device_name: str = "auto",
+    precision: str = "auto",
 ):
-    """Faces of a photo with their top-3 identities.
+    """Faces of a photo with their top-3 identities, the classifier run in ``precision`` (``auto``, ``fp32`` or
+    ``bf16``, resolved for the device as the training jobs do; the softmax is float32).
 
     Returns ``(image, faces)``: the decoded RGB photo and one dict per face, largest first: ``box`` (x, y, w,
     h in pixels; the whole photo with ``detect=False``), ``detector``, ``top3`` [(name, probability)], and
@@ -105,9 +107,11 @@ def identify(
     crops = torch.stack(
         [image_to_chw(crop_face(img, box if detect else None, cfg.margin, image_size)) for box, _ in found]
     )
-    model = model.to(device)
-    with autocast(device):
-        probs = model(eval_transform(crops.to(device), image_size)).float().softmax(1).cpu()
+    arithmetic = resolve_precision(precision, device)
+    model = arithmetic.layout(model.to(device))
+    with arithmetic.autocast(device):
+        logits = model(arithmetic.layout(eval_transform(crops.to(device), image_size)))
+    probs = logits.float().softmax(1).cpu()
     k = min(3, len(classes))
     top_p, top_i = probs.topk(k, dim=1)
     faces = []

@@ -46,11 +46,11 @@ from facessl.common.training import (
     RunWriter,
     StopRequest,
     Throughput,
-    autocast,
     embed,
     knn_predict,
     last_step_lr,
     pick_device,
+    resolve_precision,
     seed_everything,
     stop_requested,
     warmup_cosine,
@@ -83,6 +83,7 @@ class PretrainConfig:
     checkpoint_every: int = 1
     resume: str = "auto"
     compile: bool = False
+    precision: str = "auto"
     log_every: int = 50
     data_mode: str = "auto"
     shuffle_window: int = 10000
@@ -145,17 +146,25 @@ def pretrain(data_location: str, output_location: str, cfg: PretrainConfig, log=
         PreemptedError: SIGTERM arrived; a checkpoint was written first (rerun to resume).
     """
     info, device = init_distributed(pick_device(cfg.device))
+    precision = resolve_precision(cfg.precision, device)
     stop = StopRequest()
     try:
         return _pretrain(
-            data_location, output_location, cfg, info, device, stop, log if info.is_main else (lambda *a, **k: None)
+            data_location,
+            output_location,
+            cfg,
+            info,
+            device,
+            precision,
+            stop,
+            log if info.is_main else (lambda *a, **k: None),
         )
     finally:
         stop.restore()
         cleanup()
 
 
-def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> dict:
+def _pretrain(data_location, output_location, cfg, info, device, precision, stop, log) -> dict:
     out = open_storage(output_location)
     refuse_output_inside(data_location, output_location)
     # before any work
@@ -190,9 +199,7 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
     model = SimCLRModel(encoder, ProjectionHead(512, cfg.proj_hidden_dim, cfg.proj_dim))
     if info.enabled:
         model = sync_batchnorm(model, device)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = precision.layout(model.to(device))
     lr = cfg.lr * batch / 256
     optimizer = build_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay)
     total_steps = cfg.epochs * steps_per_epoch
@@ -321,9 +328,12 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
                 "world_size": world,
                 "effective_lr": lr,
                 "device": str(device),
+                "precision_used": precision.name,
+                "precision_reason": precision.reason,
                 "torch": torch.__version__,
             },
         )
+    log(precision.describe())
     log(
         f"SimCLR on {n} images, global batch {batch} ({world} process(es)), {steps_per_epoch} steps/epoch, "
         f"{cfg.epochs} epochs, {device}, data mode {data_mode}"
@@ -341,9 +351,8 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
             x = x.to(device, non_blocking=True)
             v1, v2 = augment(x, cfg.image_size, aug_gen), augment(x, cfg.image_size, aug_gen)
             views = v1
-            if device.type == "cuda":
-                v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
-            with autocast(device):
+            v1, v2 = precision.layout(v1), precision.layout(v2)
+            with precision.autocast(device):
                 loss = simclr_loss(forward, v1, v2, loss_fn)
             # the step's one wait for the GPU: a NaN/inf never reaches the weights
             value = loss.item()
@@ -376,7 +385,14 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         last = epoch + 1 == cfg.epochs
         if info.is_main and val is not None and cfg.knn_every > 0 and ((epoch + 1) % cfg.knn_every == 0 or last):
             record["knn_top1"] = knn_monitor(
-                model.encoder, *pool.labelled(counts["train"]), val, val_labels, len(data.classes), cfg, device
+                model.encoder,
+                *pool.labelled(counts["train"]),
+                val,
+                val_labels,
+                len(data.classes),
+                cfg,
+                device,
+                precision,
             )
         if info.is_main:
             writer.log_epoch(record)
@@ -390,12 +406,13 @@ def _pretrain(data_location, output_location, cfg, info, device, stop, log) -> d
         "world_size": world,
         "final_loss": writer.history[-1]["loss"] if writer.history else None,
         "knn_top1": next((h["knn_top1"] for h in reversed(writer.history) if "knn_top1" in h), None),
+        "precision": precision.name,
         "seconds": round(time.time() - started, 1),
     }
     # the loss is checked before each step, the last step's update only here
     if views is not None:
         model.eval()
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), precision.autocast(device):
             finite = bool(torch.isfinite(model.encoder(views)).all())
         if not min_across_ranks(int(finite)):
             raise DivergedError(
@@ -431,6 +448,7 @@ RESUMABLE_CHANGES = {
     "knn_every",
     "resume",
     "compile",
+    "precision",
     "data_mode",
     "shuffle_window",
 }
@@ -487,9 +505,12 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"][: torch.cuda.device_count()])
 
 
-def knn_monitor(encoder, train_images, train_labels, val_images, val_labels, num_classes, cfg, device) -> float:
-    """Val top-1 of a weighted kNN classifier on the encoder's train-split embeddings."""
-    bank = embed(encoder, train_images, cfg.image_size, device)
-    query = embed(encoder, val_images, cfg.image_size, device)
+def knn_monitor(
+    encoder, train_images, train_labels, val_images, val_labels, num_classes, cfg, device, precision=None
+) -> float:
+    """Val top-1 of a weighted kNN classifier on the encoder's train-split embeddings (computed in ``precision``;
+    None: ``auto`` for the device)."""
+    bank = embed(encoder, train_images, cfg.image_size, device, precision=precision)
+    query = embed(encoder, val_images, cfg.image_size, device, precision=precision)
     scores = knn_predict(bank, train_labels, query, num_classes, cfg.knn_k)
     return topk_accuracy(scores, val_labels, (1,))[1]

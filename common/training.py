@@ -9,6 +9,7 @@ import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -66,24 +67,125 @@ def last_step_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, steps
     return scheduler.base_lrs[0] * scheduler.lr_lambdas[0]((epoch + 1) * steps_per_epoch - 1)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, a no-op context elsewhere."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+# x86 CPU flags of native bf16 arithmetic: AVX512-BF16 dot products (Intel Cooper Lake, AMD Zen 4 on) and
+# AMX-BF16 tiles (Intel Sapphire Rapids on); without them oneDNN emulates bf16 and it runs slower than fp32
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The arithmetic a job runs its network in, resolved from ``--precision`` for one device.
+
+    ``bf16``: the forward pass under bf16 autocast (convolutions and matmuls in bfloat16, weights, optimizer
+    state and gradients of the weights in float32; Micikevicius et al., "Mixed Precision Training",
+    arXiv:1710.03740, and Kalamkar et al., "A Study of BFLOAT16 for Deep Learning Training", arXiv:1905.12322),
+    images and modules in channels_last, the layout oneDNN and cuDNN run bf16 convolutions in. ``fp32``: plain
+    float32 in the default layout. Losses and softmaxes stay float32 either way (the callers compute them on
+    ``.float()`` outputs or outside autocast).
+
+    Attributes:
+        name: ``bf16`` or ``fp32``. reason: why it was chosen, for the log and config.json.
+    """
+
+    name: str
+    reason: str
+
+    @property
+    def bf16(self) -> bool:
+        return self.name == "bf16"
+
+    def autocast(self, device: torch.device):
+        """The autocast context of this precision on ``device`` (a no-op context for fp32)."""
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def layout(self, x):
+        """``x`` (a module, or a 4-D float tensor (B, 3, H, W)) in channels_last for bf16; unchanged for fp32."""
+        if not self.bf16:
+            return x
+        if isinstance(x, torch.nn.Module):
+            return x.to(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def describe(self) -> str:
+        """The log line: e.g. ``precision bf16 (auto: CPU has avx512_bf16)``."""
+        return f"precision {self.name} ({self.reason})"
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
+    """The native-bf16 flags (:data:`NATIVE_BF16_CPU_FLAGS`) among the CPU's feature flags.
+
+    Args:
+        cpuinfo: the text of ``/proc/cpuinfo`` (read when None; no file, as off Linux, gives no flags).
+    Returns:
+        the flags present, sorted; () when none.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return ()
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return tuple(sorted(flags & set(NATIVE_BF16_CPU_FLAGS)))
+
+
+def resolve_precision(name: str, device: torch.device, cpu_flags: tuple[str, ...] | None = None) -> Precision:
+    """``--precision`` for ``device``: ``auto`` is bf16 on a CUDA GPU with native bf16 (Ampere on) and on a CPU
+    with native bf16 (:func:`cpu_bf16_flags`), fp32 elsewhere; ``fp32`` and ``bf16`` are taken as asked.
+
+    Args:
+        cpu_flags: the CPU's native-bf16 flags (tests); None reads them from ``/proc/cpuinfo``.
+    Raises:
+        UsageError: a name other than auto, fp32 or bf16.
+    """
+    from facessl.common.errors import UsageError
+
+    if name not in ("auto", "fp32", "bf16"):
+        raise UsageError(f"unknown precision {name!r}: use auto, fp32 or bf16")
+    if name == "fp32":
+        return Precision("fp32", "asked")
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        if name == "bf16":
+            return Precision("bf16", "asked" if native else "asked; this GPU has no native bf16: emulated, slower")
+        return Precision("bf16", "auto: GPU has bf16") if native else Precision("fp32", "auto: GPU has no bf16")
+    flags = cpu_bf16_flags() if cpu_flags is None else tuple(cpu_flags)
+    if name == "bf16":
+        return Precision(
+            "bf16", "asked" if flags else "asked; this CPU has no avx512_bf16 or amx_bf16: emulated, slower than fp32"
+        )
+    if flags:
+        return Precision("bf16", f"auto: CPU has {' and '.join(flags)}")
+    return Precision("fp32", "auto: CPU has no avx512_bf16 or amx_bf16")
+
+
+def autocast(device: torch.device, precision: Precision | None = None):
+    """The autocast context of ``precision`` on ``device``; None resolves ``auto`` for the device."""
+    return (precision or resolve_precision("auto", device)).autocast(device)
 
 
 @torch.no_grad()
 def embed(
-    encoder: torch.nn.Module, images: torch.Tensor, size: int, device: torch.device, batch_size: int = 256
+    encoder: torch.nn.Module,
+    images: torch.Tensor,
+    size: int,
+    device: torch.device,
+    batch_size: int = 256,
+    precision: Precision | None = None,
 ) -> torch.Tensor:
-    """Encoder outputs for uint8 images (N, 3, H, W): float32 (N, 512) on the CPU, eval mode."""
+    """Encoder outputs for uint8 images (N, 3, H, W): float32 (N, 512) on the CPU, eval mode, computed in
+    ``precision`` (None: ``auto`` for ``device``, see :func:`resolve_precision`)."""
+    precision = precision or resolve_precision("auto", device)
     was_training = encoder.training
     encoder.eval()
     out = []
     for chunk in images.split(batch_size):
-        x = eval_transform(chunk.to(device), size)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        x = precision.layout(eval_transform(chunk.to(device), size))
+        with precision.autocast(device):
             out.append(encoder(x).float().cpu())
     encoder.train(was_training)
     return torch.cat(out)

@@ -36,7 +36,7 @@ from facessl.common.storage import (
     open_storage,
     safe_key,
 )
-from facessl.common.training import RunWriter, embed, pick_device
+from facessl.common.training import RunWriter, embed, pick_device, resolve_precision
 
 # what evaluate_pairs writes under its output location
 OUTPUTS = ("scores.csv", "roc.png", "threshold.json", "metrics.json")
@@ -269,10 +269,12 @@ def evaluate_pairs(
     device_name: str = "auto",
     detect: DetectConfig | None = DetectConfig(),
     log=print,
+    precision: str = "auto",
 ) -> dict:
     """Run the verification protocol; returns the metrics written to ``metrics.json`` (last, after
     ``scores.csv`` and ``roc.png``). ``detect=None``: the photos are face crops already (for example
-    made by :func:`write_pair_crops`) and are embedded whole.
+    made by :func:`write_pair_crops`) and are embedded whole. ``precision`` (``auto``, ``fp32``, ``bf16``) is
+    the encoder's arithmetic, resolved for the device as the training jobs do; similarities are float32.
 
     Raises:
         BadInputError: unreadable pairs file, images or encoder, or an unusable output location.
@@ -282,6 +284,7 @@ def evaluate_pairs(
         raise UsageError("--folds must be at least 2")
     started = time.time()
     device = pick_device(device_name)
+    arithmetic = resolve_precision(precision, device)
     if any(location_within(pairs_location, join_location(output_location, name)) for name in OUTPUTS):
         raise UsageError(f"the output {output_location} would overwrite the pairs file {pairs_location}")
     # roc.png would later be listed as a photo
@@ -308,10 +311,10 @@ def evaluate_pairs(
         )
     log(
         f"{len(pairs)} pairs over {len(names)} photos; {'detecting and ' if detect else ''}embedding at "
-        f"{image_size} px on {device}"
+        f"{image_size} px on {device}, {arithmetic.describe()}"
     )
     crops, kept, no_face, unreadable = load_crops(open_storage(images_location), names, detect, image_size)
-    feats = embed(encoder.to(device), crops, image_size, device)
+    feats = embed(arithmetic.layout(encoder.to(device)), crops, image_size, device, precision=arithmetic)
     if not torch.isfinite(feats).all():
         raise BadInputError(f"the encoder {encoder_location} gives NaN or infinite embeddings: not a usable network")
     feats = torch.nn.functional.normalize(feats, dim=1)
@@ -341,6 +344,7 @@ def evaluate_pairs(
         "encoder": encoder_file,
         "image_size": image_size,
         "detection": detect is not None,
+        "precision": arithmetic.name,
         "seconds": round(time.time() - started, 1),
     }
     writer = RunWriter(out)

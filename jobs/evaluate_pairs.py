@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from facessl.common.cli import report_errors
+from facessl.common.cli import precision_option, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -38,8 +38,11 @@ from facessl.common.cli import report_errors
     help="--no-detect: the photos are face crops already (e.g. made once on a CPU machine); embed them whole.",
 )
 @click.option("--device", default="auto", envvar="FACESSL_DEVICE", help="auto, cpu, cuda or cuda:N.")
+@precision_option
 @report_errors
-def main(pairs_location, images_location, encoder_location, output_location, image_size, folds, detect, device):
+def main(
+    pairs_location, images_location, encoder_location, output_location, image_size, folds, detect, device, precision
+):
     """Embed both photos of every pair (Haar detection and crop as in prepare-data) and report verification
     accuracy at a cross-validated threshold, ROC AUC and a ROC plot.
 
@@ -59,6 +62,7 @@ def main(pairs_location, images_location, encoder_location, output_location, ima
         device,
         DetectConfig() if detect else None,
         log=click.echo,
+        precision=precision,
     )
     click.echo(
         f"verification accuracy {m['accuracy']:.3f} +- {m['accuracy_std']:.3f} ({m['folds']}-fold), "

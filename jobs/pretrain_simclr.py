@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from facessl.common.cli import SEED, FiniteFloatRange, is_main_process, report_errors
+from facessl.common.cli import SEED, FiniteFloatRange, is_main_process, precision_option, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -101,6 +101,7 @@ from facessl.common.cli import SEED, FiniteFloatRange, is_main_process, report_e
     help="--data-mode stream: samples decoded and shuffled together.",
 )
 @click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the model.")
+@precision_option
 @report_errors
 def main(data_location, output_location, compile_, **options):
     """Pretrain a ResNet18 face encoder with SimCLR; writes encoder.pt to --output.

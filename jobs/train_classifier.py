@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from facessl.common.cli import SEED, FiniteFloatRange, is_main_process, report_errors
+from facessl.common.cli import SEED, FiniteFloatRange, is_main_process, precision_option, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -89,6 +89,7 @@ from facessl.common.cli import SEED, FiniteFloatRange, is_main_process, report_e
 )
 @click.option("--seed", type=SEED, default=1337, help="Random seed.")
 @click.option("--device", default="auto", envvar="FACESSL_DEVICE", help="auto, cpu, cuda or cuda:N.")
+@precision_option
 @report_errors
 def main(data_location, output_location, **options):
     """Train an identity classifier and report top-1/top-3, per-class P/R/F1 and the confusion matrix.
