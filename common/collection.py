@@ -250,7 +250,7 @@ def identify_collection(
 
     stop = _Stop()
     try:
-        stream = detect_photos(photos_location, todo, cfg, crops="all", workers=workers)
+        stream = detect_photos(photos_location, todo, cfg, crops="all", workers=workers, align=gallery.align)
         for photo in progress(stream, len(todo), "identify"):
             row = {"photo": photo.key, "faces": [{"box": list(f.box)} for f in photo.faces]}
             if photo.error:

@@ -398,7 +398,7 @@ class Gallery:
         embeddings: float32 (N, D), unit rows. labels: int64 (N,), index into ``people``. people: P >= 2
             distinct names. photos: N source photo keys, relative to the enrolment's ``--people``.
         encoder: the Embedder's ``info``. image_size: crop side, pixels. flip: flip-averaged embeddings.
-        template: ``best`` or ``mean``. detection: DetectConfig fields plus ``similar_face_ratio``.
+        template: ``best`` or ``mean``. detection: DetectConfig fields plus ``similar_face_ratio`` and ``align``.
         threshold: ``value`` (cosine similarity) and how it was set. skipped: ``{"photo", "reason"}`` of the
         reference photos left out. sha256: of the gallery file's bytes (set when read).
     """
@@ -416,6 +416,11 @@ class Gallery:
     skipped: list = field(default_factory=list)
     created: str = ""
     sha256: str = ""
+
+    @property
+    def align(self) -> str:
+        """How the faces were aligned before cropping (common.photos.aligned_crop): ``none`` or ``eyes``."""
+        return self.detection.get("align", "none")
 
     @property
     def detect_config(self) -> DetectConfig:
@@ -496,6 +501,8 @@ def _check_detection(detection, where: str) -> None:
             ok = isinstance(value, bool)
         elif name == "on_no_face":
             ok = value in ("skip", "keep-full")
+        elif name == "align":
+            ok = value in ("none", "eyes")
         else:
             ok = False
         if not ok:
@@ -699,6 +706,7 @@ def enroll(
     threshold_from: str | None = None,
     detect: DetectConfig = DetectConfig(),
     similar_face_ratio: float = SIMILAR_FACE_RATIO,
+    align: str = "none",
     workers: int = 0,
     device_name: str = "auto",
     log=print,
@@ -716,9 +724,11 @@ def enroll(
             named), an unusable encoder or threshold file. StorageError: S3 unreachable (exit 4).
     """
     from facessl.common.data import image_to_chw
-    from facessl.common.photos import detect_photos
+    from facessl.common.photos import ALIGNMENTS, detect_photos
 
     started = time.time()
+    if align not in ALIGNMENTS:
+        raise UsageError(f"align {align!r}: choose {' or '.join(ALIGNMENTS)}")
     if template not in TEMPLATES:
         raise UsageError(f"template {template!r}: choose {' or '.join(TEMPLATES)}")
     if not 0 < far < 1:
@@ -743,7 +753,7 @@ def enroll(
     log(f"enrolling {len(people)} people from {len(keys)} photos at {size} px on {embedder.device}")
     crops, kept, seen = [], [], {}
     for photo in progress(
-        detect_photos(people_location, keys, cfg, crops="largest", workers=workers), len(keys), "enrol"
+        detect_photos(people_location, keys, cfg, crops="largest", workers=workers, align=align), len(keys), "enrol"
     ):
         reason = photo.error or ("no face detected" if not photo.faces else _ambiguity(photo.faces, similar_face_ratio))
         if reason is None and photo.sha256 in seen:
@@ -782,7 +792,7 @@ def enroll(
         image_size=size,
         flip=flip,
         template=template,
-        detection={**asdict(cfg), "similar_face_ratio": similar_face_ratio},
+        detection={**asdict(cfg), "similar_face_ratio": similar_face_ratio, "align": align},
         threshold=chosen,
         skipped=skipped,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -33,6 +33,10 @@ from facessl.common.storage import open_storage
 
 # photos per task sent to a worker: fewer round trips, and still a smooth progress bar
 PHOTOS_PER_TASK = 4
+ALIGNMENTS = ("none", "eyes")
+EYE_CASCADE = "haarcascade_eye.xml"
+# a tilt beyond this is more likely two wrong eye detections than a tilted head
+MAX_TILT_DEGREES = 30.0
 
 
 @dataclass
@@ -56,13 +60,52 @@ class PhotoFaces:
     sha256: str | None = None
 
 
-def faces_of_photo(data: bytes, cfg: DetectConfig, crops: str = "all") -> PhotoFaces:
+def eye_tilt(img, box: tuple[int, int, int, int], cfg: DetectConfig) -> float | None:
+    """The in-plane tilt of a face in degrees (counter-clockwise positive, as PIL's ``rotate`` takes it), from
+    the two eyes OpenCV's eye cascade (``haarcascade_eye.xml``) finds in the upper half of the face box: the
+    largest detection left of the box centre and the largest right of it. None when either eye is missing or
+    the tilt exceeds :data:`MAX_TILT_DEGREES`."""
+    import math
+
+    from facessl.common.faces import _cascade, _gray
+
+    x, y, w, h = box
+    gray = _gray(img)[max(0, y) : y + h // 2 + h // 8, max(0, x) : x + w]
+    if gray.size == 0:
+        return None
+    side = max(8, w // 8)
+    eyes = _cascade(EYE_CASCADE).detectMultiScale(
+        gray, scaleFactor=cfg.scale_factor, minNeighbors=3, minSize=(side, side)
+    )
+    centres = sorted(((ex + ew / 2, ey + eh / 2, ew * eh) for ex, ey, ew, eh in eyes), key=lambda e: -e[2])
+    left = next((e for e in centres if e[0] < w / 2), None)
+    right = next((e for e in centres if e[0] >= w / 2), None)
+    if left is None or right is None:
+        return None
+    # image y grows downwards: a right eye lower than the left one is a clockwise tilt
+    tilt = math.degrees(math.atan2(right[1] - left[1], right[0] - left[0]))
+    return tilt if abs(tilt) <= MAX_TILT_DEGREES else None
+
+
+def aligned_crop(img, box: tuple[int, int, int, int], cfg: DetectConfig, align: str):
+    """:func:`common.faces.crop_face` of ``box``; with ``align="eyes"``, of the photo first rotated about the
+    box centre so that the eyes lie level (:func:`eye_tilt`; no rotation when the eyes are not found)."""
+    from PIL import Image
+
+    if align == "eyes" and (tilt := eye_tilt(img, box, cfg)) is not None:
+        x, y, w, h = box
+        img = img.rotate(tilt, resample=Image.Resampling.BICUBIC, center=(x + w / 2, y + h / 2))
+    return crop_face(img, box, cfg.margin, cfg.image_size)
+
+
+def faces_of_photo(data: bytes, cfg: DetectConfig, crops: str = "all", align: str = "none") -> PhotoFaces:
     """Decode ``data`` and detect its faces as :func:`common.faces.detect_faces` does, largest first.
 
     Args:
         data: the photo file's bytes. cfg: detection settings; ``cfg.image_size`` is the crop side in pixels
             and ``cfg.margin`` the margin around each box. crops: ``"all"`` crops every face, ``"largest"``
             only the first (enrolment: the other boxes are kept to judge whether the photo is ambiguous).
+            align: ``"none"`` (prepare-data's crop) or ``"eyes"`` (:func:`aligned_crop`).
     Returns:
         PhotoFaces with an empty ``key``; ``error`` set when the bytes are no decodable image (empty, not an
         image, over ``cfg.max_pixels`` pixels, truncated).
@@ -75,7 +118,7 @@ def faces_of_photo(data: bytes, cfg: DetectConfig, crops: str = "all") -> PhotoF
     for n, (box, detector) in enumerate(detect_faces(img, cfg)):
         crop = None
         if crops == "all" or n == 0:
-            crop = np.asarray(crop_face(img, box, cfg.margin, cfg.image_size), dtype=np.uint8)
+            crop = np.asarray(aligned_crop(img, box, cfg, align), dtype=np.uint8)
         faces.append(Face(tuple(int(v) for v in box), detector, crop))
     return PhotoFaces("", faces)
 
@@ -83,7 +126,7 @@ def faces_of_photo(data: bytes, cfg: DetectConfig, crops: str = "all") -> PhotoF
 _WORKER: dict = {}
 
 
-def _init_worker(location: str, cfg: DetectConfig, crops: str, ignore_signals: bool) -> None:
+def _init_worker(location: str, cfg: DetectConfig, crops: str, align: str, ignore_signals: bool) -> None:
     import cv2
 
     # one process per core already: OpenCV's own threads would only contend
@@ -92,7 +135,7 @@ def _init_worker(location: str, cfg: DetectConfig, crops: str, ignore_signals: b
         # Ctrl-C and SIGTERM are the parent's to handle: it stops the pool and keeps what is done
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _WORKER.update(storage=open_storage(location), cfg=cfg, crops=crops)
+    _WORKER.update(storage=open_storage(location), cfg=cfg, crops=crops, align=align)
 
 
 def _read_and_detect(key: str) -> PhotoFaces:
@@ -107,7 +150,7 @@ def _read_and_detect(key: str) -> PhotoFaces:
     except BadInputError as exc:
         return PhotoFaces(key, error=f"cannot read: {exc}")
     try:
-        result = faces_of_photo(data, _WORKER["cfg"], _WORKER["crops"])
+        result = faces_of_photo(data, _WORKER["cfg"], _WORKER["crops"], _WORKER["align"])
     # a decoder or detector crash on one photo must not stop a collection of thousands
     except Exception as exc:  # noqa: BLE001
         result = PhotoFaces("", error=f"could not process the image ({type(exc).__name__})")
@@ -125,7 +168,7 @@ def usable_cores() -> int:
 
 
 def detect_photos(
-    location: str, keys: Iterable[str], cfg: DetectConfig, crops: str = "all", workers: int = 0
+    location: str, keys: Iterable[str], cfg: DetectConfig, crops: str = "all", workers: int = 0, align: str = "none"
 ) -> Iterator[PhotoFaces]:
     """The faces of every photo ``keys`` names under ``location``, yielded in the order of ``keys``.
 
@@ -140,7 +183,7 @@ def detect_photos(
     workers = max(1, min(workers or usable_cores(), usable_cores(), -(-len(keys) // PHOTOS_PER_TASK) or 1))
     tasks = [keys[i : i + PHOTOS_PER_TASK] for i in range(0, len(keys), PHOTOS_PER_TASK)]
     if workers == 1:
-        _init_worker(location, cfg, crops, ignore_signals=False)
+        _init_worker(location, cfg, crops, align, ignore_signals=False)
         for task in tasks:
             yield from _task(task)
         return
@@ -148,7 +191,7 @@ def detect_photos(
         workers,
         mp_context=get_context("spawn"),
         initializer=_init_worker,
-        initargs=(location, cfg, crops, True),
+        initargs=(location, cfg, crops, align, True),
     )
     pending: deque = deque()
     try:

@@ -76,6 +76,13 @@ from facessl.common.cli import FiniteFloatRange, report_errors
     help="A reference photo whose second face is at least this fraction of the largest face's width is skipped.",
 )
 @click.option(
+    "--align",
+    type=click.Choice(["none", "eyes"]),
+    default="none",
+    help="eyes: rotate each face so that the eyes found by OpenCV's eye cascade lie level before cropping "
+    "(identify aligns the same way).",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=0),
     default=0,
@@ -98,6 +105,7 @@ def main(
     margin,
     min_face,
     similar_face_ratio,
+    align,
     workers,
     device,
 ):
@@ -121,6 +129,7 @@ def main(
         threshold_from=threshold_from,
         detect=DetectConfig(margin=margin, min_face=min_face),
         similar_face_ratio=similar_face_ratio,
+        align=align,
         workers=workers,
         device_name=device,
         log=click.echo,

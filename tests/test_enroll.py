@@ -456,3 +456,24 @@ def test_an_ambiguous_photo_made_of_two_real_faces_is_skipped_not_guessed(tmp_pa
     assert "2 faces of similar size" in _ambiguity(result.faces, 0.8)
     single = faces_of_photo((CASES / "raw" / "Tom Hanks" / "plain.jpg").read_bytes(), DetectConfig(image_size=SIZE))
     assert len(single.faces) == 1 and _ambiguity(single.faces, 0.8) is None
+
+
+def test_eye_alignment_measures_and_levels_a_tilted_face(encoder_run, tmp_path):
+    """A real face turned 10 degrees counter-clockwise: the eye cascade measures about -10 degrees relative to
+    the upright photo, and enroll --align eyes records the alignment for identify to repeat."""
+    from facessl.common.faces import DetectConfig, decode_image, detect_faces
+    from facessl.common.photos import aligned_crop, eye_tilt
+
+    cfg = DetectConfig(image_size=64)
+    upright = decode_image((CASES / "raw" / "Tom Hanks" / "plain.jpg").read_bytes())
+    turned = upright.rotate(10, resample=Image.Resampling.BICUBIC)
+    base = eye_tilt(upright, detect_faces(upright, cfg)[0][0], cfg)
+    box = detect_faces(turned, cfg)[0][0]
+    tilt = eye_tilt(turned, box, cfg)
+    assert abs(tilt - base + 10) < 3, (tilt, base)
+    crop = aligned_crop(turned, box, cfg, "eyes")
+    assert crop.size == (64, 64) and crop.tobytes() != aligned_crop(turned, box, cfg, "none").tobytes()
+    people = copy_rows(enrolment_rows(("7201", "7206")), tmp_path / "people", per_identity=2)
+    r = invoke(enroll_main, "--people", people, "--encoder", encoder_run, "--output", tmp_path / "g", "--align", "eyes")
+    assert r.exit_code == 0, r.output
+    assert torch.load(tmp_path / "g" / "gallery.pt", weights_only=True)["detection"]["align"] == "eyes"
