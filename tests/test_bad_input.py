@@ -226,6 +226,7 @@ def test_unknown_or_missing_device_is_a_usage_error(prepared_subset, tmp_path):
         assert r.exit_code == 2 and "device" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_resume_with_other_options_is_refused(prepared_subset, tmp_path):
     out = tmp_path / "run"
     common = [
@@ -625,6 +626,7 @@ def test_sigterm_during_an_s3_request_stops_prepare_data(tmp_path):
     assert proc.returncode == 4 and "stopped by SIGTERM" in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_a_job_never_writes_into_another_jobs_output(prepared_subset, tmp_path):
     """A SimCLR run, a classifier run and a prepared dataset each keep their folder (exit 2 before any work;
     evaluate-pairs and prepare-data too);

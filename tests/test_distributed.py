@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -101,6 +102,7 @@ def one_and_two_processes(script, args, tmp_path):
     return two
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_write_the_same_outputs(prepared_sharded, tmp_path):
     """Each rank streams its own whole shards (17 train shards of 10 are dealt out between the 2 ranks)."""
     two = one_and_two_processes(
@@ -139,6 +141,7 @@ def test_torchrun_two_processes_write_the_same_outputs(prepared_sharded, tmp_pat
     assert len(history) == 2 and all(h["loss"] > 0 for h in history) and "knn_top1" in history[-1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_a_classifier(prepared_subset, tmp_path):
     two = one_and_two_processes(
         "train-classifier",
@@ -152,6 +155,7 @@ def test_torchrun_two_processes_train_a_classifier(prepared_subset, tmp_path):
     assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_spec_wrapper_exits_with_the_failing_ranks_code(prepared_sharded, tmp_path):
     """One rank hits a truncated shard (exit 3); torchrun itself exits 1, and the shell line of
     infra/k8s/pretrain-simclr-multinode.yaml turns that back into 3 for the podFailurePolicy."""
@@ -186,6 +190,7 @@ def test_spec_wrapper_exits_with_the_failing_ranks_code(prepared_sharded, tmp_pa
     assert "error: shard train/shard-000001.tar holds 1 of the 10 samples" in wrapped.stderr
 
 
+@pytest.mark.slow
 def test_resuming_with_another_process_count_is_refused(prepared_sharded, tmp_path):
     """The global batch, the LR and the steps per epoch depend on the process count: a resumed run must not
     silently change them."""

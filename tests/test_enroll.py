@@ -355,6 +355,7 @@ def test_identify_refuses_an_encoder_that_does_not_fit_the_gallery(gallery, enco
     assert r.exit_code == 3 and "is not the one the gallery was enrolled with" in r.stderr
 
 
+@pytest.mark.slow
 def test_enroll_and_identify_on_s3(s3_env, people, encoder_run, tmp_path):
     """A real S3 server process: people, encoder, gallery, photos and results all in the bucket."""
     from facessl.common.storage import open_storage

@@ -54,6 +54,7 @@ def simclr_run(prepared_subset, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_pretraining_writes_its_outputs(simclr_run):
     for name in ("encoder.pt", "projection_head.pt", "config.json", "metrics.jsonl", "loss_curve.png", "summary.json"):
         assert (simclr_run / name).is_file(), name
@@ -66,6 +67,7 @@ def test_pretraining_writes_its_outputs(simclr_run):
     assert "conv1.weight" in state and not any(k.startswith("fc.") for k in state)
 
 
+@pytest.mark.slow
 def test_finetuned_classifier_beats_chance_clearly(prepared_subset, simclr_run, tmp_path):
     out = tmp_path / "cls"
     r = run_script(
@@ -116,6 +118,7 @@ def test_finetuned_classifier_beats_chance_clearly(prepared_subset, simclr_run, 
     assert correct >= 4, f"{correct} of 6 train photos named correctly"
 
 
+@pytest.mark.slow
 def test_linear_probe_leaves_the_encoder_unchanged(prepared_subset, simclr_run, tmp_path):
     result = CliRunner().invoke(
         classifier_main,
@@ -147,6 +150,7 @@ def test_linear_probe_leaves_the_encoder_unchanged(prepared_subset, simclr_run, 
     assert json.loads((tmp_path / "lp" / "metrics.json").read_text())["train_images"] == 30
 
 
+@pytest.mark.slow
 def test_batch_larger_than_dataset_works(prepared_subset, tmp_path):
     result = CliRunner().invoke(
         pretrain_main,
@@ -207,6 +211,7 @@ def test_help_does_not_import_torch_or_boto3():
         assert r.returncode == 0 and "--output" in r.stdout
 
 
+@pytest.mark.slow
 def test_same_results_on_s3_as_locally(glint_subset, s3_env, tmp_path):
     """prepare -> pretrain -> classifier from an S3 bucket gives exactly the local results for one seed."""
     import boto3
@@ -268,6 +273,7 @@ def _read(root, key):
     return open_storage(root).read_text(key)
 
 
+@pytest.mark.slow
 def test_knn_mode_reports_without_training(prepared_subset, simclr_run, tmp_path):
     out = tmp_path / "knn"
     r = run_script(
@@ -293,6 +299,7 @@ def test_knn_mode_reports_without_training(prepared_subset, simclr_run, tmp_path
     assert not (out / "model.pt").exists() and (out / "confusion_matrix.png").is_file()
 
 
+@pytest.mark.slow
 def test_distillation_student_learns_the_teacher_from_unlabelled_train_images(prepared_subset, simclr_run, tmp_path):
     """SimCLRv2's distillation: a fine-tuned teacher; a student from the SimCLR encoder that sees only 10
     labels per identity, with label weight 0 (so it learns from every train image's teacher predictions

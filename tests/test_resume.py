@@ -73,6 +73,7 @@ def uninterrupted(prepared_subset, tmp_path_factory):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_sigterm_then_resume_matches_uninterrupted_run(where, prepared_subset, uninterrupted, tmp_path, request):
     out = str(tmp_path / "run") if where == "local" else f"s3://{request.getfixturevalue('s3_env')}/run"
@@ -101,6 +102,7 @@ def test_sigterm_then_resume_matches_uninterrupted_run(where, prepared_subset, u
     assert where == "s3" or not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_rewrites_its_weights_and_a_restart_leaves_none_of_its_results(
     prepared_subset, uninterrupted, tmp_path
 ):
@@ -127,6 +129,7 @@ def test_a_finished_run_rewrites_its_weights_and_a_restart_leaves_none_of_its_re
     assert not state["finished"] and state["epoch"] == 1, "the restart's own checkpoint, not the finished run's"
 
 
+@pytest.mark.slow
 def test_resume_of_a_checkpoint_from_another_device_kind_reseeds_instead_of_crashing(prepared_subset, tmp_path):
     """A preempted GPU run resumed on a CPU node (or the reverse): the augmentation generator's saved state
     belongs to the other device kind and cannot be loaded; the run goes on from the checkpoint, reseeded."""
@@ -144,6 +147,7 @@ def test_resume_of_a_checkpoint_from_another_device_kind_reseeds_instead_of_cras
     assert (out / "encoder.pt").is_file()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_exit_code_5_and_keeps_checkpoint(prepared_subset, tmp_path):
     out = tmp_path / "run"
     r = pretrain(prepared_subset, str(out), extra=["--lr", "1e30", "--warmup-epochs", "0"])
@@ -152,6 +156,7 @@ def test_nan_loss_stops_with_exit_code_5_and_keeps_checkpoint(prepared_subset, t
     assert not (out / "encoder.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_last_step_that_breaks_the_weights_is_divergence_not_a_finished_run(prepared_subset, tmp_path):
     """The loss is checked before each step, so a one-step run never saw the update of --lr 1e30: it ended
     with exit 0 and an encoder whose embeddings overflow."""
@@ -188,6 +193,7 @@ def test_a_last_step_that_breaks_the_weights_is_divergence_not_a_finished_run(pr
     assert not (out / "encoder.pt").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_train_classifier_with_the_retry_code(prepared_subset, tmp_path):
     """train-classifier keeps no checkpoint (minutes of work): SIGTERM still ends it with code 4, which the
     job specs retry, rather than with the signal's default status."""
@@ -235,6 +241,7 @@ def test_logged_lr_is_the_last_steps_whatever_step_a_run_resumed_at():
     assert ran[steps - 1] == 0.5 and 0 < last_step_lr(scheduler, epochs - 1, steps) < 0.1
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_data_and_damaged_checkpoints(prepared_subset, tmp_path):
     """Another --data or other data at the same location, a checkpoint without its optimizer or RNG state, with NaN
     weights or optimizer moments, or

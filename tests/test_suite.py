@@ -25,6 +25,7 @@ suite = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(suite)
 
 
+@pytest.mark.suite
 def test_reduced_suite_table_and_simclr_beats_scratch_on_glint24_20(tmp_path):
     out = tmp_path / "suite"
     cmd = [
