@@ -45,18 +45,29 @@ SUMMARY = "summary.json"
 
 def shard_of(key: str, num_shards: int) -> int:
     """The shard (0 .. num_shards - 1) of a photo key: a hash of the key alone."""
-    return int(hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16], 16) % num_shards
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:16], 16) % num_shards
 
 
-def list_photos(storage: Storage) -> list[str]:
-    """Every file under the location, sorted, hidden and system files left out.
+def list_photos(storage: Storage, log=print) -> list[str]:
+    """Every file under the location, sorted, hidden and system files left out, and local files whose names are
+    not valid UTF-8 (no results line can name them) left out with a warning naming them.
 
     Raises:
         BadInputError: the location holds no file.
     """
     from facessl.common.prepare import is_ignored
 
-    keys = sorted(k for k in storage.list() if not is_ignored(k))
+    keys, unnamed = [], []
+    for key in sorted(storage.list()):
+        if is_ignored(key):
+            continue
+        try:
+            key.encode("utf-8")
+            keys.append(key)
+        except UnicodeEncodeError:
+            unnamed.append(key.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    if unnamed:
+        log(f"warning: left out {len(unnamed)} files whose names are not valid UTF-8 (rename them): {unnamed[:5]}")
     if not keys:
         raise BadInputError(f"no photos under {storage.uri} (empty, or not there)")
     return keys
@@ -206,7 +217,7 @@ def identify_collection(
     )
     shard = f"{shard_index}-of-{num_shards}"
     photos = open_storage(photos_location)
-    keys = [k for k in list_photos(photos) if shard_of(k, num_shards) == shard_index]
+    keys = [k for k in list_photos(photos, log) if shard_of(k, num_shards) == shard_index]
     done, parts = read_parts(out)
     todo = [k for k in keys if k not in done]
     status_key = f"shards/{shard}.json"

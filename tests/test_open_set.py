@@ -189,6 +189,16 @@ def test_refused_locations_and_mixed_modes(gallery, collection, tmp_path):
     assert r.exit_code == 3 and "no photos under" in r.stderr
 
 
+def test_a_file_name_that_is_not_utf8_is_left_out_with_a_warning(gallery, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copyfile(CASES / "raw" / "Tom Hanks" / "plain.jpg", photos / "plain.jpg")
+    shutil.copyfile(CASES / "raw" / "Tom Hanks" / "plain.jpg", photos / os.fsdecode(b"caf\xe9.jpg"))
+    r = invoke(identify_main, "--gallery", gallery, "--photos", photos, "--output", tmp_path / "o", "--workers", 1)
+    assert r.exit_code == 0 and "left out 1 files whose names are not valid UTF-8" in r.output, r.output
+    assert [row["photo"] for row in read_jsonl(tmp_path / "o" / "results.jsonl")] == ["plain.jpg"]
+
+
 def test_shards_are_a_function_of_the_key_alone():
     from facessl.common.collection import shard_of
 
