@@ -17,6 +17,10 @@ ImageNet file (``init``), or random weights. Modes:
 Each epoch reports train top-1 and val top-1/top-3; the best-by-val weights are evaluated on the test
 split. Outputs under the run's location: ``model.pt``, ``metrics.json``, ``metrics.jsonl``,
 ``classification_report.txt``, ``confusion_matrix.png``, ``training_curves.png``, ``config.json``.
+
+Reading order: :func:`train_classifier` sets a run up (:func:`open_output`, :func:`build_run`,
+:func:`start_writing`), then either votes (:func:`knn_classify`) or repeats :func:`train_one_epoch` and
+:func:`evaluate` (:func:`fit`), and ends with :func:`finish` (:func:`write_results`).
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from facessl.common.augment import BatchAugment, eval_transform, supervised_preset
-from facessl.common.checkpoints import load_torch, save_torch
+from facessl.common.checkpoints import save_torch
+from facessl.common.config import CLASSIFIER_MODES, ClassifierConfig
 from facessl.common.data import PreparedDataset, refuse_output_inside
 from facessl.common.distributed import (
+    DistInfo,
     barrier,
     cleanup,
     init_distributed,
@@ -42,50 +48,28 @@ from facessl.common.distributed import (
 )
 from facessl.common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from facessl.common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
-from facessl.common.models import Classifier, build_encoder, load_encoder_weights
+from facessl.common.models import Classifier, build_encoder
 from facessl.common.pool import MemoryPool, epoch_generator, rank_share
-from facessl.common.storage import claim_output, join_location, location_within, open_storage
+from facessl.common.storage import Storage, claim_output, location_within, open_storage
 from facessl.common.training import (
     Precision,
     RunWriter,
     StopRequest,
     embed,
+    format_record,
     knn_predict,
     last_step_lr,
+    optimizer_step,
     pick_device,
     resolve_precision,
     seed_everything,
     stop_requested,
     warmup_cosine,
 )
+from facessl.common.weights import load_classifier, load_encoder
 
-
-@dataclass
-class ClassifierConfig:
-    """Options of train-classifier (written to ``config.json``)."""
-
-    mode: str = "finetune"
-    encoder: str | None = None
-    init: str = "scratch"
-    epochs: int = 10
-    batch_size: int = 64
-    image_size: int = 112
-    optimizer: str = "adam"
-    lr: float = 3e-4
-    weight_decay: float = 8e-4
-    encoder_lr_scale: float = 1.0
-    warmup_epochs: int = 0
-    schedule: str = "cosine"
-    label_smoothing: float = 0.0
-    labels_per_class: int | None = None
-    knn_k: int = 20
-    teacher: str | None = None
-    distill_temperature: float = 1.0
-    distill_label_weight: float = 1.0
-    seed: int = 1337
-    device: str = "auto"
-    precision: str = "auto"
-
+# importable from here as before common.config and common.weights held them
+__all__ = ["ClassifierConfig", "load_encoder", "train_classifier"]
 
 # what a run writes besides config.json; a rerun into the same folder deletes them all first
 RESULTS = (
@@ -130,8 +114,6 @@ def load_teacher(
         BadInputError: not a train-classifier model, or trained on other identities than ``classes``.
         UsageError: trained at another image size than ``image_size``.
     """
-    from facessl.common.identify import load_classifier
-
     teacher, teacher_classes, teacher_size = load_classifier(location)
     if teacher_size != image_size:
         raise UsageError(
@@ -166,51 +148,53 @@ def initial_encoder(cfg: ClassifierConfig) -> tuple[torch.nn.Module, str]:
     return load_encoder(cfg.init, run_location=False)
 
 
-def load_encoder(location: str, run_location: bool = True) -> tuple[torch.nn.Module, str]:
-    """A ResNet18 backbone from a weights file (``encoder.pt``, a classifier ``model.pt``, torchvision's
-    ImageNet file) or, with ``run_location``, a pretrain-simclr run location holding ``encoder.pt``; returns
-    it and the file it came from. A train-classifier run location (``model.pt``, no ``encoder.pt``) gives its
-    fine-tuned backbone.
+@dataclass
+class ClassifierRun:
+    """What one train-classifier run holds between its steps. ``world``/``rank`` are the torchrun ones when the
+    mode trains distributed (finetune, distill), else 1/0 (every rank computes the same). ``train_x``: this
+    rank's labelled train images (uint8), or their embeddings in linear-probe and knn; ``unlabelled``: distill's
+    pool of every train image; ``evals``: ``{"val": (x, y), "test": (x, y)}`` like ``train_x``. ``augment``,
+    ``aug_gen`` and ``train_model`` (DDP-wrapped when distributed) are set for the modes that train the encoder."""
 
-    Raises:
-        BadInputError: not ResNet18 backbone weights, or a run location holding neither file.
-    """
-    encoder = build_encoder()
-    if run_location and _is_run_location(location):
-        run = open_storage(location)
-        name = next((n for n in ("encoder.pt", "model.pt") if run.exists(n)), None)
-        if name is None:
-            raise BadInputError(
-                f"{location} holds neither encoder.pt (a pretrain-simclr run) nor model.pt (a train-classifier run)"
-            )
-        location = join_location(location, name)
-    try:
-        load_encoder_weights(encoder, load_torch(location), location)
-    except ValueError as exc:
-        raise BadInputError(str(exc)) from None
-    return encoder, location
-
-
-def _is_run_location(location: str) -> bool:
-    """A folder / prefix holding ``encoder.pt`` rather than a weights file itself."""
-    import os
-
-    if location.startswith("s3://"):
-        return not location.rstrip("/").endswith((".pt", ".pth"))
-    return os.path.isdir(location)
+    cfg: ClassifierConfig
+    info: DistInfo
+    device: torch.device
+    precision: Precision
+    log: object
+    out: Storage
+    writer: RunWriter
+    classes: list[str]
+    distributed: bool
+    world: int
+    rank: int
+    n_train: int
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    unlabelled: MemoryPool | None
+    evals: dict
+    model: Classifier
+    teacher: torch.nn.Module | None
+    source: str
+    augment: BatchAugment | None = None
+    aug_gen: torch.Generator | None = None
+    train_model: torch.nn.Module | None = None
 
 
-def _optimizer(cfg: ClassifierConfig, model: Classifier, lr: float):
-    groups = [{"params": model.fc.parameters(), "lr": lr}]
-    if cfg.mode in ("finetune", "distill"):
-        groups.append({"params": model.encoder.parameters(), "lr": lr * cfg.encoder_lr_scale})
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    raise BadInputError(f"unknown optimizer {cfg.optimizer!r}: use adam, adamw or sgd")
+@dataclass
+class StepPlan:
+    """How an epoch steps: the pool it passes over (the labelled train images, or distill's unlabelled pool),
+    the per-rank batch, the steps, distill's endless labelled batches, the optimizer and its schedule."""
+
+    step_pool: MemoryPool
+    per_rank: int
+    steps_per_epoch: int
+    labelled_batches: object
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+
+
+def silent(*args, **kwargs) -> None:
+    """The log of the ranks other than 0."""
 
 
 def train_classifier(data_location: str, output_location: str, cfg: ClassifierConfig, log=print) -> dict:
@@ -226,34 +210,51 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
         PreemptedError: SIGTERM arrived (nothing is kept; a rerun starts over).
     """
     info, device = init_distributed(pick_device(cfg.device))
-    precision = resolve_precision(cfg.precision, device)
     stop = StopRequest()
+    # rank 0 reports for all
+    log = log if info.is_main else silent
     try:
-        return _train_classifier(
-            data_location,
-            output_location,
-            cfg,
-            info,
-            device,
-            precision,
-            stop,
-            log if info.is_main else (lambda *a, **k: None),
-        )
+        precision = resolve_precision(cfg.precision, device)
+        check_options(cfg)
+        out = open_output(data_location, output_location, cfg)
+        run = build_run(data_location, out, cfg, info, device, precision, log)
+        start_writing(run, data_location)
+        if cfg.mode == "knn":
+            return knn_classify(run)
+        if cfg.mode == "linear-probe":
+            embed_splits(run)
+        else:
+            add_augmentation(run)
+        plan = plan_steps(run)
+        plan.optimizer, plan.scheduler = build_optimizer(run, plan.steps_per_epoch)
+        best_epoch, started = fit(run, plan, stop)
+        return finish(run, best_epoch, started)
     finally:
         stop.restore()
         cleanup()
 
 
-def _train_classifier(data_location, output_location, cfg, info, device, precision, stop, log) -> dict:
+def check_options(cfg: ClassifierConfig) -> None:
+    """Raise UsageError for conflicting options (``--encoder`` with ``--init``, ``--teacher`` without
+    ``--mode distill`` or the reverse) and BadInputError for an unknown mode."""
     if cfg.encoder and cfg.init != "scratch":
         raise UsageError("give either --encoder (a SimCLR encoder) or --init (other weights), not both")
-    if cfg.mode not in ("finetune", "linear-probe", "knn", "distill"):
+    if cfg.mode not in CLASSIFIER_MODES:
         raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune, linear-probe, knn or distill")
     if (cfg.mode == "distill") != bool(cfg.teacher):
         raise UsageError(
             "--mode distill needs --teacher (a fine-tuned train-classifier model.pt), and --teacher "
             "needs --mode distill"
         )
+
+
+def open_output(data_location: str, output_location: str, cfg: ClassifierConfig) -> Storage:
+    """The run location, claimed for train-classifier before any work.
+
+    Raises:
+        UsageError: the output lies inside the dataset, or ``--teacher`` inside the output (its model.pt is the
+        one a new run deletes). BadInputError: the output belongs to another job or cannot be written.
+    """
     out = open_storage(output_location)
     refuse_output_inside(data_location, output_location)
     # before any work
@@ -264,6 +265,39 @@ def _train_classifier(data_location, output_location, cfg, info, device, precisi
             f"--teacher {cfg.teacher} lies inside --output {output_location}, whose model.pt a new run "
             "replaces: give the student another --output"
         )
+    return out
+
+
+def load_training_data(data: PreparedDataset, cfg: ClassifierConfig, distributed: bool, rank: int, world: int):
+    """This rank's labelled train images and labels, the labelled images of all ranks, and distill's pool of
+    every train image of this rank (labels replaced by zeros; None in other modes).
+
+    Returns ``(uint8 (N, 3, S, S), int64 (N,), labelled images in all, MemoryPool or None)``.
+    """
+    unlabelled = None
+    # each rank decodes its shards only
+    if distributed and not cfg.labels_per_class and cfg.mode != "distill":
+        train_x, train_y = data.decode(rank_share(data, ["train"], rank, world))
+        return train_x, train_y, sum(data.shard_sizes("train")), unlabelled
+    # the labelled subset is drawn from the whole split, identically on every rank
+    train_x, train_y = data.load("train")
+    if cfg.mode == "distill":
+        images = train_x[rank::world]
+        unlabelled = MemoryPool(images, torch.zeros(len(images), dtype=torch.long))
+    if cfg.labels_per_class:
+        keep = subsample_per_class(train_y, cfg.labels_per_class, cfg.seed)
+        train_x, train_y = train_x[keep], train_y[keep]
+    return train_x[rank::world], train_y[rank::world], len(train_y), unlabelled
+
+
+def build_run(data_location, out, cfg, info, device, precision, log) -> ClassifierRun:
+    """Open the dataset (two classes at least), load this rank's share of it, seed, and build the classifier
+    on its initial encoder (and distill's teacher), on ``device`` in ``precision``'s layout.
+
+    Raises:
+        BadInputError: unusable dataset, fewer than two classes, unusable weights or teacher.
+        UsageError: a teacher trained at another image size.
+    """
     data = PreparedDataset(data_location, cfg.image_size)
     classes = data.classes
     # top-1 would be a trivial 1.0; pretrain-simclr can still use such a dataset
@@ -275,23 +309,7 @@ def _train_classifier(data_location, output_location, cfg, info, device, precisi
     distributed = info.enabled and cfg.mode in ("finetune", "distill")
     world, rank = (info.world_size, info.rank) if distributed else (1, 0)
     evals = {s: data.load(s) for s in ("val", "test")}
-    # distill: this rank's share of every train image, its labels replaced by zeros
-    unlabelled = None
-    # each rank decodes its shards only
-    if distributed and not cfg.labels_per_class and cfg.mode != "distill":
-        train_x, train_y = data.decode(rank_share(data, ["train"], rank, world))
-        n_train = sum(data.shard_sizes("train"))
-    # the labelled subset is drawn from the whole split, identically on every rank
-    else:
-        train_x, train_y = data.load("train")
-        if cfg.mode == "distill":
-            images = train_x[rank::world]
-            unlabelled = MemoryPool(images, torch.zeros(len(images), dtype=torch.long))
-        if cfg.labels_per_class:
-            keep = subsample_per_class(train_y, cfg.labels_per_class, cfg.seed)
-            train_x, train_y = train_x[keep], train_y[keep]
-        n_train = len(train_y)
-        train_x, train_y = train_x[rank::world], train_y[rank::world]
+    train_x, train_y, n_train, unlabelled = load_training_data(data, cfg, distributed, rank, world)
     seed_everything(cfg.seed)
     encoder, source = initial_encoder(cfg)
     teacher = load_teacher(cfg.teacher, classes, cfg.image_size, device, precision) if cfg.mode == "distill" else None
@@ -299,213 +317,323 @@ def _train_classifier(data_location, output_location, cfg, info, device, precisi
     if distributed:
         model = sync_batchnorm(model, device)
     model = precision.layout(model.to(device))
-    writer = RunWriter(out)
-    if info.is_main:
-        # a rerun replaces the run: an interrupted one (or a knn one) leaves no old results
+    return ClassifierRun(
+        cfg=cfg,
+        info=info,
+        device=device,
+        precision=precision,
+        log=log,
+        out=out,
+        writer=RunWriter(out),
+        classes=classes,
+        distributed=distributed,
+        world=world,
+        rank=rank,
+        n_train=n_train,
+        train_x=train_x,
+        train_y=train_y,
+        unlabelled=unlabelled,
+        evals=evals,
+        model=model,
+        teacher=teacher,
+        source=source,
+    )
+
+
+def start_writing(run: ClassifierRun, data_location: str) -> None:
+    """Remove an earlier run's results (an interrupted one, or a knn one, leaves none), write ``config.json``
+    and log the plan."""
+    cfg, out, unlabelled = run.cfg, run.out, run.unlabelled
+    distilled = len(unlabelled) * run.world if unlabelled is not None else 0
+    if run.info.is_main:
         for key in RESULTS:
             out.delete(key)
-        writer.write_json(
+        run.writer.write_json(
             "config.json",
             {
                 **asdict(cfg),
                 "data": data_location,
                 "output": out.uri,
-                "weights": source,
-                "train_images": n_train,
-                "classes": classes,
-                "device": str(device),
-                "precision_used": precision.name,
-                "precision_reason": precision.reason,
-                "world_size": info.world_size,
-                "unlabelled_images": len(unlabelled) * world if unlabelled is not None else 0,
+                "weights": run.source,
+                "train_images": run.n_train,
+                "classes": run.classes,
+                "device": str(run.device),
+                "precision_used": run.precision.name,
+                "precision_reason": run.precision.reason,
+                "world_size": run.info.world_size,
+                "unlabelled_images": distilled,
                 "torch": torch.__version__,
             },
         )
-    log(precision.describe())
-    log(
-        f"{cfg.mode} from {source}: {n_train} labelled train images, {len(classes)} classes, {device}"
-        + (f"; distilling {cfg.teacher} on {len(unlabelled) * world} train images" if unlabelled is not None else "")
+    run.log(run.precision.describe())
+    run.log(
+        f"{cfg.mode} from {run.source}: {run.n_train} labelled train images, {len(run.classes)} classes, "
+        f"{run.device}" + (f"; distilling {cfg.teacher} on {distilled} train images" if unlabelled is not None else "")
     )
 
-    # the frozen encoder's embeddings, computed once
-    if cfg.mode in ("linear-probe", "knn"):
-        for p in model.encoder.parameters():
-            p.requires_grad_(False)
-        train_x = embed(model.encoder, train_x, cfg.image_size, device, precision=precision)
-        evals = {
-            s: (embed(model.encoder, x, cfg.image_size, device, precision=precision), y) for s, (x, y) in evals.items()
-        }
 
-        def run(x, train=False):
-            # weighted kNN vote of the train embeddings (the kNN monitor's classifier)
-            if cfg.mode == "knn":
-                return knn_predict(train_x, train_y, x, len(classes), cfg.knn_k)
-            return model.fc(x.to(device))
-    else:
-        augment = BatchAugment(supervised_preset())
-        aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        train_model = model
-        if distributed:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
+def embed_splits(run: ClassifierRun) -> None:
+    """Freeze the encoder and replace the train, val and test images by their embeddings, computed once
+    (linear-probe and knn)."""
+    for p in run.model.encoder.parameters():
+        p.requires_grad_(False)
+    size, device, precision = run.cfg.image_size, run.device, run.precision
+    run.train_x = embed(run.model.encoder, run.train_x, size, device, precision=precision)
+    run.evals = {
+        s: (embed(run.model.encoder, x, size, device, precision=precision), y) for s, (x, y) in run.evals.items()
+    }
 
-        def run(x, train=False, with_teacher=0):
-            """Logits (float32) of the model for a uint8 batch; with ``with_teacher`` n, also the teacher's
-            for the batch's first n images, on the same augmented views."""
-            x = x.to(device, non_blocking=True)
-            x = augment(x, cfg.image_size, aug_gen) if train else eval_transform(x, cfg.image_size)
-            x = precision.layout(x)
-            with precision.autocast(device):
-                logits = (train_model if train else model)(x).float()
-                if not with_teacher:
-                    return logits
-                with torch.no_grad():
-                    return logits, teacher(x[:with_teacher]).float()
 
-    train_pool = MemoryPool(train_x, train_y)
+def add_augmentation(run: ClassifierRun) -> None:
+    """The supervised augmentation with its seeded generator, and the model as trained (DDP when distributed)."""
+    run.augment = BatchAugment(supervised_preset())
+    run.aug_gen = torch.Generator(device=run.device).manual_seed(run.cfg.seed + 1)
+    run.train_model = run.model
+    if run.distributed:
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
+        )
+
+
+def plan_steps(run: ClassifierRun) -> StepPlan:
+    """The batch and step plan of an epoch: every sample once (a last batch of one dropped: batch norm cannot
+    train on one sample); under torchrun the same steps on every rank.
+
+    Raises:
+        BadInputError: too few training images for the processes, or fewer than 2 to fine-tune on.
+    """
+    cfg, world, unlabelled = run.cfg, run.world, run.unlabelled
+    train_pool = MemoryPool(run.train_x, run.train_y)
     # an epoch is one pass over this pool
     step_pool = train_pool if unlabelled is None else unlabelled
-
-    n_step = n_train if unlabelled is None else len(unlabelled) * world
+    n_step = run.n_train if unlabelled is None else len(unlabelled) * world
     batch = max(1, min(cfg.batch_size, n_step)) // world * world
     per_rank = batch // world
     labelled_batches = None
     # the labelled subset, reshuffled whenever it runs out, beside every distillation batch
     if unlabelled is not None:
         labelled_per_rank = max(1, min(per_rank, len(train_pool)))
-        labelled_batches = endless_batches(train_pool, labelled_per_rank, cfg.seed + 7919, rank)
-    if distributed:
+        labelled_batches = endless_batches(train_pool, labelled_per_rank, cfg.seed + 7919, run.rank)
+    if run.distributed:
         # same steps on every rank
         steps_per_epoch = min_across_ranks(len(step_pool) // max(1, per_rank))
-    # every sample each epoch; a last batch of one is dropped (batch norm cannot train on one sample)
     else:
         steps_per_epoch = -(-n_step // batch) - (n_step % batch == 1 and n_step > batch)
     if batch < world or steps_per_epoch < 1:
         raise BadInputError(f"{n_step} training images cannot feed {world} processes")
-    if cfg.mode in ("finetune", "distill") and n_train < 2:
-        raise BadInputError(f"{n_train} labelled training image: fine-tuning needs at least 2 (batch norm)")
-    lr = cfg.lr
-    optimizer = _optimizer(cfg, model, lr)
+    if cfg.mode in ("finetune", "distill") and run.n_train < 2:
+        raise BadInputError(f"{run.n_train} labelled training image: fine-tuning needs at least 2 (batch norm)")
+    return StepPlan(step_pool, per_rank, steps_per_epoch, labelled_batches)
+
+
+def build_optimizer(run: ClassifierRun, steps_per_epoch: int):
+    """Adam, AdamW or SGD (Nesterov momentum 0.9) over the linear layer and, when it trains, the encoder (its LR
+    scaled by ``encoder_lr_scale``), with a per-step warm-up + cosine or constant schedule.
+
+    Raises:
+        BadInputError: an unknown optimizer.
+    """
+    cfg, model, lr = run.cfg, run.model, run.cfg.lr
+    groups = [{"params": model.fc.parameters(), "lr": lr}]
+    if cfg.mode in ("finetune", "distill"):
+        groups.append({"params": model.encoder.parameters(), "lr": lr * cfg.encoder_lr_scale})
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    else:
+        raise BadInputError(f"unknown optimizer {cfg.optimizer!r}: use adam, adamw or sgd")
     total = cfg.epochs * steps_per_epoch
     schedule = (
         (lambda step: warmup_cosine(step, total, cfg.warmup_epochs * steps_per_epoch))
         if cfg.schedule == "cosine"
         else (lambda step: 1.0)
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    labels = {s: y for s, (_, y) in evals.items()}
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    def evaluate(split):
-        model.eval()
+
+def predict(run: ClassifierRun, x: torch.Tensor, train: bool = False, with_teacher: int = 0):
+    """Class scores (float32 (B, C)) of a batch: uint8 images (augmented when ``train``) through the network, or
+    in linear-probe and knn the batch's embeddings through the linear layer or the train embeddings' weighted
+    kNN vote. With ``with_teacher`` n, also the teacher's logits for the batch's first n images, on the same
+    augmented views."""
+    cfg, device, precision = run.cfg, run.device, run.precision
+    if cfg.mode == "knn":
+        # weighted kNN vote of the train embeddings (the kNN monitor's classifier)
+        return knn_predict(run.train_x, run.train_y, x, len(run.classes), cfg.knn_k)
+    if cfg.mode == "linear-probe":
+        return run.model.fc(x.to(device))
+    x = x.to(device, non_blocking=True)
+    x = run.augment(x, cfg.image_size, run.aug_gen) if train else eval_transform(x, cfg.image_size)
+    x = precision.layout(x)
+    with precision.autocast(device):
+        logits = (run.train_model if train else run.model)(x).float()
+        if not with_teacher:
+            return logits
         with torch.no_grad():
-            return torch.cat([run(x).float().cpu() for x in evals[split][0].split(256)])
+            return logits, run.teacher(x[:with_teacher]).float()
 
-    best, best_key, started = {"epoch": None, "state": model.state_dict()}, None, time.time()
-    for epoch in range(cfg.epochs if cfg.mode != "knn" else 0):
-        model.train()
-        if cfg.mode == "linear-probe":
-            model.encoder.eval()
-        correct, seen, loss_sum = 0, 0, 0.0
-        for x, y in step_pool.batches(epoch_generator(cfg.seed, epoch, rank), per_rank, steps_per_epoch):
-            if labelled_batches is None:
-                logits = run(x, train=True)
-                target = y.to(device)
-                loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
-            # x: unlabelled images (y is all zeros, unused); the labelled batch goes through with them
-            else:
-                lx, y = next(labelled_batches)
-                both, soft = run(torch.cat([x, lx.to(x.device)]), train=True, with_teacher=len(x))
-                logits, target = both[len(x) :], y.to(device)
-                loss = distillation_loss(
-                    both[: len(x)], soft, cfg.distill_temperature
-                ) + cfg.distill_label_weight * F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
-            # the step's one wait for the GPU: a NaN/inf never reaches the weights
-            value = loss.item()
-            if not math.isfinite(value):
-                raise DivergedError(f"loss became {value} at epoch {epoch + 1}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            # minutes of work: no checkpoint, the retry starts over
-            if stop_requested(stop):
-                raise PreemptedError(
-                    f"stopped by SIGTERM at epoch {epoch + 1}; train-classifier keeps no checkpoint: "
-                    "run it again to start over"
-                )
-            # a tensor on the device until the epoch ends
-            correct += (logits.argmax(1) == target).sum()
-            seen += len(y)
-            loss_sum += value * len(y)
-        correct = int(correct)
-        if distributed:
-            correct, seen, loss_sum = (mean_across_ranks(v) * world for v in (correct, seen, loss_sum))
-        val_logits = evaluate("val")
-        val_acc = topk_accuracy(val_logits, labels["val"], (1, 3))
-        val_loss = F.cross_entropy(val_logits, labels["val"]).item()
+
+def batch_loss(run: ClassifierRun, plan: StepPlan, x: torch.Tensor, y: torch.Tensor):
+    """``(logits, targets, loss)`` of one training batch: cross-entropy with label smoothing; in distill, the
+    distillation loss of the unlabelled batch ``x`` plus ``distill_label_weight`` times the cross-entropy of the
+    next labelled batch (whose logits and targets are returned)."""
+    cfg = run.cfg
+    if plan.labelled_batches is None:
+        logits = predict(run, x, train=True)
+        target = y.to(run.device)
+        return logits, target, F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+    # x: unlabelled images (y is all zeros, unused); the labelled batch goes through with them
+    lx, y = next(plan.labelled_batches)
+    both, soft = predict(run, torch.cat([x, lx.to(x.device)]), train=True, with_teacher=len(x))
+    logits, target = both[len(x) :], y.to(run.device)
+    loss = distillation_loss(
+        both[: len(x)], soft, cfg.distill_temperature
+    ) + cfg.distill_label_weight * F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+    return logits, target, loss
+
+
+def train_one_epoch(run: ClassifierRun, plan: StepPlan, epoch: int, stop: StopRequest) -> dict:
+    """Train 0-based ``epoch``; returns its ``train_loss`` and ``train_top1`` (over all ranks).
+
+    Raises:
+        DivergedError: the loss became NaN/inf. PreemptedError: SIGTERM (train-classifier keeps no checkpoint).
+    """
+    run.model.train()
+    if run.cfg.mode == "linear-probe":
+        run.model.encoder.eval()
+    correct, seen, loss_sum = 0, 0, 0.0
+    batches = plan.step_pool.batches(
+        epoch_generator(run.cfg.seed, epoch, run.rank), plan.per_rank, plan.steps_per_epoch
+    )
+    for x, y in batches:
+        logits, target, loss = batch_loss(run, plan, x, y)
+        value = optimizer_step(loss, plan.optimizer, plan.scheduler, f"epoch {epoch + 1}", "lower --lr")
+        # minutes of work: no checkpoint, the retry starts over
+        if stop_requested(stop):
+            raise PreemptedError(
+                f"stopped by SIGTERM at epoch {epoch + 1}; train-classifier keeps no checkpoint: "
+                "run it again to start over"
+            )
+        # a tensor on the device until the epoch ends
+        correct += (logits.argmax(1) == target).sum()
+        seen += len(target)
+        loss_sum += value * len(target)
+    correct = int(correct)
+    if run.distributed:
+        correct, seen, loss_sum = (mean_across_ranks(v) * run.world for v in (correct, seen, loss_sum))
+    return {"train_loss": loss_sum / seen, "train_top1": correct / seen}
+
+
+def evaluate(run: ClassifierRun, split: str) -> torch.Tensor:
+    """Class scores (float32 (N, C), CPU) of the ``val`` or ``test`` split, in eval mode, 256 images at a time."""
+    run.model.eval()
+    with torch.no_grad():
+        return torch.cat([predict(run, x).float().cpu() for x in run.evals[split][0].split(256)])
+
+
+def fit(run: ClassifierRun, plan: StepPlan, stop: StopRequest) -> tuple[int, float]:
+    """Train every epoch, record and log it, keep the weights of the best epoch by val top-1 (then val loss)
+    and load them at the end. Returns ``(best epoch, 1-based; start time)``.
+
+    Raises:
+        DivergedError: a NaN/inf train or val loss. PreemptedError: SIGTERM.
+    """
+    cfg, labels = run.cfg, run.evals["val"][1]
+    best, best_key, started = {"epoch": None, "state": run.model.state_dict()}, None, time.time()
+    for epoch in range(cfg.epochs):
+        train = train_one_epoch(run, plan, epoch, stop)
+        val_logits = evaluate(run, "val")
+        val_acc = topk_accuracy(val_logits, labels, (1, 3))
+        val_loss = F.cross_entropy(val_logits, labels).item()
         # e.g. weights that overflow in eval mode: no metrics worth writing
         if not math.isfinite(val_loss):
             raise DivergedError(f"val loss became {val_loss} at epoch {epoch + 1}; lower --lr or check the weights")
         record = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / seen,
-            "train_top1": correct / seen,
+            **train,
             "val_loss": val_loss,
             "val_top1": val_acc[1],
             "val_top3": val_acc[3],
-            "lr": last_step_lr(scheduler, epoch, steps_per_epoch),
+            "lr": last_step_lr(plan.scheduler, epoch, plan.steps_per_epoch),
             "elapsed_s": round(time.time() - started, 1),
         }
-        if info.is_main:
-            writer.log_epoch(record)
-        log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if run.info.is_main:
+            run.writer.log_epoch(record)
+        run.log(format_record(record))
         key = (val_acc[1], -val_loss)
         if best_key is None or key > best_key:
-            best_key, best = key, {"epoch": epoch + 1, "state": copy.deepcopy(model.state_dict())}
+            best_key, best = key, {"epoch": epoch + 1, "state": copy.deepcopy(run.model.state_dict())}
+    run.model.load_state_dict(best["state"])
+    return best["epoch"], started
 
-    model.load_state_dict(best["state"])
-    test = classification_summary(evaluate("test"), labels["test"], classes)
-    val = classification_summary(evaluate("val"), labels["val"], classes)
+
+def knn_classify(run: ClassifierRun) -> dict:
+    """``--mode knn``: no training. The frozen encoder embeds the train, val and test images once; each val and
+    test image is classified by the weighted vote of its ``knn_k`` nearest train embeddings (Wu et al. 2018,
+    arXiv:1805.01978). Returns the metrics (nothing to save: the classifier is the encoder plus the train split).
+
+    Raises:
+        BadInputError: no train image to vote.
+    """
+    embed_splits(run)
+    # the same refusal of an empty train split as the modes that train
+    plan_steps(run)
+    return finish(run, None, time.time())
+
+
+def finish(run: ClassifierRun, best_epoch: int | None, started: float) -> dict:
+    """Evaluate the selected weights on test and val, write the results; returns the metrics."""
+    labels = {s: y for s, (_, y) in run.evals.items()}
+    test = classification_summary(evaluate(run, "test"), labels["test"], run.classes)
+    val = classification_summary(evaluate(run, "val"), labels["val"], run.classes)
     metrics = {
         "test": {k: test[k] for k in ("top1", "top3", "macro_f1", "n")},
         "val": {k: val[k] for k in ("top1", "top3", "macro_f1", "n")},
-        "best_epoch": best["epoch"],
-        "mode": cfg.mode,
-        "precision": precision.name,
-        "weights": source,
-        "train_images": n_train,
-        "classes": classes,
+        "best_epoch": best_epoch,
+        "mode": run.cfg.mode,
+        "precision": run.precision.name,
+        "weights": run.source,
+        "train_images": run.n_train,
+        "classes": run.classes,
         "per_class": test["per_class"],
         "confusion_matrix": test["confusion_matrix"],
         "seconds": round(time.time() - started, 1),
     }
-    if info.is_main:
-        # a kNN classifier is the encoder plus the train embeddings: nothing to save
-        if cfg.mode != "knn":
-            save_torch(
-                out,
-                "model.pt",
-                {
-                    "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                    "classes": classes,
-                    "image_size": cfg.image_size,
-                },
-            )
-        writer.write_json("metrics.json", metrics)
-        out.write_text("classification_report.txt", test["report_text"])
-        writer.write_plot(
-            "confusion_matrix.png",
-            lambda p: plot_confusion_matrix(
-                test["confusion_matrix"], classes, p, f"test confusion matrix (top-1 {test['top1']:.3f})"
-            ),
-        )
-        if writer.history:
-            writer.write_plot(
-                "training_curves.png",
-                lambda p: plot_curves(
-                    writer.history, ["train_top1", "val_top1", "val_top3"], p, f"train-classifier ({cfg.mode})"
-                ),
-            )
+    if run.info.is_main:
+        write_results(run, metrics, test)
     barrier()
     return metrics
+
+
+def write_results(run: ClassifierRun, metrics: dict, test: dict) -> None:
+    """``model.pt`` (not for knn: a kNN classifier is the encoder plus the train embeddings), ``metrics.json``,
+    the test split's classification report and confusion matrix, and the training curves."""
+    cfg, classes, writer = run.cfg, run.classes, run.writer
+    if cfg.mode != "knn":
+        save_torch(
+            run.out,
+            "model.pt",
+            {
+                "model": {k: v.cpu() for k, v in run.model.state_dict().items()},
+                "classes": classes,
+                "image_size": cfg.image_size,
+            },
+        )
+    writer.write_json("metrics.json", metrics)
+    run.out.write_text("classification_report.txt", test["report_text"])
+    writer.write_plot(
+        "confusion_matrix.png",
+        lambda p: plot_confusion_matrix(
+            test["confusion_matrix"], classes, p, f"test confusion matrix (top-1 {test['top1']:.3f})"
+        ),
+    )
+    if writer.history:
+        writer.write_plot(
+            "training_curves.png",
+            lambda p: plot_curves(
+                writer.history, ["train_top1", "val_top1", "val_top3"], p, f"train-classifier ({cfg.mode})"
+            ),
+        )

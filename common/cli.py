@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import sys
+from dataclasses import fields
 
 import click
 
+from facessl.common.config import SEED_MAX
 from facessl.common.errors import FacesslError
 
 
@@ -85,17 +87,74 @@ def parse_list(value: str | None) -> tuple[str, ...]:
 
 
 # what torch.manual_seed and random.seed take: larger seeds overflow
-SEED = click.IntRange(0, 2**63 - 1)
+SEED = click.IntRange(0, SEED_MAX)
+
+# every job's click.command settings
+COMMAND_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
-def precision_option(fn):
-    """The ``--precision`` option (``auto``, ``fp32``, ``bf16``) of the jobs that run the network; resolved per
-    device by ``common.training.resolve_precision``."""
-    return click.option(
-        "--precision",
-        type=click.Choice(["auto", "fp32", "bf16"]),
-        default="auto",
-        envvar="FACESSL_PRECISION",
-        help="Network arithmetic. auto: bf16 autocast in channels_last on CUDA and on CPUs with native bf16 "
-        "(avx512_bf16 or amx_bf16), fp32 elsewhere. Losses and softmaxes stay float32.",
-    )(fn)
+def config_option(config, name: str):
+    """A click option made from the field ``name`` of a ``common.config`` dataclass: its default, help, bounds
+    (``click.IntRange``, :class:`FiniteFloatRange`), choices and environment variable; a bool field becomes an
+    ``--x/--no-x`` switch. The parameter keeps the field's name, so ``Config(**options)`` takes the values.
+
+    Raises:
+        KeyError: ``config`` has no such field (a programming error).
+    """
+    spec = {f.name: f for f in fields(config)}[name]
+    meta = spec.metadata
+    flag = meta["flag"] or "--" + name.replace("_", "-")
+    kind = str(spec.type).replace(" | None", "")
+    settings = {"default": spec.default, "help": meta["help"], "envvar": meta["envvar"]}
+    if kind == "bool":
+        return click.option(f"{flag}/--no-{flag[2:]}", name, **settings)
+    if meta["choices"]:
+        settings["type"] = click.Choice(list(meta["choices"]))
+    elif kind == "int":
+        settings["type"] = click.IntRange(min=meta["min"], max=meta["max"], min_open=meta["min_open"])
+    elif kind == "float":
+        settings["type"] = FiniteFloatRange(min=meta["min"], max=meta["max"], min_open=meta["min_open"])
+    return click.option(flag, name, **settings)
+
+
+def config_options(config, *names: str):
+    """Decorator adding :func:`config_option` for each of ``names``, listed in ``--help`` in that order."""
+
+    def decorate(fn):
+        # click lists the option applied last first
+        for name in reversed(names):
+            fn = config_option(config, name)(fn)
+        return fn
+
+    return decorate
+
+
+def data_option(help: str):
+    """``--data`` (parameter ``data_location``): the prepared dataset a job reads."""
+    return click.option("--data", "data_location", required=True, help=help)
+
+
+def output_option(help: str):
+    """``--output`` (parameter ``output_location``): where a job writes."""
+    return click.option("--output", "output_location", required=True, help=help)
+
+
+def image_size_option(config):
+    """``--image-size`` as ``config`` declares it (its default and help differ per job)."""
+    return config_option(config, "image_size")
+
+
+def seed_option(config):
+    """``--seed`` as ``config`` declares it."""
+    return config_option(config, "seed")
+
+
+def device_option(config):
+    """``--device`` (``FACESSL_DEVICE``) as ``config`` declares it."""
+    return config_option(config, "device")
+
+
+def precision_option(config):
+    """``--precision`` (``FACESSL_PRECISION``) as ``config`` declares it; resolved per device by
+    ``common.training.resolve_precision``."""
+    return config_option(config, "precision")

@@ -159,6 +159,87 @@ class _Stop:
             signal.signal(s, old)
 
 
+class _ResultParts:
+    """This shard's result rows on their way out: faces are embedded in batches of ``batch_size`` crops and the
+    rows written as ``parts/<shard>/<seq>-<id>.jsonl``, so a stop loses at most the rows of one unwritten part."""
+
+    def __init__(self, out: Storage, shard: str, seq: int, gallery: Gallery, embedder, threshold: float, batch_size):
+        self.out, self.shard, self.seq = out, shard, seq
+        self.gallery, self.embedder, self.threshold, self.batch_size = gallery, embedder, threshold, batch_size
+        self.rows: list[dict] = []
+        self.pending: list[tuple[dict, list]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.pending)
+
+    def add(self, row: dict, crops: list) -> None:
+        """Queue one photo's row and its face crops (each a CHW float tensor), embedding once a batch is full."""
+        self.pending.append((row, crops))
+        if sum(len(cs) for _, cs in self.pending) >= self.batch_size:
+            self.embed_pending()
+
+    def embed_pending(self) -> None:
+        crops = [c for _, cs in self.pending for c in cs]
+        if crops:
+            matches = iter(self.gallery.match(self.embedder(torch.stack(crops), self.batch_size), self.threshold))
+        else:
+            matches = iter(())
+        for row, _ in self.pending:
+            for face in row["faces"]:
+                face.update(next(matches))
+            self.rows.append(row)
+        self.pending.clear()
+
+    def flush(self) -> None:
+        self.embed_pending()
+        if self.rows:
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows)
+            self.out.write_text(f"parts/{self.shard}/{self.seq:05d}-{uuid.uuid4().hex[:8]}.jsonl", text)
+            self.seq += 1
+            self.rows.clear()
+
+
+def _open_results(
+    gallery_location: str, photos_location: str, output_location: str, encoder_location, threshold, device_name
+) -> tuple[Gallery, object, float, Storage]:
+    """Check the locations, load the gallery and its encoder, and claim the output for this gallery, threshold
+    and photos. Returns ``(gallery, embedder, threshold, out)``; raises as :func:`identify_collection`."""
+    if location_within(output_location, photos_location):
+        raise UsageError(
+            f"--output {output_location} lies inside --photos {photos_location}: its results would be read as photos; "
+            "give a location outside it"
+        )
+    gallery: Gallery = load_gallery(gallery_location)
+    embedder = embedder_for_gallery(gallery, encoder_location, device_name)
+    value = gallery.threshold["value"] if threshold is None else float(threshold)
+    out = open_storage(output_location)
+    if out.exists("gallery.pt"):
+        raise UsageError(
+            f"--output {output_location} holds a gallery (gallery.pt): give the results a folder of their own"
+        )
+    claim_output(out, "identify")
+    claim_results(
+        out,
+        {
+            "gallery": gallery_location,
+            "gallery_sha256": gallery.sha256,
+            "threshold": value,
+            "photos": photos_location,
+            "encoder": embedder.info["location"],
+        },
+    )
+    return gallery, embedder, value, out
+
+
+def _seconds_spent(out: Storage, status_key: str) -> float:
+    """The seconds an earlier run of this shard recorded in its status file (0 when there is none)."""
+    try:
+        earlier = json.loads(out.read_text(status_key))
+        return float(earlier.get("seconds", 0)) if isinstance(earlier, dict) else 0.0
+    except (BadInputError, ValueError, TypeError, UnicodeDecodeError):
+        return 0.0
+
+
 def identify_collection(
     gallery_location: str,
     photos_location: str,
@@ -191,103 +272,55 @@ def identify_collection(
     started = time.time()
     if not 0 <= shard_index < num_shards:
         raise UsageError(f"--shard-index {shard_index} is not in 0..{num_shards - 1} (--num-shards {num_shards})")
-    if location_within(output_location, photos_location):
-        raise UsageError(
-            f"--output {output_location} lies inside --photos {photos_location}: its results would be read as photos; "
-            "give a location outside it"
-        )
-    gallery: Gallery = load_gallery(gallery_location)
-    embedder = embedder_for_gallery(gallery, encoder_location, device_name)
-    value = gallery.threshold["value"] if threshold is None else float(threshold)
-    out = open_storage(output_location)
-    if out.exists("gallery.pt"):
-        raise UsageError(
-            f"--output {output_location} holds a gallery (gallery.pt): give the results a folder of their own"
-        )
-    claim_output(out, "identify")
-    claim_results(
-        out,
-        {
-            "gallery": gallery_location,
-            "gallery_sha256": gallery.sha256,
-            "threshold": value,
-            "photos": photos_location,
-            "encoder": embedder.info["location"],
-        },
+    gallery, embedder, value, out = _open_results(
+        gallery_location, photos_location, output_location, encoder_location, threshold, device_name
     )
     shard = f"{shard_index}-of-{num_shards}"
-    photos = open_storage(photos_location)
-    keys = [k for k in list_photos(photos, log) if shard_of(k, num_shards) == shard_index]
+    keys = [k for k in list_photos(open_storage(photos_location), log) if shard_of(k, num_shards) == shard_index]
     done, parts = read_parts(out)
     todo = [k for k in keys if k not in done]
     status_key = f"shards/{shard}.json"
-    try:
-        earlier = json.loads(out.read_text(status_key))
-        spent = float(earlier.get("seconds", 0)) if isinstance(earlier, dict) else 0.0
-    except (BadInputError, ValueError, TypeError, UnicodeDecodeError):
-        spent = 0.0
-    cfg = gallery.detect_config
+    spent = _seconds_spent(out, status_key)
     log(
         f"shard {shard}: {len(keys)} photos, {len(keys) - len(todo)} already done; {len(gallery.people)} people, "
         f"threshold {value:.4f}, {gallery.image_size} px on {embedder.device}"
     )
-    seq = len(parts.get(shard, []))
-    rows: list[dict] = []
-    pending: list[tuple[dict, list]] = []
-
-    def embed_pending():
-        crops = [c for _, cs in pending for c in cs]
-        matches = iter(gallery.match(embedder(torch.stack(crops), batch_size), value)) if crops else iter(())
-        for row, _ in pending:
-            for face in row["faces"]:
-                face.update(next(matches))
-            rows.append(row)
-        pending.clear()
-
-    def flush():
-        nonlocal seq
-        embed_pending()
-        if rows:
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            out.write_text(f"parts/{shard}/{seq:05d}-{uuid.uuid4().hex[:8]}.jsonl", text)
-            seq += 1
-            rows.clear()
-
-    def write_status(complete: bool, seconds: float) -> dict:
-        mine = [done[k] for k in keys if k in done]
-        status = {**summarise(mine, seconds), "shard": shard_index, "num_shards": num_shards, "complete": complete}
-        out.write_text(status_key, json.dumps(status, indent=1))
-        return status
-
+    results = _ResultParts(out, shard, len(parts.get(shard, [])), gallery, embedder, value, batch_size)
     stop = _Stop()
     try:
-        stream = detect_photos(photos_location, todo, cfg, crops="all", workers=workers, align=gallery.align)
+        stream = detect_photos(
+            photos_location, todo, gallery.detect_config, crops="all", workers=workers, align=gallery.align
+        )
         for photo in progress(stream, len(todo), "identify"):
             row = {"photo": photo.key, "faces": [{"box": list(f.box)} for f in photo.faces]}
             if photo.error:
                 row["error"] = photo.error
-            pending.append((row, [image_to_chw(f.crop) for f in photo.faces]))
-            if sum(len(cs) for _, cs in pending) >= batch_size:
-                embed_pending()
-            if len(rows) + len(pending) >= chunk:
-                flush()
+            results.add(row, [image_to_chw(f.crop) for f in photo.faces])
+            if len(results) >= chunk:
+                results.flush()
             if stop.signal is not None:
                 break
         stream.close()
-        flush()
+        results.flush()
     except BaseException:
         # keep what is done (an S3 outage may have passed by now); the original error is the one to report
         try:
-            flush()
+            results.flush()
         except Exception:  # noqa: BLE001
             pass
         raise
     finally:
         stop.restore()
     done, _ = read_parts(out)
-    seconds = spent + time.time() - started
     complete = all(k in done for k in keys)
-    status = write_status(complete, seconds)
+    mine = [done[k] for k in keys if k in done]
+    status = {
+        **summarise(mine, spent + time.time() - started),
+        "shard": shard_index,
+        "num_shards": num_shards,
+        "complete": complete,
+    }
+    out.write_text(status_key, json.dumps(status, indent=1))
     if stop.signal == signal.SIGINT:
         raise KeyboardInterrupt
     if stop.signal is not None:

@@ -692,6 +692,82 @@ def progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, unit="photo", mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
+def _check_enroll_options(align: str, template: str, far: float, output_location: str, people_location: str) -> None:
+    """Raise UsageError for an unknown alignment or template, a FAR outside (0, 1), or overlapping locations."""
+    from facessl.common.photos import ALIGNMENTS
+
+    if align not in ALIGNMENTS:
+        raise UsageError(f"align {align!r}: choose {' or '.join(ALIGNMENTS)}")
+    if template not in TEMPLATES:
+        raise UsageError(f"template {template!r}: choose {' or '.join(TEMPLATES)}")
+    if not 0 < far < 1:
+        raise UsageError(f"--far {far} must lie between 0 and 1")
+    if location_within(output_location, people_location) or location_within(people_location, output_location):
+        raise UsageError(
+            f"--output {output_location} and --people {people_location} overlap: give the gallery a folder of its own"
+        )
+
+
+def _reference_crops(
+    people_location: str,
+    people: dict[str, list[str]],
+    cfg: DetectConfig,
+    *,
+    similar_face_ratio: float,
+    align: str,
+    workers: int,
+    skipped: list[dict],
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Detect and crop every reference photo; append a recorded skip to ``skipped`` for each unusable one.
+
+    Returns:
+        ``(crops, kept)``: one CHW float tensor per usable photo and its key (``person/file``).
+    Raises:
+        BadInputError: a person is left with no usable photo (each named, with the first reasons).
+    """
+    from facessl.common.data import image_to_chw
+    from facessl.common.photos import detect_photos
+
+    keys = [k for ks in people.values() for k in ks]
+    crops, kept, seen = [], [], {}
+    stream = detect_photos(people_location, keys, cfg, crops="largest", workers=workers, align=align)
+    for photo in progress(stream, len(keys), "enrol"):
+        reason = photo.error or ("no face detected" if not photo.faces else _ambiguity(photo.faces, similar_face_ratio))
+        if reason is None and photo.sha256 in seen:
+            reason = f"the same file as {seen[photo.sha256]}"
+        if reason:
+            skipped.append({"photo": photo.key, "reason": reason})
+            continue
+        seen[photo.sha256] = photo.key
+        crops.append(image_to_chw(photo.faces[0].crop))
+        kept.append(photo.key)
+    enrolled = {k.split("/", 1)[0] for k in kept}
+    if lost := [p for p in people if p not in enrolled]:
+        why = {s["photo"]: s["reason"] for s in skipped}
+        detail = "; ".join(
+            f"{p}: " + ", ".join(f"{k.split('/', 1)[1]} ({why.get(k)})" for k in people[p][:3]) for p in lost[:5]
+        )
+        raise BadInputError(f"{len(lost)} person(s) left with no usable photo: {', '.join(lost)} ({detail})")
+    return crops, kept
+
+
+def _choose_threshold(
+    embeddings: torch.Tensor, labels: torch.Tensor, n_people: int, template: str, far: float, given, from_file
+) -> dict:
+    """The gallery's threshold record: ``given`` (--threshold), else ``from_file`` (--threshold-from), else
+    calibrated by leaving one person out; a threshold not calibrated here also gets its rates on these photos."""
+    if given is not None:
+        chosen = {"value": float(given), "method": "given (--threshold)"}
+    elif from_file is not None:
+        chosen = from_file
+    else:
+        chosen = calibrate(embeddings, labels, n_people, template, far)
+    if chosen["method"] != "leave-one-person-out":
+        # what the given threshold does on the enrolment photos, for comparison with a calibration
+        chosen.update(calibration_rates(embeddings, labels, n_people, template, chosen["value"]))
+    return chosen
+
+
 def enroll(
     people_location: str,
     encoder_location: str,
@@ -723,20 +799,8 @@ def enroll(
         BadInputError: fewer than two people, an empty person folder, a person left with no usable photo (all
             named), an unusable encoder or threshold file. StorageError: S3 unreachable (exit 4).
     """
-    from facessl.common.data import image_to_chw
-    from facessl.common.photos import ALIGNMENTS, detect_photos
-
     started = time.time()
-    if align not in ALIGNMENTS:
-        raise UsageError(f"align {align!r}: choose {' or '.join(ALIGNMENTS)}")
-    if template not in TEMPLATES:
-        raise UsageError(f"template {template!r}: choose {' or '.join(TEMPLATES)}")
-    if not 0 < far < 1:
-        raise UsageError(f"--far {far} must lie between 0 and 1")
-    if location_within(output_location, people_location) or location_within(people_location, output_location):
-        raise UsageError(
-            f"--output {output_location} and --people {people_location} overlap: give the gallery a folder of its own"
-        )
+    _check_enroll_options(align, template, far, output_location, people_location)
     out = open_storage(output_location)
     if out.exists("identify.json"):
         raise UsageError(f"--output {output_location} holds identify results: give the gallery a folder of its own")
@@ -746,43 +810,24 @@ def enroll(
     from_file = None
     if threshold is None and threshold_from:
         from_file = threshold_from_file(threshold_from, far, embedder.info, size)
-    people_store = open_storage(people_location)
-    people, skipped = list_people(people_store)
+    people, skipped = list_people(open_storage(people_location))
     cfg = DetectConfig(**{**asdict(detect), "image_size": size, "on_no_face": "skip"})
-    keys = [k for ks in people.values() for k in ks]
-    log(f"enrolling {len(people)} people from {len(keys)} photos at {size} px on {embedder.device}")
-    crops, kept, seen = [], [], {}
-    for photo in progress(
-        detect_photos(people_location, keys, cfg, crops="largest", workers=workers, align=align), len(keys), "enrol"
-    ):
-        reason = photo.error or ("no face detected" if not photo.faces else _ambiguity(photo.faces, similar_face_ratio))
-        if reason is None and photo.sha256 in seen:
-            reason = f"the same file as {seen[photo.sha256]}"
-        if reason:
-            skipped.append({"photo": photo.key, "reason": reason})
-            continue
-        seen[photo.sha256] = photo.key
-        crops.append(image_to_chw(photo.faces[0].crop))
-        kept.append(photo.key)
+    log(
+        f"enrolling {len(people)} people from {sum(map(len, people.values()))} photos at {size} px on {embedder.device}"
+    )
+    crops, kept = _reference_crops(
+        people_location,
+        people,
+        cfg,
+        similar_face_ratio=similar_face_ratio,
+        align=align,
+        workers=workers,
+        skipped=skipped,
+    )
     names = [p for p in people if any(k.split("/", 1)[0] == p for k in kept)]
-    if lost := [p for p in people if p not in names]:
-        why = {s["photo"]: s["reason"] for s in skipped}
-        detail = "; ".join(
-            f"{p}: " + ", ".join(f"{k.split('/', 1)[1]} ({why.get(k)})" for k in people[p][:3]) for p in lost[:5]
-        )
-        raise BadInputError(f"{len(lost)} person(s) left with no usable photo: {', '.join(lost)} ({detail})")
     index = {p: i for i, p in enumerate(names)}
     labels = torch.tensor([index[k.split("/", 1)[0]] for k in kept])
     embeddings = embedder(torch.stack(crops))
-    if threshold is not None:
-        chosen = {"value": float(threshold), "method": "given (--threshold)"}
-    elif from_file is not None:
-        chosen = from_file
-    else:
-        chosen = calibrate(embeddings, labels, len(names), template, far)
-    if chosen["method"] != "leave-one-person-out":
-        # what the given threshold does on the enrolment photos, for comparison with a calibration
-        chosen.update(calibration_rates(embeddings, labels, len(names), template, chosen["value"]))
     gallery = Gallery(
         embeddings=embeddings,
         labels=labels,
@@ -793,7 +838,7 @@ def enroll(
         flip=flip,
         template=template,
         detection={**asdict(cfg), "similar_face_ratio": similar_face_ratio, "align": align},
-        threshold=chosen,
+        threshold=_choose_threshold(embeddings, labels, len(names), template, far, threshold, from_file),
         skipped=skipped,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )

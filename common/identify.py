@@ -12,53 +12,17 @@ import io
 
 import torch
 
-from facessl.common.checkpoints import load_torch
 from facessl.common.data import image_to_chw
 from facessl.common.errors import BadInputError
 from facessl.common.faces import MAX_PHOTO_BYTES, DetectConfig, SkipImage, crop_face, decode_image, detect_faces
-from facessl.common.models import Classifier, build_encoder, check_weight_values, load_error_summary
-from facessl.common.storage import NotFoundError, open_file_location
+from facessl.common.models import Classifier
+from facessl.common.storage import open_file_location
 from facessl.common.training import pick_device, resolve_precision
 
+# re-exported: callers of identify load the model they pass to it from here
+from facessl.common.weights import load_classifier
 
-def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
-    """A train-classifier ``model.pt`` (file or run location): the model in eval mode, its class names and
-    the image size it was trained at.
-
-    Raises:
-        BadInputError: not a train-classifier model file, or weights no network holds (NaN, inf...).
-    """
-    if not location.rstrip("/").endswith((".pt", ".pth")):
-        location = location.rstrip("/") + "/model.pt"
-    try:
-        saved = load_torch(location)
-    except NotFoundError:
-        raise BadInputError(
-            f"{location} not found: this needs a finetune, linear-probe or distill run of "
-            "train-classifier (a --mode knn run writes no model)"
-        ) from None
-    if not (
-        isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("classes"), list)
-    ):
-        raise BadInputError(f"{location} is not a train-classifier model.pt (model, classes, image_size)")
-    classes = saved["classes"]
-    if not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
-        raise BadInputError(
-            f"{location} has class names that are not distinct non-empty strings: a "
-            "train-classifier model.pt names each identity once"
-        )
-    model = Classifier(build_encoder(), len(saved["classes"]))
-    try:
-        check_weight_values(saved["model"], location)
-        model.load_state_dict(saved["model"])
-    except ValueError as exc:
-        raise BadInputError(str(exc)) from None
-    except (RuntimeError, TypeError) as exc:
-        raise BadInputError(f"{location} does not fit a ResNet18 classifier: {load_error_summary(exc)}") from None
-    size = saved.get("image_size", 112)
-    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
-        raise BadInputError(f"{location} has image_size {size!r}: a train-classifier model.pt holds 16 to 4096 px")
-    return model.eval(), list(classes), size
+__all__ = ["annotate", "identify", "load_classifier", "read_photo"]
 
 
 def read_photo(location: str) -> bytes:

@@ -23,77 +23,6 @@ def build_encoder() -> nn.Module:
     return net
 
 
-def load_encoder_weights(encoder: nn.Module, state, where: str) -> None:
-    """Load backbone weights (see :func:`encoder_state_from_file`) into ``encoder``.
-
-    Raises:
-        ValueError: not ResNet18 backbone weights (wrong keys, shapes or value types).
-    """
-    try:
-        encoder.load_state_dict(encoder_state_from_file(state, where))
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{where} does not fit a ResNet18 backbone: {load_error_summary(exc)}") from None
-
-
-def load_error_summary(exc: Exception) -> str:
-    """The first two non-blank lines of a ``load_state_dict`` error, joined (at most 300 characters): torch's
-    first line names no tensor, its second does. The exception's type name when it has no message."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return " ".join(lines[:2])[:300] or type(exc).__name__
-
-
-def encoder_state_from_file(state: dict, where: str) -> dict:
-    """Backbone weights from a loaded state dict: a facessl ``encoder.pt``, a classifier ``model.pt``
-    (``encoder.`` prefix) or torchvision's ImageNet ``resnet18`` file (``fc.*`` dropped).
-
-    Raises:
-        ValueError: the dict does not hold ResNet18 backbone weights, or values no network holds
-        (:func:`check_weight_values`).
-    """
-    if not isinstance(state, dict):
-        raise ValueError(f"{where} does not hold a state dict")
-    for wrapper in ("model", "encoder"):
-        if isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    expected = set(build_encoder().state_dict())
-    if set(state) != expected:
-        missing = sorted(expected - set(state))[:3]
-        extra = sorted(set(state) - expected)[:3]
-        raise ValueError(f"{where} is not a ResNet18 backbone (missing {missing}, unexpected {extra})")
-    check_weight_values(state, where)
-    return state
-
-
-def check_weight_values(state: dict, where: str) -> None:
-    """Refuse a state dict whose values no trained network holds: NaN or infinite floats, complex tensors
-    (``load_state_dict`` would keep their real part), integer or bool weights (batch-norm's
-    ``num_batches_tracked`` and optimizer ``step`` counters excepted), negative batch-norm ``running_var``.
-    A diverged or
-    damaged file is refused at load, not after hours of training on NaN features.
-
-    Raises:
-        ValueError: naming the first tensor at fault.
-    """
-    for key, v in state.items():
-        if not torch.is_tensor(v):
-            continue
-        if v.is_complex():
-            raise ValueError(f"{where} holds a complex tensor at {key}: weights are real numbers")
-        # (counters)
-        if not v.is_floating_point() and not key.endswith(("num_batches_tracked", "step")):
-            raise ValueError(
-                f"{where} holds {v.dtype} values at {key}: weights are floating point (a cast "
-                "to integers or booleans loses them)"
-            )
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise ValueError(f"{where} holds NaN or infinite weights, e.g. in {key}")
-        if key.endswith("running_var") and (v < 0).any():
-            raise ValueError(f"{where} holds a negative batch-norm variance in {key}")
-
-
 class ProjectionHead(nn.Module):
     """SimCLR projection head g(.): Linear(in, hidden) -> BatchNorm -> ReLU -> Linear(hidden, out).
 
@@ -136,3 +65,18 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.encoder(x))
+
+
+# weight loading moved to common.weights (the value checks to common.checkpoints); these names stay importable
+# from here for the code that imports them from common.models (resolved on first use: common.weights imports
+# this module)
+_MOVED_TO_WEIGHTS = ("check_weight_values", "encoder_state_from_file", "load_encoder_weights", "load_error_summary")
+
+
+def __getattr__(name: str):
+    """The weight-loading functions of :mod:`facessl.common.weights` under their old home (PEP 562)."""
+    if name in _MOVED_TO_WEIGHTS:
+        from facessl.common import weights
+
+        return getattr(weights, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -168,6 +168,40 @@ def autocast(device: torch.device, precision: Precision | None = None):
     return (precision or resolve_precision("auto", device)).autocast(device)
 
 
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    where: str,
+    advice: str,
+) -> float:
+    """One training step of both jobs: check the loss, then zero the gradients, backpropagate, step the optimizer
+    and the LR schedule. Returns the loss as a Python float.
+
+    Args:
+        loss: the scalar float32 loss of the batch. where, advice: the error message's position ("epoch 3,
+            step 7") and remedy.
+    Raises:
+        DivergedError: the loss is NaN or infinite (checked before the update, so it never reaches the weights).
+    """
+    from facessl.common.errors import DivergedError
+
+    # the step's one wait for the GPU
+    value = loss.item()
+    if not math.isfinite(value):
+        raise DivergedError(f"loss became {value} at {where}; {advice}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return value
+
+
+def format_record(record: dict) -> str:
+    """An epoch's record as its log line: ``key=value`` pairs, floats to 4 significant digits."""
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+
+
 @torch.no_grad()
 def embed(
     encoder: torch.nn.Module,

@@ -22,7 +22,6 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-from facessl.common.classify import load_encoder
 from facessl.common.data import image_to_chw
 from facessl.common.errors import BadInputError, UsageError
 from facessl.common.faces import DetectConfig, SkipImage, crop_face, decode_image, detect_face, encode_jpeg
@@ -37,6 +36,7 @@ from facessl.common.storage import (
     safe_key,
 )
 from facessl.common.training import RunWriter, embed, pick_device, resolve_precision
+from facessl.common.weights import load_encoder
 
 # what evaluate_pairs writes under its output location
 OUTPUTS = ("scores.csv", "roc.png", "threshold.json", "metrics.json")

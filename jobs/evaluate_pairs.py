@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import click
 
-from facessl.common.cli import precision_option, report_errors
+from facessl.common.cli import (
+    COMMAND_SETTINGS,
+    config_options,
+    device_option,
+    image_size_option,
+    output_option,
+    precision_option,
+    report_errors,
+)
+from facessl.common.config import PairsConfig
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=COMMAND_SETTINGS)
 @click.option(
     "--pairs",
     "pairs_location",
@@ -24,21 +33,11 @@ from facessl.common.cli import precision_option, report_errors
     help="encoder.pt or a pretrain-simclr run location, or a train-classifier model.pt or run location "
     "(path or s3:// URI).",
 )
-@click.option("--output", "output_location", required=True, help="Where metrics.json, scores.csv and roc.png go.")
-@click.option(
-    "--image-size",
-    type=click.IntRange(min=16, max=1024),
-    default=112,
-    help="Crop side fed to the encoder (use the size it was trained at).",
-)
-@click.option("--folds", type=click.IntRange(min=2), default=10, help="Cross-validation folds for the threshold.")
-@click.option(
-    "--detect/--no-detect",
-    default=True,
-    help="--no-detect: the photos are face crops already (e.g. made once on a CPU machine); embed them whole.",
-)
-@click.option("--device", default="auto", envvar="FACESSL_DEVICE", help="auto, cpu, cuda or cuda:N.")
-@precision_option
+@output_option("Where metrics.json, scores.csv and roc.png go.")
+@image_size_option(PairsConfig)
+@config_options(PairsConfig, "folds", "detect")
+@device_option(PairsConfig)
+@precision_option(PairsConfig)
 @report_errors
 def main(
     pairs_location, images_location, encoder_location, output_location, image_size, folds, detect, device, precision
