@@ -1,0 +1,124 @@
+"""The main job's comparison (infra/local/run-pipeline.sh): its table and comparison.json, made by the script's own
+print_comparison from the metrics.json files of a tiny real run of both arms (SimCLR 1 epoch, 1 fine-tuning
+epoch each, 32 px, three identities)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from facessl.jobs.pretrain_simclr import main as pretrain_main
+from facessl.jobs.train_classifier import main as classifier_main
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "infra" / "local" / "run-pipeline.sh"
+
+
+def invoke(cmd, *args):
+    result = CliRunner().invoke(cmd, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_run(prepared_subset, tmp_path_factory) -> Path:
+    """A run folder laid out as the main job leaves it: simclr/, scratch/ and simclr-fine-tune/, both arms on
+    20 labelled crops per identity."""
+    out = tmp_path_factory.mktemp("main-job") / "run"
+    invoke(
+        pretrain_main,
+        *("--data", prepared_subset, "--output", out / "simclr", "--epochs", 1, "--image-size", 32),
+        *("--batch-size", 64, "--warmup-epochs", 0, "--knn-every", 0, "--checkpoint-every", 0, "--device", "cpu"),
+    )
+    arm = ("--labels-per-class", 20, "--epochs", 1, "--image-size", 32, "--device", "cpu")
+    invoke(classifier_main, "--data", prepared_subset, "--output", out / "scratch", *arm)
+    invoke(
+        classifier_main,
+        "--data",
+        prepared_subset,
+        "--output",
+        out / "simclr-fine-tune",
+        "--encoder",
+        out / "simclr",
+        *arm,
+    )
+    return out
+
+
+def print_comparison(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """The script sourced (which defines its functions and runs nothing), then its print_comparison, with this
+    interpreter's environment first on PATH as the script puts the venv's."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        ["bash", "-c", 'source "$1" && shift && print_comparison "$@"', "bash", str(SCRIPT), str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_comparison_json_and_table_hold_both_arms_metrics(tiny_run):
+    seconds = {"venv": 1, "prepare": 2, "simclr": 3, "scratch": 4, "simclr_fine_tune": 5, "total": 75}
+    r = print_comparison(tiny_run, "glint24-20", "20", json.dumps(seconds))
+    assert r.returncode == 0, r.stdout + r.stderr
+    # sourced, the script ran no stage
+    assert "== " not in r.stdout
+    written = json.loads((tiny_run / "comparison.json").read_text())
+    metrics = {
+        arm: json.loads((tiny_run / arm / "metrics.json").read_text()) for arm in ("scratch", "simclr-fine-tune")
+    }
+    n = metrics["scratch"]["test"]["n"]
+    assert {k: written[k] for k in ("benchmark", "labels_per_class", "test_images")} == {
+        "benchmark": "glint24-20",
+        "labels_per_class": 20,
+        "test_images": n,
+    }
+    assert [row["arm"] for row in written["rows"]] == ["scratch", "simclr-fine-tune"]
+    for row in written["rows"]:
+        test = metrics[row["arm"]]["test"]
+        assert (row["top1"], row["top3"], row["macro_f1"]) == (test["top1"], test["top3"], test["macro_f1"])
+        # three identities, 20 labels each: the same labelled images in both arms
+        assert (row["labelled_images"], row["test_images"]) == (60, n)
+    assert written["seconds"] == seconds
+    # the table: a header, then one line per arm with its figures as printed to 3 decimals
+    lines = r.stdout.splitlines()
+    assert f"glint24-20 test ({n} images), 20 labels per identity:" in lines
+    for label, arm in (("scratch", "scratch"), ("SimCLR + fine-tune", "simclr-fine-tune")):
+        test = metrics[arm]["test"]
+        row = next(line.split() for line in lines if line.strip().startswith(label))
+        assert row[-5:] == [f"{test['top1']:.3f}", f"{test['top3']:.3f}", f"{test['macro_f1']:.3f}", "60", str(n)]
+    gain = 100 * (metrics["simclr-fine-tune"]["test"]["top1"] - metrics["scratch"]["test"]["top1"])
+    assert f"SimCLR + fine-tune - scratch: {gain:+.1f} points of top-1" in r.stdout
+    assert "pipeline time 1 min 15 s" in r.stdout
+
+
+def test_arms_scored_on_different_test_sets_are_refused(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    for arm in ("scratch", "simclr-fine-tune"):
+        shutil.copytree(tiny_run / arm, out / arm)
+    metrics = json.loads((out / "scratch" / "metrics.json").read_text())
+    metrics["test"]["n"] += 1
+    (out / "scratch" / "metrics.json").write_text(json.dumps(metrics))
+    r = print_comparison(out, "glint24-20", "20", "{}")
+    assert r.returncode != 0
+    assert "the arms differ in test_images" in r.stderr
+    assert not (out / "comparison.json").exists()
+
+
+def test_unknown_benchmark_is_refused_before_any_work(tmp_path):
+    r = subprocess.run(
+        ["bash", str(SCRIPT), str(tmp_path), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BENCHMARK": "glint7"},
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "BENCHMARK=glint7" in r.stderr
+    assert not (tmp_path / "out").exists()
