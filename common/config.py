@@ -89,7 +89,7 @@ class PretrainConfig:
     proj_hidden_dim: int = option(512, "Projection head hidden size.", min=1, max=16384)
     proj_dim: int = option(128, "Projection head output size.", min=1, max=8192)
     jitter_strength: float = option(0.5, "Colour jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s).", min=0, max=2.5)
-    crop_min: float = option(0.2, "Smallest random-resized-crop area fraction.", min=0.01, max=1)
+    crop_min: float = option(0.4, "Smallest random-resized-crop area fraction (of a tight face crop).", min=0.01, max=1)
     blur_p: float = option(0.5, "Probability of Gaussian blur per view.", min=0, max=1)
     use_unlabeled: bool = option(False, "Also train on the dataset's unlabeled pool.")
     knn_every: int = option(5, "Run the kNN monitor on the val split every N epochs (0: never).", min=0)

@@ -134,8 +134,8 @@ run_glint6() {
 run_glint24_20() {
   local raw=$1 out=$2 venv_s=$3 start=$SECONDS t prepare_s simclr_s scratch_s finetune_s
   local per_class=20
-  EPOCHS_SIMCLR=${EPOCHS_SIMCLR:-6}
-  EPOCHS_CLASSIFIER=${EPOCHS_CLASSIFIER:-15}
+  EPOCHS_SIMCLR=${EPOCHS_SIMCLR:-10}
+  EPOCHS_CLASSIFIER=${EPOCHS_CLASSIFIER:-40}
   # one fine-tuning recipe for both arms: only the starting weights differ
   local finetune=(--labels-per-class "$per_class" --epochs "$EPOCHS_CLASSIFIER" --image-size 64 --optimizer adamw
     --lr 1e-3 --weight-decay 0.05 --label-smoothing 0.1 --warmup-epochs 1 --seed "$SEED")
