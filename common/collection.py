@@ -209,6 +209,11 @@ def _open_results(
             f"--output {output_location} lies inside --photos {photos_location}: its results would be read as photos; "
             "give a location outside it"
         )
+    if location_within(photos_location, output_location):
+        # the results' parts/ and shards/ would land among the photos, and a later run would read them as photos
+        raise UsageError(
+            f"--output {output_location} contains --photos {photos_location}: give the results a folder of their own"
+        )
     gallery: Gallery = load_gallery(gallery_location)
     embedder = embedder_for_gallery(gallery, encoder_location, device_name)
     value = gallery.threshold["value"] if threshold is None else float(threshold)

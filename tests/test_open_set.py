@@ -174,6 +174,10 @@ def test_refused_locations_and_mixed_modes(gallery, collection, tmp_path):
     r = invoke(identify_main, "--gallery", gallery, "--photos", collection, "--output", collection / "results")
     assert r.exit_code == 2 and "lies inside --photos" in r.stderr
     assert not (collection / "results").exists()
+    before = sorted(p.name for p in collection.parent.iterdir())
+    r = invoke(identify_main, "--gallery", gallery, "--photos", collection, "--output", collection.parent)
+    assert r.exit_code == 2 and "contains --photos" in r.stderr
+    assert sorted(p.name for p in collection.parent.iterdir()) == before
     r = invoke(identify_main, "--gallery", gallery, "--photos", collection, "--output", gallery)
     assert r.exit_code == 2 and "holds a gallery" in r.stderr
     r = invoke(identify_main, "--gallery", gallery, "--photos", collection)
