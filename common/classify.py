@@ -38,7 +38,6 @@ from facessl.common.checkpoints import save_torch
 from facessl.common.config import CLASSIFIER_MODES, ClassifierConfig
 from facessl.common.data import PreparedDataset, refuse_output_inside
 from facessl.common.distributed import (
-    DistInfo,
     barrier,
     cleanup,
     init_distributed,
@@ -55,6 +54,7 @@ from facessl.common.training import (
     Precision,
     RunWriter,
     StopRequest,
+    TrainingRun,
     embed,
     format_record,
     knn_predict,
@@ -63,6 +63,7 @@ from facessl.common.training import (
     pick_device,
     resolve_precision,
     seed_everything,
+    silent,
     stop_requested,
     warmup_cosine,
 )
@@ -149,7 +150,7 @@ def initial_encoder(cfg: ClassifierConfig) -> tuple[torch.nn.Module, str]:
 
 
 @dataclass
-class ClassifierRun:
+class ClassifierRun(TrainingRun):
     """What one train-classifier run holds between its steps. ``world``/``rank`` are the torchrun ones when the
     mode trains distributed (finetune, distill), else 1/0 (every rank computes the same). ``train_x``: this
     rank's labelled train images (uint8), or their embeddings in linear-probe and knn; ``unlabelled``: distill's
@@ -157,12 +158,6 @@ class ClassifierRun:
     ``aug_gen`` and ``train_model`` (DDP-wrapped when distributed) are set for the modes that train the encoder."""
 
     cfg: ClassifierConfig
-    info: DistInfo
-    device: torch.device
-    precision: Precision
-    log: object
-    out: Storage
-    writer: RunWriter
     classes: list[str]
     distributed: bool
     world: int
@@ -191,10 +186,6 @@ class StepPlan:
     labelled_batches: object
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
-
-
-def silent(*args, **kwargs) -> None:
-    """The log of the ranks other than 0."""
 
 
 def train_classifier(data_location: str, output_location: str, cfg: ClassifierConfig, log=print) -> dict:

@@ -34,7 +34,6 @@ from facessl.common.checkpoints import (
 from facessl.common.config import PretrainConfig
 from facessl.common.data import UNLABELED, PreparedDataset, refuse_output_inside
 from facessl.common.distributed import (
-    DistInfo,
     barrier,
     cleanup,
     init_distributed,
@@ -49,10 +48,10 @@ from facessl.common.models import ProjectionHead, SimCLRModel, build_encoder
 from facessl.common.pool import epoch_generator, open_pool
 from facessl.common.storage import Storage, claim_output, location_within, open_storage
 from facessl.common.training import (
-    Precision,
     RunWriter,
     StopRequest,
     Throughput,
+    TrainingRun,
     embed,
     format_record,
     knn_predict,
@@ -61,6 +60,7 @@ from facessl.common.training import (
     pick_device,
     resolve_precision,
     seed_everything,
+    silent,
     stop_requested,
     warmup_cosine,
 )
@@ -86,18 +86,12 @@ RESUMABLE_CHANGES = {
 
 
 @dataclass
-class PretrainRun:
+class PretrainRun(TrainingRun):
     """What one pretraining run holds between its steps: the options, where it runs and writes, the data
     (this rank's ``pool``, the kNN monitor's ``val`` split), the batch plan and the network with its optimizer,
     schedule, loss and augmentation. ``forward`` is the model as trained (DDP-wrapped and/or compiled)."""
 
     cfg: PretrainConfig
-    info: DistInfo
-    device: torch.device
-    precision: Precision
-    log: object
-    out: Storage
-    writer: RunWriter
     data: PreparedDataset
     pool: object
     data_mode: str
@@ -158,10 +152,6 @@ def pretrain(data_location: str, output_location: str, cfg: PretrainConfig, log=
     finally:
         stop.restore()
         cleanup()
-
-
-def silent(*args, **kwargs) -> None:
-    """The log of the ranks other than 0."""
 
 
 def open_output(data_location: str, output_location: str, cfg: PretrainConfig) -> Storage:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from facessl.common.augment import eval_transform
-from facessl.common.distributed import mean_across_ranks
+from facessl.common.distributed import DistInfo, mean_across_ranks
 from facessl.common.storage import Storage
 
 
@@ -279,6 +279,25 @@ class RunWriter:
             self.storage.upload_file(tmp, key)
         finally:
             os.unlink(tmp)
+
+
+@dataclass
+class TrainingRun:
+    """What both training jobs' runs hold between their steps: the options (``cfg``, the job's config
+    dataclass), the torchrun set-up, the device and precision, the log (:func:`silent` on ranks other than 0),
+    the output location and its :class:`RunWriter`. ``PretrainRun`` and ``ClassifierRun`` extend it."""
+
+    cfg: object
+    info: DistInfo
+    device: torch.device
+    precision: Precision
+    log: object
+    out: Storage
+    writer: RunWriter
+
+
+def silent(*args, **kwargs) -> None:
+    """The log of the ranks other than 0."""
 
 
 class Throughput:
