@@ -46,6 +46,7 @@ from facessl.common.distributed import (
     sync_batchnorm,
 )
 from facessl.common.errors import BadInputError, DivergedError, PreemptedError, UsageError
+from facessl.common.losses import MARGIN_LOSSES, margin_logits
 from facessl.common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
 from facessl.common.models import Classifier, build_encoder
 from facessl.common.pool import MemoryPool, epoch_generator, rank_share
@@ -227,11 +228,16 @@ def train_classifier(data_location: str, output_location: str, cfg: ClassifierCo
 
 def check_options(cfg: ClassifierConfig) -> None:
     """Raise UsageError for conflicting options (``--encoder`` with ``--init``, ``--teacher`` without
-    ``--mode distill`` or the reverse) and BadInputError for an unknown mode."""
+    ``--mode distill`` or the reverse, a margin loss outside finetune and linear-probe, ``--margin`` without
+    one) and BadInputError for an unknown mode."""
     if cfg.encoder and cfg.init != "scratch":
         raise UsageError("give either --encoder (a SimCLR encoder) or --init (other weights), not both")
     if cfg.mode not in CLASSIFIER_MODES:
         raise BadInputError(f"unknown mode {cfg.mode!r}: use finetune, linear-probe, knn or distill")
+    if cfg.loss != "cross-entropy" and cfg.mode not in ("finetune", "linear-probe"):
+        raise UsageError(f"--loss {cfg.loss} trains a cosine layer: use it with --mode finetune or linear-probe")
+    if cfg.margin is not None and cfg.loss == "cross-entropy":
+        raise UsageError("--margin belongs to --loss cosface or arcface")
     if (cfg.mode == "distill") != bool(cfg.teacher):
         raise UsageError(
             "--mode distill needs --teacher (a fine-tuned train-classifier model.pt), and --teacher "
@@ -304,7 +310,8 @@ def build_run(data_location, out, cfg, info, device, precision, log) -> Classifi
     seed_everything(cfg.seed)
     encoder, source = initial_encoder(cfg)
     teacher = load_teacher(cfg.teacher, classes, cfg.image_size, device, precision) if cfg.mode == "distill" else None
-    model = Classifier(encoder, len(classes))
+    head = "linear" if cfg.loss == "cross-entropy" else "cosine"
+    model = Classifier(encoder, len(classes), head=head, scale=cfg.scale)
     if distributed:
         model = sync_batchnorm(model, device)
     model = precision.layout(model.to(device))
@@ -468,14 +475,19 @@ def predict(run: ClassifierRun, x: torch.Tensor, train: bool = False, with_teach
 
 
 def batch_loss(run: ClassifierRun, plan: StepPlan, x: torch.Tensor, y: torch.Tensor):
-    """``(logits, targets, loss)`` of one training batch: cross-entropy with label smoothing; in distill, the
+    """``(logits, targets, loss)`` of one training batch: cross-entropy with label smoothing, of the margin
+    logits (:func:`~facessl.common.losses.margin_logits`) under ``--loss cosface|arcface``; in distill, the
     distillation loss of the unlabelled batch ``x`` plus ``distill_label_weight`` times the cross-entropy of the
     next labelled batch (whose logits and targets are returned)."""
     cfg = run.cfg
     if plan.labelled_batches is None:
         logits = predict(run, x, train=True)
         target = y.to(run.device)
-        return logits, target, F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+        trained = logits
+        if cfg.loss != "cross-entropy":
+            margin = MARGIN_LOSSES[cfg.loss] if cfg.margin is None else cfg.margin
+            trained = margin_logits(logits, target, cfg.scale, margin, cfg.loss)
+        return logits, target, F.cross_entropy(trained, target, label_smoothing=cfg.label_smoothing)
     # x: unlabelled images (y is all zeros, unused); the labelled batch goes through with them
     lx, y = next(plan.labelled_batches)
     both, soft = predict(run, torch.cat([x, lx.to(x.device)]), train=True, with_teacher=len(x))
@@ -611,6 +623,8 @@ def write_results(run: ClassifierRun, metrics: dict, test: dict) -> None:
                 "model": {k: v.cpu() for k, v in run.model.state_dict().items()},
                 "classes": classes,
                 "image_size": cfg.image_size,
+                "head": run.model.head,
+                "scale": cfg.scale,
             },
         )
     writer.write_json("metrics.json", metrics)

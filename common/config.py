@@ -150,6 +150,17 @@ class ClassifierConfig:
     warmup_epochs: int = option(0, "Linear LR warm-up epochs.", min=0)
     schedule: str = option("cosine", "LR schedule after the warm-up.", choices=("cosine", "constant"))
     label_smoothing: float = option(0.0, "Cross-entropy label smoothing.", min=0, max=0.5)
+    loss: str = option(
+        "cross-entropy",
+        "cross-entropy on a linear layer, or a face-recognition margin loss on a cosine layer: cosface "
+        "(additive cosine margin) or arcface (additive angular margin), for embeddings that separate people "
+        "outside the training set (enroll). finetune and linear-probe only.",
+        choices=("cross-entropy", "cosface", "arcface"),
+    )
+    margin: float | None = option(
+        None, "cosface/arcface margin m (default 0.35 for cosface, 0.5 radians for arcface).", min=0, max=1.5
+    )
+    scale: float = option(30.0, "cosface/arcface logit scale s.", min=1, max=128)
     labels_per_class: int | None = option(None, "Train on at most N labelled train images per identity.", min=1)
     knn_k: int = option(20, "--mode knn: neighbours that vote.", min=1)
     teacher: str | None = option(None, "--mode distill: a fine-tuned train-classifier model.pt (or its run location).")

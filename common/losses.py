@@ -1,4 +1,5 @@
-"""Contrastive losses of SimCLR pretraining over a batch of N positive pairs (2N views).
+"""The training losses: SimCLR's contrastive losses over a batch of N positive pairs (2N views), and the
+margins of the classifier's face-recognition losses.
 
 NTXentLoss: NT-Xent, the normalised temperature-scaled cross-entropy loss of SimCLR. Chen, Kornblith,
     Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual Representations", ICML 2020,
@@ -6,9 +7,15 @@ NTXentLoss: NT-Xent, the normalised temperature-scaled cross-entropy loss of Sim
 DCLLoss: the decoupled contrastive loss, NT-Xent with the positive left out of the denominator. Yeh, Hong,
     Hsu, Liu, Chen, LeCun, "Decoupled Contrastive Learning", ECCV 2022, https://arxiv.org/abs/2110.06848
     (equation 6).
+margin_logits: the target-logit margins of face recognition's cosine classifiers. CosFace: Wang, Wang, Zhou,
+    Ji, Gong, Zhou, Li, Liu, "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018,
+    https://arxiv.org/abs/1801.09414 (equation 4). ArcFace: Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive
+    Angular Margin Loss for Deep Face Recognition", CVPR 2019, https://arxiv.org/abs/1801.07698 (equation 3).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -115,3 +122,38 @@ class DCLLoss(NTXentLoss):
         # the positive leaves the denominator (not in place: autograd still needs the logits)
         negatives = logits.index_put((rows, positives), torch.tensor(float("-inf"), device=logits.device))
         return (torch.logsumexp(negatives, dim=1) - positive).mean()
+
+
+MARGIN_LOSSES = {"cosface": 0.35, "arcface": 0.5}
+
+
+def margin_logits(logits: torch.Tensor, target: torch.Tensor, scale: float, margin: float, kind: str) -> torch.Tensor:
+    """The training logits of a margin loss, for ``F.cross_entropy``: the target class's cosine made harder.
+
+    Args:
+        logits: float32 (B, C), ``scale * cos(theta)`` of a :class:`~facessl.common.models.CosineLinear`.
+        target: long (B,) class indices. scale: the layer's s (> 0). margin: m, in cosine units for cosface
+            and radians for arcface (``MARGIN_LOSSES`` holds the papers' defaults, 0.35 and 0.5).
+        kind: "cosface", ``s (cos(theta_y) - m)``; or "arcface", ``s cos(theta_y + m)``.
+
+    Every other class keeps ``s cos(theta_j)``: the margin asks the features of one person to sit closer
+    to their own class than to any other by m, which is what lets the embedding separate people it was
+    never trained on (the papers' open-set results).
+
+    Raises:
+        ValueError: an unknown ``kind``, or shapes that do not match.
+    """
+    if kind not in MARGIN_LOSSES:
+        raise ValueError(f"unknown margin loss {kind!r}: use one of {', '.join(MARGIN_LOSSES)}")
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"expected (B, C) logits and (B,) targets, got {tuple(logits.shape)}, {tuple(target.shape)}")
+    rows = torch.arange(len(target), device=logits.device)
+    cos = (logits[rows, target] / scale).clamp(-1.0, 1.0)
+    if kind == "cosface":
+        hard = cos - margin
+    else:
+        # cos(theta + m) stops falling once theta + m passes pi; past that point the penalty stays linear
+        # in the cosine, so a badly placed feature still gets a gradient towards its class
+        theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+        hard = torch.where(theta + margin < math.pi, torch.cos(theta + margin), cos - margin * math.sin(margin))
+    return logits.index_put((rows, target), scale * hard)

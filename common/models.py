@@ -3,12 +3,15 @@
 Backbone: torchvision ``resnet18`` (He et al., "Deep Residual Learning for Image Recognition", CVPR
 2016, arXiv:1512.03385) with its classification layer replaced by the identity, so it maps float
 images (B, 3, H, W) to 512-d representations (B, 512). Projection head: SimCLR's 2-layer MLP
-(Chen et al. 2020, arXiv:2002.05709, section 2.1).
+(Chen et al. 2020, arXiv:2002.05709, section 2.1). Cosine classifier layer: the one the margin losses of
+face recognition train (CosFace, Wang et al. 2018, arXiv:1801.09414; ArcFace, Deng et al. 2019,
+arXiv:1801.07698).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FEATURE_DIM = 512
@@ -55,13 +58,51 @@ class SimCLRModel(nn.Module):
         return self.head(self.encoder(x))
 
 
-class Classifier(nn.Module):
-    """Encoder + linear layer: images (B, 3, H, W) float -> logits (B, num_classes)."""
+class CosineLinear(nn.Module):
+    """Cosine classifier layer: features float (B, D) -> ``scale * cos(theta)`` float32 (B, C), theta the angle
+    between a feature and a class's weight row, both L2-normalised, and no bias (CosFace section 3.1).
 
-    def __init__(self, encoder: nn.Module, num_classes: int):
+    Computed in float32 even under autocast: bf16 keeps about 3 significant digits of a cosine, an error
+    the scale (typically 30) turns into a tenth of a logit.
+
+    Raises:
+        ValueError: a dimension < 1 or ``scale`` <= 0 (constructor).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, scale: float = 30.0):
         super().__init__()
+        if in_dim < 1 or num_classes < 1 or not scale > 0:
+            raise ValueError(f"cosine layer needs positive sizes and scale, got {in_dim}, {num_classes}, {scale}")
+        self.scale = float(scale)
+        self.weight = nn.Parameter(torch.randn(num_classes, in_dim) * 0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.scale * F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+
+
+CLASSIFIER_HEADS = ("linear", "cosine")
+
+
+class Classifier(nn.Module):
+    """Encoder + classification layer: images (B, 3, H, W) float -> logits (B, num_classes).
+
+    ``head`` "linear" is an ``nn.Linear`` with bias; "cosine" a :class:`CosineLinear` of logit scale ``scale``,
+    for the margin losses. Either is ``fc``, so the encoder's weights keep their ``encoder.`` names.
+
+    Raises:
+        ValueError: an unknown ``head``.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int, head: str = "linear", scale: float = 30.0):
+        super().__init__()
+        if head not in CLASSIFIER_HEADS:
+            raise ValueError(f"unknown classifier head {head!r}: use one of {', '.join(CLASSIFIER_HEADS)}")
         self.encoder = encoder
-        self.fc = nn.Linear(FEATURE_DIM, num_classes)
+        self.head = head
+        self.fc = (
+            nn.Linear(FEATURE_DIM, num_classes) if head == "linear" else CosineLinear(FEATURE_DIM, num_classes, scale)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.encoder(x))

@@ -14,7 +14,7 @@ from torch import nn
 
 from facessl.common.checkpoints import check_weight_values, load_error_summary, load_torch
 from facessl.common.errors import BadInputError
-from facessl.common.models import Classifier, build_encoder
+from facessl.common.models import CLASSIFIER_HEADS, Classifier, build_encoder
 from facessl.common.storage import NotFoundError, join_location, open_storage
 
 
@@ -101,8 +101,8 @@ def is_run_location(location: str) -> bool:
 
 
 def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
-    """A train-classifier ``model.pt`` (file or run location): the model in eval mode, its class names and
-    the image size it was trained at.
+    """A train-classifier ``model.pt`` (file or run location): the model in eval mode (a linear or cosine
+    classification layer, as saved), its class names and the image size it was trained at.
 
     Raises:
         BadInputError: not a train-classifier model file, or weights no network holds (NaN, inf...).
@@ -126,7 +126,10 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
             f"{location} has class names that are not distinct non-empty strings: a "
             "train-classifier model.pt names each identity once"
         )
-    model = Classifier(build_encoder(), len(saved["classes"]))
+    head, scale = saved.get("head", "linear"), saved.get("scale", 30.0)
+    if head not in CLASSIFIER_HEADS or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale:
+        raise BadInputError(f"{location} has head {head!r}, scale {scale!r}: expected linear or cosine, scale > 0")
+    model = Classifier(build_encoder(), len(saved["classes"]), head=head, scale=scale)
     try:
         check_weight_values(saved["model"], location)
         model.load_state_dict(saved["model"])
