@@ -624,7 +624,7 @@ def write_results(run: ClassifierRun, metrics: dict, test: dict) -> None:
                 "classes": classes,
                 "image_size": cfg.image_size,
                 "head": run.model.head,
-                "scale": cfg.scale,
+                **({"scale": cfg.scale} if run.model.head == "cosine" else {}),
             },
         )
     writer.write_json("metrics.json", metrics)

@@ -126,9 +126,23 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
             f"{location} has class names that are not distinct non-empty strings: a "
             "train-classifier model.pt names each identity once"
         )
-    head, scale = saved.get("head", "linear"), saved.get("scale", 30.0)
-    if head not in CLASSIFIER_HEADS or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale:
-        raise BadInputError(f"{location} has head {head!r}, scale {scale!r}: expected linear or cosine, scale > 0")
+    if len(classes) < 2:
+        raise BadInputError(
+            f"{location} names {len(classes)} identities: a train-classifier model.pt names two or more"
+        )
+    # files from before the cosine layer carry neither key; a linear layer has no scale
+    head = saved.get("head", "linear")
+    scale = saved.get("scale", 30.0) if head == "cosine" else 30.0
+    if (
+        head not in CLASSIFIER_HEADS
+        or isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not 1 <= scale <= 128
+    ):
+        raise BadInputError(
+            f"{location} has head {head!r}, scale {scale!r}: a train-classifier model.pt holds a linear or a cosine "
+            "layer, the cosine one with a scale of 1 to 128"
+        )
     model = Classifier(build_encoder(), len(saved["classes"]), head=head, scale=scale)
     try:
         check_weight_values(saved["model"], location)

@@ -130,3 +130,35 @@ def test_arcface_fine_tune_learns_and_its_model_serves_identify_and_enroll(prepa
     r = run("enroll", "--people", people, "--encoder", out, "--output", tmp_path / "gallery", "--workers", 1)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "gallery" / "gallery.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"scale": float("inf")}, "scale of 1 to 128"),
+        ({"scale": 1e300}, "scale of 1 to 128"),
+        ({"scale": 10**400}, "scale of 1 to 128"),
+        ({"scale": True}, "scale of 1 to 128"),
+        ({"head": "mlp"}, "a linear or a cosine"),
+        ({"classes": []}, "names 0 identities"),
+        ({"head": "linear"}, "does not fit a ResNet18 classifier"),
+    ],
+)
+def test_a_tampered_cosine_model_is_refused_by_identify(change, message, tmp_path):
+    torch.manual_seed(0)
+    saved = {
+        "model": Classifier(build_encoder(), 3, head="cosine").state_dict(),
+        "classes": ["a", "b", "c"],
+        "image_size": 32,
+        "head": "cosine",
+        "scale": 30.0,
+    }
+    torch.save({**saved, **change}, tmp_path / "model.pt")
+    r = run("identify", "--model", tmp_path / "model.pt", "--photo", CASES / "raw" / "Tom Hanks" / "plain.jpg")
+    assert r.returncode == 3 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # an untampered one loads, and one from before the cosine layer (no head, no scale) loads as linear
+    torch.save(saved, tmp_path / "good.pt")
+    assert load_classifier(str(tmp_path / "good.pt"))[0].head == "cosine"
+    old = {"model": Classifier(build_encoder(), 3).state_dict(), "classes": ["a", "b", "c"], "image_size": 32}
+    torch.save(old, tmp_path / "old.pt")
+    assert load_classifier(str(tmp_path / "old.pt"))[0].head == "linear"
