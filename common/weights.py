@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from facessl.common.checkpoints import check_weight_values, load_error_summary, load_torch
+from facessl.common.config import ClassifierConfig
 from facessl.common.errors import BadInputError
 from facessl.common.models import CLASSIFIER_HEADS, Classifier, build_encoder
 from facessl.common.storage import NotFoundError, join_location, open_storage
@@ -132,16 +133,19 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
         )
     # files from before the cosine layer carry neither key; a linear layer has no scale
     head = saved.get("head", "linear")
-    scale = saved.get("scale", 30.0) if head == "cosine" else 30.0
+    # the bounds and default of train-classifier's --scale, declared once in common.config
+    bounds = ClassifierConfig.__dataclass_fields__["scale"].metadata
+    low, high, default = bounds["min"], bounds["max"], ClassifierConfig.scale
+    scale = saved.get("scale", default) if head == "cosine" else default
     if (
         head not in CLASSIFIER_HEADS
         or isinstance(scale, bool)
         or not isinstance(scale, (int, float))
-        or not 1 <= scale <= 128
+        or not low <= scale <= high
     ):
         raise BadInputError(
             f"{location} has head {head!r}, scale {scale!r}: a train-classifier model.pt holds a linear or a cosine "
-            "layer, the cosine one with a scale of 1 to 128"
+            f"layer, the cosine one with a scale of {low:g} to {high:g}"
         )
     model = Classifier(build_encoder(), len(saved["classes"]), head=head, scale=scale)
     try:
