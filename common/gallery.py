@@ -96,8 +96,16 @@ def _read_weights(location: str) -> tuple[object, str]:
 def recorded_image_size(location: str, state) -> int | None:
     """The crop side an encoder was trained at: ``image_size`` of a train-classifier ``model.pt``, else the
     ``image_size`` of the ``config.json`` beside the file (a pretrain-simclr or train-classifier run), else
-    None (a bare weights file)."""
+    None (a bare weights file).
+
+    Raises:
+        BadInputError: a ``model.pt`` whose ``image_size`` is not a whole number of pixels from 16 to 4096.
+    """
     size = state.get("image_size") if isinstance(state, dict) else None
+    if size is not None and not _valid_size(size):
+        raise BadInputError(
+            f"{location} records image_size {size!r}, not a crop side of 16-4096 px: the file was altered"
+        )
     if size is None:
         storage, key = open_file_location(location)
         folder = key.rpartition("/")[0]
@@ -106,7 +114,11 @@ def recorded_image_size(location: str, state) -> int | None:
             size = config.get("image_size") if isinstance(config, dict) else None
         except (BadInputError, ValueError, UnicodeDecodeError):
             size = None
-    return size if isinstance(size, int) and not isinstance(size, bool) and 16 <= size <= 4096 else None
+    return size if _valid_size(size) else None
+
+
+def _valid_size(size) -> bool:
+    return isinstance(size, int) and not isinstance(size, bool) and 16 <= size <= 4096
 
 
 def _projection_head(location: str) -> tuple[torch.nn.Module, str]:

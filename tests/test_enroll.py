@@ -266,6 +266,12 @@ def test_an_encoder_that_is_not_one_or_has_another_size_is_refused(people, encod
         "head",
     )
     assert r.exit_code == 2 and "projection_head.pt" in r.stderr
+    # a model.pt whose recorded size was altered: named as such, not taken for a bare file
+    weights = torch.load(encoder_run / "encoder.pt", weights_only=True)
+    model = {"model": {f"encoder.{k}": v for k, v in weights.items()}, "classes": ["a", "b"], "image_size": "64"}
+    torch.save(model, tmp_path / "model.pt")
+    r = invoke(enroll_main, "--people", people, "--encoder", tmp_path / "model.pt", "--output", tmp_path / "g")
+    assert r.exit_code == 3 and "records image_size '64'" in r.stderr, r.stderr
 
 
 def test_outputs_that_overlap_the_people_or_another_job_are_refused(people, encoder_run, tmp_path):
