@@ -106,6 +106,14 @@ def endless_batches(pool: MemoryPool, batch_size: int, seed: int, rank: int = 0)
         passes += 1
 
 
+def class_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """float64 (N,) sampling weights of int64 (N,) ``labels``, each sample ``1 / count(its class)``, so that
+    every class is drawn equally often (class-balanced sampling, as in Kang et al. 2020, "Decoupling
+    Representation and Classifier for Long-Tailed Recognition", arXiv:1910.09217)."""
+    counts = torch.bincount(labels)
+    return 1.0 / counts[labels].double()
+
+
 def load_teacher(
     location: str, classes: list[str], image_size: int, device: torch.device, precision: Precision | None = None
 ) -> torch.nn.Module:
@@ -185,6 +193,7 @@ class StepPlan:
     per_rank: int
     steps_per_epoch: int
     labelled_batches: object
+    sample_weights: torch.Tensor | None = None
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
@@ -238,6 +247,8 @@ def check_options(cfg: ClassifierConfig) -> None:
         raise UsageError(f"--loss {cfg.loss} trains a cosine layer: use it with --mode finetune or linear-probe")
     if cfg.margin is not None and cfg.loss == "cross-entropy":
         raise UsageError("--margin belongs to --loss cosface or arcface")
+    if cfg.sampler != "uniform" and cfg.mode not in ("finetune", "linear-probe"):
+        raise UsageError(f"--sampler {cfg.sampler} draws labelled images: use it with --mode finetune or linear-probe")
     if (cfg.mode == "distill") != bool(cfg.teacher):
         raise UsageError(
             "--mode distill needs --teacher (a fine-tuned train-classifier model.pt), and --teacher "
@@ -421,7 +432,8 @@ def plan_steps(run: ClassifierRun) -> StepPlan:
         raise BadInputError(f"{n_step} training images cannot feed {world} processes")
     if cfg.mode in ("finetune", "distill") and run.n_train < 2:
         raise BadInputError(f"{run.n_train} labelled training image: fine-tuning needs at least 2 (batch norm)")
-    return StepPlan(step_pool, per_rank, steps_per_epoch, labelled_batches)
+    weights = class_balanced_weights(run.train_y) if cfg.sampler == "balanced" else None
+    return StepPlan(step_pool, per_rank, steps_per_epoch, labelled_batches, weights)
 
 
 def build_optimizer(run: ClassifierRun, steps_per_epoch: int):
@@ -509,7 +521,7 @@ def train_one_epoch(run: ClassifierRun, plan: StepPlan, epoch: int, stop: StopRe
         run.model.encoder.eval()
     correct, seen, loss_sum = 0, 0, 0.0
     batches = plan.step_pool.batches(
-        epoch_generator(run.cfg.seed, epoch, run.rank), plan.per_rank, plan.steps_per_epoch
+        epoch_generator(run.cfg.seed, epoch, run.rank), plan.per_rank, plan.steps_per_epoch, weights=plan.sample_weights
     )
     for x, y in batches:
         logits, target, loss = batch_loss(run, plan, x, y)

@@ -162,6 +162,12 @@ class ClassifierConfig:
     )
     scale: float = option(30.0, "cosface/arcface logit scale s.", min=1, max=128)
     labels_per_class: int | None = option(None, "Train on at most N labelled train images per identity.", min=1)
+    sampler: str = option(
+        "uniform",
+        "How an epoch draws its images: uniform (each once, shuffled) or balanced (as many draws, with "
+        "replacement, each identity equally likely), for training sets where a few identities hold most images.",
+        choices=("uniform", "balanced"),
+    )
     knn_k: int = option(20, "--mode knn: neighbours that vote.", min=1)
     teacher: str | None = option(None, "--mode distill: a fine-tuned train-classifier model.pt (or its run location).")
     distill_temperature: float = option(

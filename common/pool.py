@@ -80,10 +80,21 @@ class MemoryPool:
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         return self.images[idx.to(self.images.device)]
 
-    def batches(self, generator: torch.Generator, batch_size: int, steps: int, start: int = 0):
+    def batches(
+        self,
+        generator: torch.Generator,
+        batch_size: int,
+        steps: int,
+        start: int = 0,
+        weights: torch.Tensor | None = None,
+    ):
         """Yield ``(images, labels)`` for steps ``start .. steps-1`` of the epoch whose order ``generator``
-        draws (one permutation of all samples; the last batch may be short when ``steps * batch_size > N``)."""
-        order = torch.randperm(len(self), generator=generator)
+        draws: one permutation of all samples, or with float (N,) ``weights`` N draws with replacement in
+        proportion to them. The last batch may be short when ``steps * batch_size > N``."""
+        if weights is None:
+            order = torch.randperm(len(self), generator=generator)
+        else:
+            order = torch.multinomial(weights, len(self), replacement=True, generator=generator)
         # one copy
         on_device = order.to(self.images.device) if isinstance(self.images, torch.Tensor) else order
         for step in range(start, steps):

@@ -37,6 +37,7 @@ from facessl.common.config import ClassifierConfig
     "margin",
     "scale",
     "labels_per_class",
+    "sampler",
     "teacher",
     "distill_temperature",
     "distill_label_weight",
