@@ -135,8 +135,8 @@ run_glint6() {
 run_glint24_20() {
   local raw=$1 out=$2 venv_s=$3 start=$SECONDS t prepare_s simclr_s scratch_s finetune_s
   local per_class=20
-  # SimCLR at 32 px: four times the pixels' worth of epochs in the same time; the fine-tuning at 64 px gained
-  # 4.7 points over 64 px pretraining at a like budget (docs/recipe.md)
+  # SimCLR at 32 px: three times the epochs of 64 px in the same time, the largest lever measured for the
+  # fine-tuning at 64 px (docs/recipe.md)
   EPOCHS_SIMCLR=${EPOCHS_SIMCLR:-30}
   local simclr_size=${IMAGE_SIZE_SIMCLR:-32}
   EPOCHS_CLASSIFIER=${EPOCHS_CLASSIFIER:-40}
