@@ -47,6 +47,12 @@ def image_size_field(help: str, default: int = 112):
     return option(default, help, min=16, max=1024)
 
 
+def is_crop_side(size) -> bool:
+    """Whether a recorded ``image_size`` (from a model.pt, config.json or gallery) is a whole number of pixels
+    from 16 to 4096: what any file of ours may hold, wider than the options' bounds for files of other tools."""
+    return isinstance(size, int) and not isinstance(size, bool) and 16 <= size <= 4096
+
+
 def device_field():
     """The ``--device`` option (``FACESSL_DEVICE``); ``common.training.pick_device`` checks the value."""
     return option("auto", "auto, cpu, cuda or cuda:N.", envvar="FACESSL_DEVICE")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from facessl.common.checkpoints import load_torch_bytes, save_torch
+from facessl.common.config import is_crop_side
 from facessl.common.errors import BadInputError, UsageError
 from facessl.common.faces import DetectConfig
 from facessl.common.storage import (
@@ -102,7 +103,7 @@ def recorded_image_size(location: str, state) -> int | None:
         BadInputError: a ``model.pt`` whose ``image_size`` is not a whole number of pixels from 16 to 4096.
     """
     size = state.get("image_size") if isinstance(state, dict) else None
-    if size is not None and not _valid_size(size):
+    if size is not None and not is_crop_side(size):
         raise BadInputError(
             f"{location} records image_size {size!r}, not a crop side of 16-4096 px: the file was altered"
         )
@@ -114,11 +115,7 @@ def recorded_image_size(location: str, state) -> int | None:
             size = config.get("image_size") if isinstance(config, dict) else None
         except (BadInputError, ValueError, UnicodeDecodeError):
             size = None
-    return size if _valid_size(size) else None
-
-
-def _valid_size(size) -> bool:
-    return isinstance(size, int) and not isinstance(size, bool) and 16 <= size <= 4096
+    return size if is_crop_side(size) else None
 
 
 def _projection_head(location: str) -> tuple[torch.nn.Module, str]:
@@ -566,7 +563,7 @@ def check_gallery(obj, where: str) -> Gallery:
     ):
         raise _fail(where, "the encoder record (location, sha256, representation, dim of the embeddings) is damaged")
     size = obj.get("image_size")
-    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
+    if not is_crop_side(size):
         raise _fail(where, f"image_size {size!r}")
     if not isinstance(obj.get("flip"), bool) or obj.get("template") not in TEMPLATES:
         raise _fail(where, "flip is not a boolean or template not one of best, mean")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from facessl.common.checkpoints import check_weight_values, load_error_summary, load_torch
-from facessl.common.config import ClassifierConfig
+from facessl.common.config import ClassifierConfig, is_crop_side
 from facessl.common.errors import BadInputError
 from facessl.common.models import CLASSIFIER_HEADS, Classifier, build_encoder
 from facessl.common.storage import NotFoundError, join_location, open_storage
@@ -156,6 +156,6 @@ def load_classifier(location: str) -> tuple[Classifier, list[str], int]:
     except (RuntimeError, TypeError) as exc:
         raise BadInputError(f"{location} does not fit a ResNet18 classifier: {load_error_summary(exc)}") from None
     size = saved.get("image_size", 112)
-    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
+    if not is_crop_side(size):
         raise BadInputError(f"{location} has image_size {size!r}: a train-classifier model.pt holds 16 to 4096 px")
     return model.eval(), list(classes), size

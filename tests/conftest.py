@@ -41,6 +41,14 @@ S3_WRITER = ("facessl-writer", "writer-secret-" + secrets.token_hex(8))
 S3_READER = ("facessl-reader", "reader-secret-" + secrets.token_hex(8))
 
 
+def run_script(name: str, *args) -> subprocess.CompletedProcess:
+    """Run an installed console script (beside this interpreter) as a user would, on the CPU; returns the
+    completed process with its text output."""
+    env = {**os.environ, "FACESSL_DEVICE": "cpu"}
+    script = Path(sys.executable).parent / name
+    return subprocess.run([str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,22 +4,16 @@ their papers' formulas, the cosine layer, and a real fine-tune whose model.pt id
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CASES
+from conftest import CASES, run_script
 from facessl.common.losses import margin_logits
 from facessl.common.models import Classifier, CosineLinear, build_encoder
 from facessl.common.weights import load_classifier
-
-BIN = Path(sys.executable).parent
 
 
 def cosines(b=6, c=5, seed=0):
@@ -77,9 +71,7 @@ def test_cosine_layer_is_a_scaled_cosine_in_float32_under_bf16_autocast():
         Classifier(build_encoder(), 3, head="mlp")
 
 
-def run(name, *args):
-    env = {**os.environ, "FACESSL_DEVICE": "cpu"}
-    return subprocess.run([str(BIN / name), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+run = run_script
 
 
 def test_conflicting_options_are_usage_errors(prepared_subset, tmp_path):

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_script
 from facessl.common.classify import class_balanced_weights
 from facessl.common.pool import MemoryPool, epoch_generator
 
-BIN = Path(sys.executable).parent
-
 
 def run(*args):
-    env = {**os.environ, "FACESSL_DEVICE": "cpu"}
-    return subprocess.run(
-        [str(BIN / "train-classifier"), *map(str, args)], capture_output=True, text=True, env=env, timeout=600
-    )
+    return run_script("train-classifier", *args)
 
 
 def drawn_labels(labels, weights, epochs=20, batch=16):

@@ -5,18 +5,10 @@ output to the next and writes what the README promises, not how well the model l
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from conftest import run_script
 
-
-def run(name, *args):
-    """Run an installed console script as a user would; returns the completed process."""
-    env = {**os.environ, "FACESSL_DEVICE": "cpu"}
-    return subprocess.run([str(BIN / name), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+run = run_script
 
 
 def test_three_jobs_run_end_to_end_on_real_faces(glint_subset, tmp_path):
