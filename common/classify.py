@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from facessl.common.augment import BatchAugment, eval_transform, supervised_preset
 from facessl.common.checkpoints import save_torch
 from facessl.common.config import CLASSIFIER_MODES, ClassifierConfig
-from facessl.common.data import PreparedDataset, refuse_output_inside
+from facessl.common.data import PreparedDataset, crop_margin, read_manifest, refuse_output_inside
 from facessl.common.distributed import (
     barrier,
     cleanup,
@@ -48,7 +48,7 @@ from facessl.common.distributed import (
 from facessl.common.errors import BadInputError, DivergedError, PreemptedError, UsageError
 from facessl.common.losses import MARGIN_LOSSES, margin_logits
 from facessl.common.metrics import classification_summary, plot_confusion_matrix, plot_curves, topk_accuracy
-from facessl.common.models import Classifier, build_encoder
+from facessl.common.models import FEATURE_DIM, Classifier, build_encoder
 from facessl.common.pool import MemoryPool, epoch_generator, rank_share
 from facessl.common.storage import Storage, claim_output, location_within, open_storage
 from facessl.common.training import (
@@ -362,6 +362,7 @@ def start_writing(run: ClassifierRun, data_location: str) -> None:
             {
                 **asdict(cfg),
                 "data": data_location,
+                "crop_margin": crop_margin(read_manifest(open_storage(data_location))),
                 "output": out.uri,
                 "weights": run.source,
                 "train_images": run.n_train,
@@ -623,11 +624,35 @@ def finish(run: ClassifierRun, best_epoch: int | None, started: float) -> dict:
     return metrics
 
 
+def val_whitening(run: ClassifierRun) -> dict | None:
+    """The within-class whitening (common.gallery.fit_whitening) of the val split's embeddings by the trained
+    backbone, flip-averaged and unit as enroll embeds them, for enroll's ``whitened`` representation. None
+    (logged) when the mode keeps no val images (linear-probe, knn hold embeddings) or the val split has fewer
+    than two identities with two images."""
+    from facessl.common.gallery import Embedder, fit_whitening
+
+    if run.cfg.mode not in ("finetune", "distill"):
+        return None
+    images, labels = run.evals["val"]
+    info = {"dim": FEATURE_DIM, "location": run.out.uri}
+    embedder = Embedder(run.model.encoder, run.cfg.image_size, True, run.device, info)
+    try:
+        whitening = fit_whitening(embedder(images), labels)
+    except ValueError as exc:
+        run.log(f"no whitening saved with model.pt: {exc} in the val split")
+        return None
+    run.log(f"whitening fitted on {whitening['images']} val images of {whitening['identities']} identities")
+    whitening["split"] = "val"
+    return whitening
+
+
 def write_results(run: ClassifierRun, metrics: dict, test: dict) -> None:
     """``model.pt`` (not for knn: a kNN classifier is the encoder plus the train embeddings), ``metrics.json``,
-    the test split's classification report and confusion matrix, and the training curves."""
+    the test split's classification report and confusion matrix, and the training curves. ``model.pt`` holds
+    the val split's whitening (:func:`val_whitening`) when there is one."""
     cfg, classes, writer = run.cfg, run.classes, run.writer
     if cfg.mode != "knn":
+        whitening = val_whitening(run)
         save_torch(
             run.out,
             "model.pt",
@@ -637,6 +662,7 @@ def write_results(run: ClassifierRun, metrics: dict, test: dict) -> None:
                 "image_size": cfg.image_size,
                 "head": run.model.head,
                 **({"scale": cfg.scale} if run.model.head == "cosine" else {}),
+                **({"whitening": whitening} if whitening else {}),
             },
         )
     writer.write_json("metrics.json", metrics)

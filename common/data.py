@@ -169,6 +169,17 @@ def read_manifest(storage: Storage) -> dict:
     return manifest
 
 
+def crop_margin(manifest: dict) -> float | None:
+    """The margin prepare-data cut the dataset's faces with (``params.detect.margin``: a fraction of the box
+    side on each side), or None when the manifest records none (a dataset written by other tools). The
+    training jobs write it to ``config.json`` as ``crop_margin``, so that enroll crops people the same way."""
+    params = manifest.get("params")
+    detect = params.get("detect") if isinstance(params, dict) else None
+    margin = detect.get("margin") if isinstance(detect, dict) else None
+    usable = isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 <= margin <= 2
+    return float(margin) if usable else None
+
+
 def image_to_chw(img) -> torch.Tensor:
     """An RGB PIL image as a uint8 tensor (3, H, W), the layout of every decoded crop in this project."""
     import numpy as np

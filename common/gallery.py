@@ -52,7 +52,11 @@ ENROLMENT_FILE = "enrolment.json"
 FORMAT = "facessl-gallery"
 VERSION = 1
 TEMPLATES = ("best", "mean")
-REPRESENTATIONS = ("encoder", "head")
+REPRESENTATIONS = ("encoder", "whitened", "head")
+# ``auto``: ``whitened`` when the encoder file holds a whitening (a train-classifier model.pt), else ``encoder``
+REPRESENTATION_CHOICES = ("auto", *REPRESENTATIONS)
+# ridge added to the within-class covariance, as a fraction of its mean eigenvalue (keeps rare directions finite)
+WHITENING_RIDGE = 0.01
 # a second face at least this fraction of the largest face's side makes a reference photo ambiguous
 SIMILAR_FACE_RATIO = 0.8
 
@@ -108,14 +112,28 @@ def recorded_image_size(location: str, state) -> int | None:
             f"{location} records image_size {size!r}, not a crop side of 16-4096 px: the file was altered"
         )
     if size is None:
-        storage, key = open_file_location(location)
-        folder = key.rpartition("/")[0]
-        try:
-            config = json.loads(storage.read_text(f"{folder}/config.json" if folder else "config.json"))
-            size = config.get("image_size") if isinstance(config, dict) else None
-        except (BadInputError, ValueError, UnicodeDecodeError):
-            size = None
+        size = _run_config(location).get("image_size")
     return size if is_crop_side(size) else None
+
+
+def _run_config(location: str) -> dict:
+    """The ``config.json`` beside a weights file (the run that wrote it), or {} when there is none."""
+    storage, key = open_file_location(location)
+    folder = key.rpartition("/")[0]
+    try:
+        config = json.loads(storage.read_text(f"{folder}/config.json" if folder else "config.json"))
+    except (BadInputError, ValueError, UnicodeDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def recorded_crop_margin(location: str) -> float | None:
+    """The margin prepare-data cut an encoder's training faces with (``crop_margin`` of the ``config.json``
+    beside the file, written by both training jobs), or None (a bare weights file, or a run that records
+    none). enroll crops at this margin unless told otherwise: an encoder knows faces framed as it saw them."""
+    margin = _run_config(location).get("crop_margin")
+    usable = isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 <= margin <= 2
+    return float(margin) if usable else None
 
 
 def _projection_head(location: str) -> tuple[torch.nn.Module, str]:
@@ -138,6 +156,69 @@ def _projection_head(location: str) -> tuple[torch.nn.Module, str]:
     return head, sha
 
 
+def fit_whitening(embeddings: torch.Tensor, labels: torch.Tensor, ridge: float = WHITENING_RIDGE) -> dict:
+    """Within-class covariance normalisation (WCCN; Hatch, Kajarekar & Stolcke, "Within-class covariance
+    normalization for SVM-based speaker recognition", Interspeech 2006) of unit embeddings of labelled faces.
+
+    The embeddings are centred on their mean and multiplied by ``W^-1/2``, where ``W`` is the covariance of
+    each embedding around its own identity's mean, plus ``ridge`` times its mean eigenvalue. Directions in which
+    one person's photos vary (pose, light, framing) are shrunk and the others stretched, so a cosine after the
+    transform weighs what tells people apart. Fit on faces of the training identities, it carries over to
+    people the network never saw as far as their within-person variation looks alike (docs/open-set.md).
+
+    Args:
+        embeddings: float32 (N, D), unit rows. labels: int64 (N,), the identity of each row.
+    Returns:
+        ``{"mean": float32 (D,), "matrix": float32 (D, D), "images": N, "identities": number of labels with two
+        or more rows (only they contribute), "ridge": ridge}``.
+    Raises:
+        ValueError: fewer than two identities with two or more rows, or non-finite embeddings.
+    """
+    x = embeddings.double()
+    if not torch.isfinite(x).all():
+        raise ValueError("whitening needs finite embeddings")
+    counts = torch.bincount(labels)
+    if int((counts >= 2).sum()) < 2:
+        raise ValueError("whitening needs at least two identities with two or more images each")
+    sums = torch.zeros(len(counts), x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
+    within = x - (sums / counts.clamp(min=1).unsqueeze(1))[labels]
+    cov = within.T @ within / len(x)
+    cov += ridge * cov.trace() / len(cov) * torch.eye(len(cov), dtype=x.dtype)
+    values, vectors = torch.linalg.eigh(cov)
+    matrix = vectors @ torch.diag(values.rsqrt()) @ vectors.T
+    return {
+        "mean": x.mean(0).float(),
+        "matrix": matrix.float(),
+        "images": len(x),
+        "identities": int((counts >= 2).sum()),
+        "ridge": ridge,
+    }
+
+
+def check_whitening(whitening, dim: int, where: str) -> dict:
+    """A whitening record (:func:`fit_whitening`) read from a file, checked.
+
+    Raises:
+        BadInputError: not a dict of a finite float32 (dim,) mean and (dim, dim) matrix.
+    """
+    mean = whitening.get("mean") if isinstance(whitening, dict) else None
+    matrix = whitening.get("matrix") if isinstance(whitening, dict) else None
+    ok = (
+        torch.is_tensor(mean)
+        and torch.is_tensor(matrix)
+        and mean.dtype == matrix.dtype == torch.float32
+        and mean.shape == (dim,)
+        and matrix.shape == (dim, dim)
+        and bool(torch.isfinite(mean).all() and torch.isfinite(matrix).all())
+    )
+    if not ok:
+        raise BadInputError(
+            f"{where} holds a damaged whitening (a finite float32 ({dim},) mean and ({dim}, {dim}) matrix are "
+            "needed): the file was altered; train again, or enrol with --representation encoder"
+        )
+    return whitening
+
+
 class Embedder:
     """Face crops -> L2-normalised embeddings with a ResNet18 backbone (and optionally its projection head).
 
@@ -145,11 +226,21 @@ class Embedder:
         image_size: crop side in pixels the network takes. dim: embedding size (512 for the backbone's output).
         flip: average the embeddings of the crop and its mirror image before normalising (a cheap test-time
             augmentation: a face and its mirror image are the same person).
+        whitening: None, or ``{"mean": float32 (D,), "matrix": float32 (D, D)}`` applied to the unit embedding
+            (then normalised again): the ``whitened`` representation, see :func:`fit_whitening`.
         info: the gallery's ``encoder`` record: ``location``, ``sha256``, ``representation`` (and
             ``head_location``, ``head_sha256``), ``dim``.
     """
 
-    def __init__(self, net: torch.nn.Module, image_size: int, flip: bool, device: torch.device, info: dict):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        image_size: int,
+        flip: bool,
+        device: torch.device,
+        info: dict,
+        whitening: dict | None = None,
+    ):
         self.net, self.image_size, self.flip, self.device, self.info = (
             net.to(device).eval(),
             image_size,
@@ -158,6 +249,7 @@ class Embedder:
             info,
         )
         self.dim = int(info["dim"])
+        self.whitening = whitening
 
     @torch.no_grad()
     def __call__(self, crops: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -175,7 +267,10 @@ class Embedder:
             out = out + embed(self.net, crops.flip(-1), self.image_size, self.device, batch_size)
         if not torch.isfinite(out).all():
             raise BadInputError(f"the encoder {self.info['location']} gives NaN or infinite embeddings")
-        return F.normalize(out, dim=1)
+        out = F.normalize(out, dim=1)
+        if self.whitening is not None:
+            out = F.normalize((out - self.whitening["mean"]) @ self.whitening["matrix"], dim=1)
+        return out
 
 
 def load_embedder(
@@ -190,17 +285,20 @@ def load_embedder(
 
     Args:
         image_size: the crop side; None takes the one the encoder records (:func:`recorded_image_size`).
-        representation: ``encoder`` (the backbone's 512-d output) or ``head`` (the SimCLR projection head's
-            output, from the run's ``projection_head.pt``).
+        representation: ``encoder`` (the backbone's 512-d output), ``whitened`` (that output whitened with the
+            within-class covariance a train-classifier run fitted on its val split, :func:`fit_whitening`),
+            ``head`` (the SimCLR projection head's output, from the run's ``projection_head.pt``), or ``auto``
+            (``whitened`` when the file holds a whitening, else ``encoder``); ``info`` records the one used.
     Raises:
         UsageError: ``image_size`` differs from the recorded one, or none is recorded and none given; ``head``
-            for an encoder without a projection head. BadInputError: not ResNet18 weights.
+            for an encoder without a projection head, ``whitened`` for one without a whitening. BadInputError:
+            not ResNet18 weights, or a damaged whitening.
     """
-    from facessl.common.models import build_encoder, load_encoder_weights
+    from facessl.common.models import FEATURE_DIM, build_encoder, load_encoder_weights
     from facessl.common.training import pick_device
 
-    if representation not in REPRESENTATIONS:
-        raise UsageError(f"representation {representation!r}: choose {' or '.join(REPRESENTATIONS)}")
+    if representation not in REPRESENTATION_CHOICES:
+        raise UsageError(f"representation {representation!r}: choose {', '.join(REPRESENTATION_CHOICES)}")
     device = pick_device(device_name)
     file = resolve_encoder_file(location)
     state, sha = _read_weights(file)
@@ -218,7 +316,17 @@ def load_embedder(
         raise UsageError(
             f"{file} was trained at {recorded} px, not {image_size}: leave --image-size out or give {recorded}"
         )
-    info = {"location": file, "sha256": sha, "representation": representation, "dim": 512}
+    has_whitening = isinstance(state, dict) and "whitening" in state
+    if representation == "auto":
+        representation = "whitened" if has_whitening else "encoder"
+    whitening = None
+    if representation == "whitened":
+        if not has_whitening:
+            raise UsageError(
+                f"--representation whitened needs a train-classifier model.pt holding a whitening; {file} has none"
+            )
+        whitening = check_whitening(state["whitening"], FEATURE_DIM, file)
+    info = {"location": file, "sha256": sha, "representation": representation, "dim": FEATURE_DIM}
     net = encoder
     if representation == "head":
         storage, key = open_file_location(file)
@@ -232,7 +340,7 @@ def load_embedder(
         head, head_sha = _projection_head(head_file)
         net = torch.nn.Sequential(encoder, head)
         info.update(head_location=head_file, head_sha256=head_sha, dim=int(head.net[3].out_features))
-    return Embedder(net, image_size or recorded, flip, device, info)
+    return Embedder(net, image_size or recorded, flip, device, info, whitening)
 
 
 # --- thresholds -----------------------------------------------------------------------------------------
@@ -364,6 +472,7 @@ def threshold_from_file(location: str, far: float, encoder: dict, image_size: in
 
     Raises:
         BadInputError: not such a file, made with another encoder or image size, or no threshold at ``far``.
+        UsageError: a representation other than the encoder's output (``whitened``, ``head``).
     """
     storage, key = open_file_location(location)
     try:
@@ -374,6 +483,12 @@ def threshold_from_file(location: str, far: float, encoder: dict, image_size: in
         raise BadInputError(f"--threshold-from {location} is not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("at_far"), dict):
         raise BadInputError(f"--threshold-from {location} is not an evaluate-pairs threshold.json")
+    # evaluate-pairs scores the backbone's own output
+    if encoder["representation"] != "encoder":
+        raise UsageError(
+            f"--threshold-from holds for the encoder's own output; this gallery uses the {encoder['representation']}"
+            " representation: add --representation encoder, or let enroll calibrate (leave --threshold-from out)"
+        )
     if data.get("encoder_sha256") != encoder["sha256"] or data.get("image_size") != image_size:
         raise BadInputError(
             f"--threshold-from {location} was measured with {data.get('encoder')} at {data.get('image_size')} px, "
@@ -783,13 +898,14 @@ def enroll(
     output_location: str,
     *,
     image_size: int | None = None,
-    representation: str = "encoder",
+    representation: str = "auto",
     flip: bool = True,
     template: str = "best",
     far: float = 0.01,
     threshold: float | None = None,
     threshold_from: str | None = None,
     detect: DetectConfig = DetectConfig(),
+    margin: float | None = None,
     similar_face_ratio: float = SIMILAR_FACE_RATIO,
     align: str = "none",
     workers: int = 0,
@@ -798,10 +914,12 @@ def enroll(
 ) -> Gallery:
     """Enrol every person folder of ``people_location`` into a gallery written to ``output_location``.
 
-    Each photo is detected and cropped as prepare-data does (``detect``, at the encoder's image size) and
-    embedded; a photo that cannot be read, has no face, has two faces of similar size (``similar_face_ratio``)
-    or repeats another photo's bytes is a recorded skip. The threshold is ``threshold`` when given, else the
-    ``far`` entry of ``threshold_from`` (an evaluate-pairs ``threshold.json``), else calibrated (:func:`calibrate`).
+    Each photo is detected and cropped as prepare-data does (``detect``, at the encoder's image size and at
+    ``margin``, by default the margin the encoder's training data was cut with, :func:`recorded_crop_margin`,
+    else ``detect.margin``) and embedded; a photo that cannot be read, has no face, has two faces of similar
+    size (``similar_face_ratio``) or repeats another photo's bytes is a recorded skip. The threshold is
+    ``threshold`` when given, else the ``far`` entry of ``threshold_from`` (an evaluate-pairs
+    ``threshold.json``), else calibrated (:func:`calibrate`).
 
     Raises:
         UsageError: bad options, an output inside the people folder or holding another job's run.
@@ -820,9 +938,13 @@ def enroll(
     if threshold is None and threshold_from:
         from_file = threshold_from_file(threshold_from, far, embedder.info, size)
     people, skipped = list_people(open_storage(people_location))
-    cfg = DetectConfig(**{**asdict(detect), "image_size": size, "on_no_face": "skip"})
+    recorded = recorded_crop_margin(embedder.info["location"]) if margin is None else None
+    margin = margin if margin is not None else recorded if recorded is not None else detect.margin
+    cfg = DetectConfig(**{**asdict(detect), "image_size": size, "on_no_face": "skip", "margin": margin})
     log(
         f"enrolling {len(people)} people from {sum(map(len, people.values()))} photos at {size} px on {embedder.device}"
+        f", representation {embedder.info['representation']}, crop margin {margin:g}"
+        + (" (the encoder's training crops)" if recorded is not None else "")
     )
     crops, kept = _reference_crops(
         people_location,

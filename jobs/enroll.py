@@ -51,9 +51,11 @@ from facessl.common.cli import FiniteFloatRange, report_errors
 )
 @click.option(
     "--representation",
-    type=click.Choice(["encoder", "head"]),
-    default="encoder",
-    help="Embed with the backbone's 512-d output, or a pretrain-simclr run's projection head.",
+    type=click.Choice(["auto", "encoder", "whitened", "head"]),
+    default="auto",
+    help="Embed with the backbone's 512-d output; that output whitened by the within-class covariance a "
+    "train-classifier run fitted on its val split (WCCN); or a pretrain-simclr run's projection head. auto: "
+    "whitened when the encoder holds a whitening, else encoder.",
 )
 @click.option("--flip/--no-flip", default=True, help="Average each crop's embedding with its mirror image's.")
 @click.option(
@@ -65,8 +67,9 @@ from facessl.common.cli import FiniteFloatRange, report_errors
 @click.option(
     "--margin",
     type=FiniteFloatRange(min=0, max=2),
-    default=0.2,
-    help="Margin around the face box, as a fraction of the box side on each side (as prepare-data).",
+    default=None,
+    help="Margin around the face box, as a fraction of the box side on each side (as prepare-data). Default: the "
+    "margin the encoder's training data was prepared with (its run's config.json), else 0.2.",
 )
 @click.option("--min-face", type=click.IntRange(min=8), default=30, help="Smallest face side, pixels.")
 @click.option(
@@ -127,7 +130,8 @@ def main(
         far=far,
         threshold=threshold,
         threshold_from=threshold_from,
-        detect=DetectConfig(margin=margin, min_face=min_face),
+        detect=DetectConfig(min_face=min_face),
+        margin=margin,
         similar_face_ratio=similar_face_ratio,
         align=align,
         workers=workers,

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import CASES, SHARED
+from facessl.common.gallery import load_gallery
 from facessl.common.models import build_encoder
 from facessl.jobs.enroll import main as enroll_main
 
@@ -484,3 +485,86 @@ def test_eye_alignment_measures_and_levels_a_tilted_face(encoder_run, tmp_path):
     r = invoke(enroll_main, "--people", people, "--encoder", encoder_run, "--output", tmp_path / "g", "--align", "eyes")
     assert r.exit_code == 0, r.output
     assert torch.load(tmp_path / "g" / "gallery.pt", weights_only=True)["detection"]["align"] == "eyes"
+
+
+def save_model(folder, whitening, size: int = 32):
+    """A train-classifier model.pt layout with random weights and the given whitening record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    state = {f"encoder.{k}": v for k, v in build_encoder().state_dict().items()}
+    state.update({"fc.weight": torch.zeros(2, 512), "fc.bias": torch.zeros(2)})
+    record = {"model": state, "classes": ["a", "b"], "image_size": size, "head": "linear"}
+    if whitening is not None:
+        record["whitening"] = whitening
+    torch.save(record, folder / "model.pt")
+    return folder
+
+
+def test_enroll_takes_the_whitening_by_default_and_refuses_a_tampered_one(people, encoder_run, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(512, 512, generator=gen)).Q
+    good = {"mean": torch.zeros(512), "matrix": (q @ torch.diag(torch.linspace(0.5, 2, 512)) @ q.T).float()}
+    model = save_model(tmp_path / "cls", good)
+    r = invoke(enroll_main, "--people", people, "--encoder", model, "--output", tmp_path / "g", "--workers", 1)
+    assert r.exit_code == 0, r.output
+    assert "representation whitened" in r.output
+    whitened = load_gallery(str(tmp_path / "g"))
+    assert whitened.encoder["representation"] == "whitened"
+    r = invoke(
+        enroll_main, "--people", people, "--encoder", model, "--output", tmp_path / "g2", "--workers", 1,
+        "--representation", "encoder",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    plain = load_gallery(str(tmp_path / "g2"))
+    assert plain.encoder["representation"] == "encoder" and plain.photos == whitened.photos
+    # the same crops, another geometry: whitening changes which photos look alike
+    assert not torch.allclose(whitened.embeddings @ whitened.embeddings.T, plain.embeddings @ plain.embeddings.T)
+    # evaluate-pairs' thresholds are cosines of the encoder's own output, not of whitened embeddings
+    (tmp_path / "threshold.json").write_text(json.dumps({"at_far": {"0.01": {"threshold": 0.5}}}))
+    r = invoke(
+        enroll_main, "--people", people, "--encoder", model, "--output", tmp_path / "g4", "--threshold-from",
+        tmp_path / "threshold.json",
+    )  # fmt: skip
+    assert r.exit_code == 2 and "--representation encoder" in r.stderr, r.stderr
+    # a SimCLR encoder has no whitening: auto falls back to the encoder output, whitened is refused
+    r = invoke(
+        enroll_main, "--people", people, "--encoder", encoder_run, "--output", tmp_path / "g3",
+        "--representation", "whitened",
+    )  # fmt: skip
+    assert r.exit_code == 2 and "holding a whitening" in r.stderr, r.stderr
+    for name, bad in (
+        ("nan", {**good, "mean": torch.full((512,), float("nan"))}),
+        ("shape", {**good, "matrix": torch.eye(3)}),
+        ("type", "a string"),
+    ):
+        r = invoke(
+            enroll_main, "--people", people, "--encoder", save_model(tmp_path / name, bad), "--output",
+            tmp_path / f"g-{name}",
+        )  # fmt: skip
+        assert r.exit_code == 3 and "damaged whitening" in r.stderr, (name, r.stderr)
+
+
+def test_enroll_crops_at_the_margin_the_encoder_was_trained_with(people, tmp_path):
+    run = save_encoder_run(tmp_path / "tight")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "crop_margin": 0.0}))
+    r = invoke(enroll_main, "--people", people, "--encoder", run, "--output", tmp_path / "g", "--workers", 1)
+    assert r.exit_code == 0 and "crop margin 0 (the encoder's training crops)" in r.output, r.output
+    tight = load_gallery(str(tmp_path / "g"))
+    assert tight.detection["margin"] == 0.0
+    # --margin overrides; a run that records no margin gets prepare-data's default 0.2
+    r = invoke(
+        enroll_main, "--people", people, "--encoder", run, "--output", tmp_path / "g2", "--workers", 1,
+        "--margin", 0.3,
+    )  # fmt: skip
+    assert r.exit_code == 0 and load_gallery(str(tmp_path / "g2")).detection["margin"] == 0.3, r.output
+    r = invoke(enroll_main, "--people", people, "--encoder", run / "encoder.pt", "--output", tmp_path / "g3",
+               "--image-size", SIZE, "--workers", 1)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert load_gallery(str(tmp_path / "g3")).detection["margin"] == 0.0, "config.json beside the file still counts"
+    plain = save_encoder_run(tmp_path / "plain")
+    r = invoke(enroll_main, "--people", people, "--encoder", plain, "--output", tmp_path / "g4", "--workers", 1)
+    assert r.exit_code == 0 and load_gallery(str(tmp_path / "g4")).detection["margin"] == 0.2, r.output
+    # the crops differ, so do the embeddings of the same photos
+    wide = load_gallery(str(tmp_path / "g2"))
+    assert tight.photos == wide.photos and not torch.allclose(tight.embeddings, wide.embeddings, atol=1e-3)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CASES, run_script
+from facessl.common.gallery import load_gallery
 from facessl.common.losses import margin_logits
 from facessl.common.models import Classifier, CosineLinear, build_encoder
 from facessl.common.weights import load_classifier
@@ -107,6 +108,7 @@ def test_arcface_fine_tune_learns_and_its_model_serves_identify_and_enroll(prepa
     assert metrics["test"]["top1"] > 0.5, metrics["test"]
     config = json.loads((out / "config.json").read_text())
     assert config["loss"] == "arcface" and config["margin"] is None and config["scale"] == 30.0
+    assert config["crop_margin"] == 0.2
     model, classes, size = load_classifier(str(out))
     assert model.head == "cosine" and isinstance(model.fc, CosineLinear) and size == 64 and len(classes) == 3
     # the closed-set path reads the cosine model
@@ -121,7 +123,10 @@ def test_arcface_fine_tune_learns_and_its_model_serves_identify_and_enroll(prepa
             shutil.copyfile(photo, people / person.name / photo.name)
     r = run("enroll", "--people", people, "--encoder", out, "--output", tmp_path / "gallery", "--workers", 1)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert (tmp_path / "gallery" / "gallery.pt").is_file()
+    # the run fitted a whitening on its val split, and enroll takes it by default
+    whitening = torch.load(out / "model.pt", weights_only=True)["whitening"]
+    assert whitening["split"] == "val" and whitening["identities"] == 3 and whitening["matrix"].shape == (512, 512)
+    assert load_gallery(str(tmp_path / "gallery")).encoder["representation"] == "whitened"
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,8 @@ def simclr_run(prepared_subset, tmp_path_factory):
 def test_pretraining_writes_its_outputs(simclr_run):
     for name in ("encoder.pt", "projection_head.pt", "config.json", "metrics.jsonl", "loss_curve.png", "summary.json"):
         assert (simclr_run / name).is_file(), name
+    # prepare-data's margin, which enroll crops people with by default
+    assert json.loads((simclr_run / "config.json").read_text())["crop_margin"] == 0.2
     history = [json.loads(line) for line in (simclr_run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert all(h["loss"] > 0 for h in history) and "knn_top1" in history[-1]
