@@ -53,6 +53,11 @@ def is_crop_side(size) -> bool:
     return isinstance(size, int) and not isinstance(size, bool) and 16 <= size <= 4096
 
 
+def is_crop_margin(margin) -> bool:
+    """Whether a recorded crop margin (a manifest's or a run's) is a number from 0 to 2, prepare-data's bounds."""
+    return isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 <= margin <= 2
+
+
 def device_field():
     """The ``--device`` option (``FACESSL_DEVICE``); ``common.training.pick_device`` checks the value."""
     return option("auto", "auto, cpu, cuda or cuda:N.", envvar="FACESSL_DEVICE")

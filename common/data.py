@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from facessl.common.config import is_crop_margin
 from facessl.common.errors import BadInputError
 from facessl.common.storage import NotFoundError, Storage, open_storage
 
@@ -176,8 +177,7 @@ def crop_margin(manifest: dict) -> float | None:
     params = manifest.get("params")
     detect = params.get("detect") if isinstance(params, dict) else None
     margin = detect.get("margin") if isinstance(detect, dict) else None
-    usable = isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 <= margin <= 2
-    return float(margin) if usable else None
+    return float(margin) if is_crop_margin(margin) else None
 
 
 def image_to_chw(img) -> torch.Tensor:

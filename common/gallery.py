@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from facessl.common.checkpoints import load_torch_bytes, save_torch
-from facessl.common.config import is_crop_side
+from facessl.common.config import is_crop_margin, is_crop_side
 from facessl.common.errors import BadInputError, UsageError
 from facessl.common.faces import DetectConfig
 from facessl.common.storage import (
@@ -132,8 +132,7 @@ def recorded_crop_margin(location: str) -> float | None:
     beside the file, written by both training jobs), or None (a bare weights file, or a run that records
     none). enroll crops at this margin unless told otherwise: an encoder knows faces framed as it saw them."""
     margin = _run_config(location).get("crop_margin")
-    usable = isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 <= margin <= 2
-    return float(margin) if usable else None
+    return float(margin) if is_crop_margin(margin) else None
 
 
 def _projection_head(location: str) -> tuple[torch.nn.Module, str]:

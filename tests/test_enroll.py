@@ -517,6 +517,16 @@ def test_enroll_takes_the_whitening_by_default_and_refuses_a_tampered_one(people
     assert r.exit_code == 0, r.output
     plain = load_gallery(str(tmp_path / "g2"))
     assert plain.encoder["representation"] == "encoder" and plain.photos == whitened.photos
+    # identify embeds with the gallery's representation: an enrolled photo finds itself (score 1)
+    from facessl.jobs.identify import main as identify_main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copyfile(people / whitened.photos[0], photos / "again.jpg")
+    r = invoke(identify_main, "--gallery", tmp_path / "g", "--photos", photos, "--output", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    face = json.loads((tmp_path / "o" / "results.jsonl").read_text())["faces"][0]
+    assert face["top3"][0] == [whitened.photos[0].split("/")[0], pytest.approx(1.0, abs=1e-3)], face
     # the same crops, another geometry: whitening changes which photos look alike
     assert not torch.allclose(whitened.embeddings @ whitened.embeddings.T, plain.embeddings @ plain.embeddings.T)
     # evaluate-pairs' thresholds are cosines of the encoder's own output, not of whitened embeddings
