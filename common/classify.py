@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from facessl.common.augment import BatchAugment, eval_transform, supervised_preset
 from facessl.common.checkpoints import save_torch
 from facessl.common.config import CLASSIFIER_MODES, ClassifierConfig
-from facessl.common.data import PreparedDataset, crop_margin, read_manifest, refuse_output_inside
+from facessl.common.data import PreparedDataset, refuse_output_inside
 from facessl.common.distributed import (
     barrier,
     cleanup,
@@ -179,6 +179,8 @@ class ClassifierRun(TrainingRun):
     model: Classifier
     teacher: torch.nn.Module | None
     source: str
+    # prepare-data's, for config.json (enroll crops at it)
+    crop_margin: float | None
     augment: BatchAugment | None = None
     aug_gen: torch.Generator | None = None
     train_model: torch.nn.Module | None = None
@@ -346,6 +348,7 @@ def build_run(data_location, out, cfg, info, device, precision, log) -> Classifi
         model=model,
         teacher=teacher,
         source=source,
+        crop_margin=data.crop_margin,
     )
 
 
@@ -362,7 +365,7 @@ def start_writing(run: ClassifierRun, data_location: str) -> None:
             {
                 **asdict(cfg),
                 "data": data_location,
-                "crop_margin": crop_margin(read_manifest(open_storage(data_location))),
+                "crop_margin": run.crop_margin,
                 "output": out.uri,
                 "weights": run.source,
                 "train_images": run.n_train,

@@ -53,9 +53,20 @@ def is_crop_side(size) -> bool:
     return isinstance(size, int) and not isinstance(size, bool) and 16 <= size <= 4096
 
 
+# A negative crop margin cuts inside the detector's box: a Haar box holds forehead and background that a
+# backbone trained on tight, aligned faces has rarely seen (docs/open-set.md). -0.25 keeps the central half.
+MIN_CROP_MARGIN = -0.25
+MAX_CROP_MARGIN = 2.0
+
+
 def is_crop_margin(margin) -> bool:
-    """Whether a recorded crop margin (a manifest's or a run's) is a number from 0 to 2, prepare-data's bounds."""
-    return isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 <= margin <= 2
+    """Whether a recorded crop margin (a manifest's, a run's or a gallery's) is a finite number from
+    MIN_CROP_MARGIN to MAX_CROP_MARGIN, prepare-data's and enroll's bounds."""
+    return (
+        isinstance(margin, (int, float))
+        and not isinstance(margin, bool)
+        and MIN_CROP_MARGIN <= margin <= MAX_CROP_MARGIN
+    )
 
 
 def device_field():
@@ -222,7 +233,12 @@ class PrepareOptions:
     ratios: str = option("0.8,0.1,0.1", "train,val,test fractions.", flag="--split")
     seed: int = seed_field("Seed of the stratified split.")
     image_size: int = image_size_field("Side of the square crops, pixels.", default=224)
-    margin: float = option(0.2, "Margin around the face box, as a fraction of the box side on each side.", min=0, max=2)
+    margin: float = option(
+        0.2,
+        "Margin around the face box, as a fraction of the box side on each side; below 0 cuts inside the box.",
+        min=MIN_CROP_MARGIN,
+        max=MAX_CROP_MARGIN,
+    )
     scale_factor: float = option(1.1, "Haar cascade pyramid step.", min=1.01, max=2)
     min_neighbors: int = option(5, "Haar cascade min neighbours.", min=0)
     min_face: int = option(30, "Smallest face side, pixels.", min=8)

@@ -309,6 +309,11 @@ class PreparedDataset:
         self.decoded_size = min(image_size, self.manifest.get("image_size") or image_size)
         self._stored: dict[str, int] | None = None
 
+    @property
+    def crop_margin(self) -> float | None:
+        """The margin prepare-data cut these crops with, or None (see :func:`crop_margin`)."""
+        return crop_margin(self.manifest)
+
     def has(self, split: str) -> bool:
         return bool(self.shards(split))
 

@@ -44,7 +44,7 @@ class DetectConfig:
         scale_factor: Haar pyramid step (>1).
         min_neighbors: detections a candidate needs to be kept (higher: fewer false positives).
         min_face: smallest face side in pixels.
-        margin: crop margin around the box, as a fraction of the box side on each side.
+        margin: crop margin around the box, as a fraction of the box side on each side (below 0: inside it).
         image_size: side in pixels of the square output crop.
         on_no_face: "skip" (record a skip) or "keep-full" (use the whole photo, centre-cropped square; a
             photo with a side under ``min_face`` is skipped all the same).
@@ -226,7 +226,7 @@ def detect_faces(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> list[t
 
 def crop_face(img: Image.Image, box: tuple[int, int, int, int] | None, margin: float, size: int) -> Image.Image:
     """Square crop centred on ``box`` with ``margin`` (fraction of the box side) added on each side,
-    resized to ``size`` x ``size``. Parts outside the photo are filled with black. ``box=None`` takes
+    resized to ``size`` x ``size``; a negative margin cuts inside the box (-0.25: its central half). Parts outside the photo are filled with black. ``box=None`` takes
     the largest centred square of the whole photo."""
     if box is None:
         side = min(img.size)

@@ -98,10 +98,10 @@ def _read_weights(location: str) -> tuple[object, str]:
     return load_torch_bytes(data, location), hashlib.sha256(data).hexdigest()
 
 
-def recorded_image_size(location: str, state) -> int | None:
+def recorded_image_size(location: str, state, config: dict) -> int | None:
     """The crop side an encoder was trained at: ``image_size`` of a train-classifier ``model.pt``, else the
-    ``image_size`` of the ``config.json`` beside the file (a pretrain-simclr or train-classifier run), else
-    None (a bare weights file).
+    ``image_size`` of ``config`` (the ``config.json`` beside the file, :func:`_run_config`: a pretrain-simclr or
+    train-classifier run), else None (a bare weights file).
 
     Raises:
         BadInputError: a ``model.pt`` whose ``image_size`` is not a whole number of pixels from 16 to 4096.
@@ -112,7 +112,7 @@ def recorded_image_size(location: str, state) -> int | None:
             f"{location} records image_size {size!r}, not a crop side of 16-4096 px: the file was altered"
         )
     if size is None:
-        size = _run_config(location).get("image_size")
+        size = config.get("image_size")
     return size if is_crop_side(size) else None
 
 
@@ -127,11 +127,12 @@ def _run_config(location: str) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def recorded_crop_margin(location: str) -> float | None:
-    """The margin prepare-data cut an encoder's training faces with (``crop_margin`` of the ``config.json``
-    beside the file, written by both training jobs), or None (a bare weights file, or a run that records
-    none). enroll crops at this margin unless told otherwise: an encoder knows faces framed as it saw them."""
-    margin = _run_config(location).get("crop_margin")
+def recorded_crop_margin(config: dict) -> float | None:
+    """The margin prepare-data cut an encoder's training faces with (``crop_margin`` of ``config``, the
+    ``config.json`` beside the file, written by both training jobs), or None (a bare weights file, or a run
+    that records none). enroll crops at this margin unless told otherwise: an encoder knows faces framed as it
+    saw them."""
+    margin = config.get("crop_margin")
     return float(margin) if is_crop_margin(margin) else None
 
 
@@ -227,6 +228,8 @@ class Embedder:
             augmentation: a face and its mirror image are the same person).
         whitening: None, or ``{"mean": float32 (D,), "matrix": float32 (D, D)}`` applied to the unit embedding
             (then normalised again): the ``whitened`` representation, see :func:`fit_whitening`.
+        crop_margin: the margin the encoder's training crops were cut with, when its run records one
+            (:func:`recorded_crop_margin`), else None.
         info: the gallery's ``encoder`` record: ``location``, ``sha256``, ``representation`` (and
             ``head_location``, ``head_sha256``), ``dim``.
     """
@@ -239,6 +242,7 @@ class Embedder:
         device: torch.device,
         info: dict,
         whitening: dict | None = None,
+        crop_margin: float | None = None,
     ):
         self.net, self.image_size, self.flip, self.device, self.info = (
             net.to(device).eval(),
@@ -249,6 +253,7 @@ class Embedder:
         )
         self.dim = int(info["dim"])
         self.whitening = whitening
+        self.crop_margin = crop_margin
 
     @torch.no_grad()
     def __call__(self, crops: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -306,7 +311,8 @@ def load_embedder(
         load_encoder_weights(encoder, state, file)
     except ValueError as exc:
         raise BadInputError(str(exc)) from None
-    recorded = recorded_image_size(file, state)
+    config = _run_config(file)
+    recorded = recorded_image_size(file, state, config)
     if image_size is None and recorded is None:
         raise UsageError(
             f"{file} records no image size (a bare weights file): give --image-size, the crop side it was trained at"
@@ -339,7 +345,7 @@ def load_embedder(
         head, head_sha = _projection_head(head_file)
         net = torch.nn.Sequential(encoder, head)
         info.update(head_location=head_file, head_sha256=head_sha, dim=int(head.net[3].out_features))
-    return Embedder(net, image_size or recorded, flip, device, info, whitening)
+    return Embedder(net, image_size or recorded, flip, device, info, whitening, recorded_crop_margin(config))
 
 
 # --- thresholds -----------------------------------------------------------------------------------------
@@ -615,7 +621,9 @@ def _check_detection(detection, where: str) -> None:
         raise _fail(where, "detection is not a dict")
     spec = {f.name: f.type for f in fields(DetectConfig)}
     for name, value in detection.items():
-        if name in ("scale_factor", "margin", "similar_face_ratio"):
+        if name == "margin":
+            ok = is_crop_margin(value)
+        elif name in ("scale_factor", "similar_face_ratio"):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
             ok = ok and (name != "scale_factor" or value > 1)
         elif name in ("min_neighbors", "min_face", "image_size", "max_pixels", "upscale_below"):
@@ -937,7 +945,7 @@ def enroll(
     if threshold is None and threshold_from:
         from_file = threshold_from_file(threshold_from, far, embedder.info, size)
     people, skipped = list_people(open_storage(people_location))
-    recorded = recorded_crop_margin(embedder.info["location"]) if margin is None else None
+    recorded = embedder.crop_margin if margin is None else None
     margin = margin if margin is not None else recorded if recorded is not None else detect.margin
     cfg = DetectConfig(**{**asdict(detect), "image_size": size, "on_no_face": "skip", "margin": margin})
     log(

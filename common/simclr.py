@@ -32,7 +32,7 @@ from facessl.common.checkpoints import (
     save_torch,
 )
 from facessl.common.config import PretrainConfig
-from facessl.common.data import UNLABELED, PreparedDataset, crop_margin, read_manifest, refuse_output_inside
+from facessl.common.data import UNLABELED, PreparedDataset, refuse_output_inside
 from facessl.common.distributed import (
     barrier,
     cleanup,
@@ -361,7 +361,7 @@ def start_writing(run: PretrainRun, data_location: str, fresh: bool) -> None:
             {
                 **asdict(cfg),
                 "data": data_location,
-                "crop_margin": crop_margin(read_manifest(open_storage(data_location))),
+                "crop_margin": run.data.crop_margin,
                 "output": out.uri,
                 "images": run.images,
                 "data_mode": run.data_mode,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from facessl.common.cli import FiniteFloatRange, report_errors
+from facessl.common.config import MAX_CROP_MARGIN, MIN_CROP_MARGIN
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -66,10 +67,11 @@ from facessl.common.cli import FiniteFloatRange, report_errors
 )
 @click.option(
     "--margin",
-    type=FiniteFloatRange(min=0, max=2),
+    type=FiniteFloatRange(min=MIN_CROP_MARGIN, max=MAX_CROP_MARGIN),
     default=None,
-    help="Margin around the face box, as a fraction of the box side on each side (as prepare-data). Default: the "
-    "margin the encoder's training data was prepared with (its run's config.json), else 0.2.",
+    help="Margin around the face box, as a fraction of the box side on each side (as prepare-data; below 0 cuts "
+    "inside the box). Default: the margin the encoder's training data was prepared with (its run's "
+    "config.json), else 0.2.",
 )
 @click.option("--min-face", type=click.IntRange(min=8), default=30, help="Smallest face side, pixels.")
 @click.option(

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -578,3 +579,26 @@ def test_enroll_crops_at_the_margin_the_encoder_was_trained_with(people, tmp_pat
     # the crops differ, so do the embeddings of the same photos
     wide = load_gallery(str(tmp_path / "g2"))
     assert tight.photos == wide.photos and not torch.allclose(tight.embeddings, wide.embeddings, atol=1e-3)
+
+
+def test_a_negative_margin_crops_inside_the_box_and_the_gallery_keeps_it(people, tmp_path):
+    from facessl.common.faces import crop_face
+
+    # a 100 px box whose central half is white and whose rim is black, on a grey photo
+    img = Image.new("RGB", (300, 300), (128, 128, 128))
+    img.paste((0, 0, 0), (100, 100, 200, 200))
+    img.paste((255, 255, 255), (125, 125, 175, 175))
+    inner = torch.from_numpy(np.asarray(crop_face(img, (100, 100, 100, 100), -0.25, 32))).float()
+    box = torch.from_numpy(np.asarray(crop_face(img, (100, 100, 100, 100), 0.0, 32))).float()
+    assert inner.min() > 240, "margin -0.25 is the box's central half: all white"
+    assert box.min() < 10 and box.max() > 240, "margin 0 is the whole box: rim and centre"
+    run = save_encoder_run(tmp_path / "enc")
+    r = invoke(
+        enroll_main, "--people", people, "--encoder", run, "--output", tmp_path / "g", "--workers", 1,
+        "--margin", -0.1,
+    )  # fmt: skip
+    assert r.exit_code == 0 and "crop margin -0.1" in r.output, r.output
+    assert load_gallery(str(tmp_path / "g")).detection["margin"] == -0.1
+    # below a quarter of the box on each side, nothing would be left of a face
+    r = invoke(enroll_main, "--people", people, "--encoder", run, "--output", tmp_path / "g2", "--margin", -0.3)
+    assert r.exit_code == 2 and "-0.3" in r.stderr and not (tmp_path / "g2" / "gallery.pt").exists(), r.stderr
