@@ -62,7 +62,9 @@ def load_torch_bytes(data: bytes, where: str, map_location="cpu"):
             f"refused to load {where}: it holds pickled objects{what} that weights_only loading does not "
             "allow; only tensors and plain containers are accepted from checkpoints"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+    # a damaged legacy pickle fails inside the unpickler with whatever it tripped on (IndexError on an empty
+    # stack, KeyError on a bad memo, RecursionError on deep nesting): all of them mean an unreadable file
+    except Exception as exc:
         raise BadInputError(f"{where} is not a readable torch file ({type(exc).__name__})") from None
 
 

@@ -73,6 +73,21 @@ def list_photos(storage: Storage, log=print) -> list[str]:
     return keys
 
 
+def is_result_line(row) -> bool:
+    """Whether a decoded part line has what the results and the summary are built from: a ``photo`` key
+    (str) and a list of ``faces``, each a dict with a 4-number ``box`` and an ``identity`` (str or null)."""
+    if not isinstance(row, dict) or not isinstance(row.get("photo"), str) or not isinstance(row.get("faces"), list):
+        return False
+    return all(
+        isinstance(face, dict)
+        and (face.get("identity") is None or isinstance(face.get("identity"), str))
+        and "identity" in face
+        and isinstance(face.get("box"), list)
+        and len(face["box"]) == 4
+        for face in row["faces"]
+    )
+
+
 def read_parts(out: Storage) -> tuple[dict[str, dict], dict[str, list[str]]]:
     """Every result line in ``parts/`` (the first line of a photo wins), and the part keys of each shard folder.
 
@@ -88,12 +103,13 @@ def read_parts(out: Storage) -> tuple[dict[str, dict], dict[str, list[str]]]:
         for n, line in enumerate(out.read_text(key).splitlines(), start=1):
             try:
                 row = json.loads(line)
-                photo = row["photo"]
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
+                row = None
+            if not is_result_line(row):
                 raise BadInputError(
                     f"{out.url(key)} line {n} is not a result line: move the file away to redo its photos"
-                ) from None
-            results.setdefault(photo, row)
+                )
+            results.setdefault(row["photo"], row)
     return results, by_shard
 
 
@@ -200,10 +216,18 @@ class _ResultParts:
 
 
 def _open_results(
-    gallery_location: str, photos_location: str, output_location: str, encoder_location, threshold, device_name
+    gallery_location: str,
+    photos_location: str,
+    output_location: str,
+    encoder_location,
+    threshold,
+    device_name,
+    photos_uri: str,
 ) -> tuple[Gallery, object, float, Storage]:
     """Check the locations, load the gallery and its encoder, and claim the output for this gallery, threshold
-    and photos. Returns ``(gallery, embedder, threshold, out)``; raises as :func:`identify_collection`."""
+    and photos (``photos_uri``: the location as storage spells it, a local one absolute, so that ``ph``, ``ph/``
+    and ``./ph`` are one folder, and ``ph`` from another directory is not). Returns ``(gallery, embedder,
+    threshold, out)``; raises as :func:`identify_collection`."""
     if location_within(output_location, photos_location):
         raise UsageError(
             f"--output {output_location} lies inside --photos {photos_location}: its results would be read as photos; "
@@ -229,7 +253,7 @@ def _open_results(
             "gallery": gallery_location,
             "gallery_sha256": gallery.sha256,
             "threshold": value,
-            "photos": photos_location,
+            "photos": photos_uri,
             "encoder": embedder.info["location"],
         },
     )
@@ -277,11 +301,14 @@ def identify_collection(
     started = time.time()
     if not 0 <= shard_index < num_shards:
         raise UsageError(f"--shard-index {shard_index} is not in 0..{num_shards - 1} (--num-shards {num_shards})")
+    photos = open_storage(photos_location)
+    # listed before the output is claimed: a --photos that holds nothing must not tie the output to it
+    listed = list_photos(photos, log)
     gallery, embedder, value, out = _open_results(
-        gallery_location, photos_location, output_location, encoder_location, threshold, device_name
+        gallery_location, photos_location, output_location, encoder_location, threshold, device_name, photos.uri
     )
     shard = f"{shard_index}-of-{num_shards}"
-    keys = [k for k in list_photos(open_storage(photos_location), log) if shard_of(k, num_shards) == shard_index]
+    keys = [k for k in listed if shard_of(k, num_shards) == shard_index]
     done, parts = read_parts(out)
     todo = [k for k in keys if k not in done]
     status_key = f"shards/{shard}.json"

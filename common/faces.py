@@ -226,8 +226,8 @@ def detect_faces(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> list[t
 
 def crop_face(img: Image.Image, box: tuple[int, int, int, int] | None, margin: float, size: int) -> Image.Image:
     """Square crop centred on ``box`` with ``margin`` (fraction of the box side) added on each side,
-    resized to ``size`` x ``size``; a negative margin cuts inside the box (-0.25: its central half). Parts outside the photo are filled with black. ``box=None`` takes
-    the largest centred square of the whole photo."""
+    resized to ``size`` x ``size``; a negative margin cuts inside the box (-0.25: its central half). Parts
+    outside the photo are filled with black. ``box=None`` takes the largest centred square of the whole photo."""
     if box is None:
         side = min(img.size)
         cx, cy = img.size[0] / 2, img.size[1] / 2

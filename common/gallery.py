@@ -472,6 +472,12 @@ def pair_thresholds(scores: np.ndarray, same: np.ndarray) -> dict:
     }
 
 
+def is_cosine_threshold(value) -> bool:
+    """Whether ``value`` is a number a cosine similarity can be compared with: from -1 to 1, with a little room
+    for a threshold set just above the highest score (:func:`threshold_at_far`)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -1.01 <= value <= 1.01
+
+
 def threshold_from_file(location: str, far: float, encoder: dict, image_size: int) -> dict:
     """The threshold at ``far`` in an evaluate-pairs ``threshold.json`` made with the same encoder file.
 
@@ -506,6 +512,11 @@ def threshold_from_file(location: str, far: float, encoder: dict, image_size: in
         raise BadInputError(
             f"--threshold-from {location} has no threshold at FAR {far:g} (it has {sorted(data['at_far'])}): "
             "give --far one of those"
+        )
+    # refused here, not by identify after the whole enrolment
+    if not is_cosine_threshold(value):
+        raise BadInputError(
+            f"--threshold-from {location}: threshold {value!r} at FAR {far:g} is not a cosine similarity"
         )
     return {
         "value": float(value),
@@ -615,19 +626,37 @@ def _fail(where: str, what: str) -> BadInputError:
     return BadInputError(f"{where} is not a usable gallery: {what} (was it edited? enrol again)")
 
 
-def _check_detection(detection, where: str) -> None:
-    """Refuse detection settings that DetectConfig would take but that make no sense (wrong types, ranges)."""
+# The numeric detection settings a gallery may hold: prepare-data's and enroll's option bounds, and for those
+# without an upper one a bound no real setting reaches (a tampered 10**12 would make identify hang or skip all)
+_DETECTION_BOUNDS = {
+    "scale_factor": (1.01, 2.0),
+    "similar_face_ratio": (1e-6, 1.0),
+    "min_neighbors": (0, 1000),
+    "min_face": (8, 4096),
+    "max_pixels": (1, 10**10),
+    "upscale_below": (0, 10**6),
+}
+
+
+def _check_detection(detection, where: str, image_size: int) -> None:
+    """Refuse detection settings that DetectConfig would take but that make no sense (wrong types, ranges, a crop
+    size other than the gallery's ``image_size``)."""
     if not isinstance(detection, dict):
         raise _fail(where, "detection is not a dict")
     spec = {f.name: f.type for f in fields(DetectConfig)}
     for name, value in detection.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if name == "margin":
             ok = is_crop_margin(value)
-        elif name in ("scale_factor", "similar_face_ratio"):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-            ok = ok and (name != "scale_factor" or value > 1)
-        elif name in ("min_neighbors", "min_face", "image_size", "max_pixels", "upscale_below"):
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif name == "image_size":
+            ok = value == image_size and isinstance(value, int)
+        elif name in _DETECTION_BOUNDS:
+            low, high = _DETECTION_BOUNDS[name]
+            ok = (
+                number
+                and low <= value <= high
+                and (isinstance(value, int) or name in ("scale_factor", "similar_face_ratio"))
+            )
         elif name == "fallback":
             ok = isinstance(value, bool)
         elif name == "on_no_face":
@@ -689,10 +718,10 @@ def check_gallery(obj, where: str) -> Gallery:
         raise _fail(where, f"image_size {size!r}")
     if not isinstance(obj.get("flip"), bool) or obj.get("template") not in TEMPLATES:
         raise _fail(where, "flip is not a boolean or template not one of best, mean")
-    _check_detection(obj.get("detection"), where)
+    _check_detection(obj.get("detection"), where, size)
     threshold = obj.get("threshold")
     value = threshold.get("value") if isinstance(threshold, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.01 <= value <= 1.01:
+    if not is_cosine_threshold(value):
         raise _fail(where, f"threshold {value!r} is not a cosine similarity")
     return Gallery(
         embeddings=emb,
@@ -733,10 +762,15 @@ def embedder_for_gallery(gallery: Gallery, encoder_location: str | None = None, 
     moved), checked against the gallery.
 
     Raises:
+        UsageError: an unknown device or one this machine does not have.
         BadInputError: another file than the gallery's (sha256), an encoder trained at another image size, or
             embeddings of another size.
     """
+    from facessl.common.training import pick_device
+
     location = encoder_location or gallery.encoder["location"]
+    # a bad --device is the command's fault (exit 2), not the encoder's
+    pick_device(device_name)
     try:
         embedder = load_embedder(location, None, gallery.encoder["representation"], gallery.flip, device_name)
     # a bare encoder.pt records no size: the gallery's is the one it was enrolled at

@@ -270,7 +270,8 @@ class LocalStorage(Storage):
                 full = Path(dirpath) / name
                 if not full.is_file():
                     continue
-                out[full.relative_to(self.root).as_posix()] = full.stat().st_size
+                # base is resolved: a root given through a link or with ".." is too
+                out[full.relative_to(self.root.resolve()).as_posix()] = full.stat().st_size
         return out
 
     @_local_errors
@@ -283,7 +284,7 @@ class LocalStorage(Storage):
             for name in sorted(dirnames):
                 full = Path(dirpath) / name
                 if full.is_symlink():
-                    links.append(full.relative_to(self.root).as_posix())
+                    links.append(full.relative_to(self.root.resolve()).as_posix())
         return links
 
     @_local_errors

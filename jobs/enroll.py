@@ -73,7 +73,7 @@ from facessl.common.config import MAX_CROP_MARGIN, MIN_CROP_MARGIN
     "inside the box). Default: the margin the encoder's training data was prepared with (its run's "
     "config.json), else 0.2.",
 )
-@click.option("--min-face", type=click.IntRange(min=8), default=30, help="Smallest face side, pixels.")
+@click.option("--min-face", type=click.IntRange(min=8, max=4096), default=30, help="Smallest face side, pixels.")
 @click.option(
     "--similar-face-ratio",
     type=FiniteFloatRange(min=0, max=1, min_open=True),

@@ -32,8 +32,18 @@ def test_plain_state_dict_loads(tmp_path):
     assert torch.equal(back["w"], state["w"])
 
 
-def test_not_a_torch_file_is_a_clear_error(tmp_path):
-    (tmp_path / "x.pt").write_bytes(b"definitely not a checkpoint")
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"definitely not a checkpoint",
+        # damaged legacy pickles: a pop from an empty stack, a memo never written, nesting past the recursion limit
+        b"\x80\x02.",
+        b"\x80\x02h\x05.",
+        b"\x80\x02" + b"(" * 100_000 + b".",
+    ],
+)
+def test_not_a_torch_file_is_a_clear_error(tmp_path, data):
+    (tmp_path / "x.pt").write_bytes(data)
     with pytest.raises(BadInputError, match="not a readable torch file"):
         load_torch(str(tmp_path / "x.pt"))
 

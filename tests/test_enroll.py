@@ -182,6 +182,12 @@ def test_threshold_given_or_taken_from_evaluate_pairs(encoder_run, tmp_path):
     # no entry at that FAR, or another encoder's file: refused before any detection
     r = invoke(enroll_main, *args, "--output", tmp_path / "x", "--far", 0.05)
     assert r.exit_code == 3 and "no threshold at FAR 0.05" in r.stderr
+    # a threshold no cosine reaches: refused at enrolment, not by identify afterwards
+    seven = {**record, "at_far": {"0.01": {"threshold": 7, "tar": 0.4}}}
+    (pairs / "threshold.json").write_text(json.dumps(seven))
+    r = invoke(enroll_main, *args, "--output", tmp_path / "seven")
+    assert r.exit_code == 3 and "threshold 7 at FAR 0.01 is not a cosine similarity" in r.stderr, r.stderr
+    assert not (tmp_path / "seven" / "gallery.pt").exists()
     (pairs / "threshold.json").write_text(json.dumps({**record, "encoder_sha256": "0" * 64}))
     r = invoke(enroll_main, *args, "--output", tmp_path / "y")
     assert r.exit_code == 3 and "a threshold holds only for the embeddings it was measured on" in r.stderr
@@ -314,6 +320,15 @@ def test_a_tampered_gallery_is_refused_with_the_field_named(gallery, tmp_path):
         "people": ({"people": ["a", "a", "b"]}, "not distinct non-empty names"),
         "threshold": ({"threshold": {"value": float("nan")}}, "is not a cosine similarity"),
         "detection": ({"detection": {**saved["detection"], "margin": "big"}}, "detection setting margin='big'"),
+        # in range for the type, not for a detector: every photo would be skipped, or detection would never end
+        "max_pixels": ({"detection": {**saved["detection"], "max_pixels": 0}}, "detection setting max_pixels=0"),
+        "neighbors": (
+            {"detection": {**saved["detection"], "min_neighbors": 10**12}},
+            "detection setting min_neighbors=1000000000000",
+        ),
+        "pyramid": ({"detection": {**saved["detection"], "scale_factor": 1e300}}, "detection setting scale_factor"),
+        # crops of another size than the embeddings were made from
+        "crop": ({"detection": {**saved["detection"], "image_size": SIZE * 2}}, "detection setting image_size"),
         "format": ({"format": "other"}, "is not a facessl gallery"),
     }
     photos = tmp_path / "photos"
@@ -588,8 +603,8 @@ def test_a_negative_margin_crops_inside_the_box_and_the_gallery_keeps_it(people,
     img = Image.new("RGB", (300, 300), (128, 128, 128))
     img.paste((0, 0, 0), (100, 100, 200, 200))
     img.paste((255, 255, 255), (125, 125, 175, 175))
-    inner = torch.from_numpy(np.asarray(crop_face(img, (100, 100, 100, 100), -0.25, 32))).float()
-    box = torch.from_numpy(np.asarray(crop_face(img, (100, 100, 100, 100), 0.0, 32))).float()
+    inner = torch.from_numpy(np.array(crop_face(img, (100, 100, 100, 100), -0.25, 32))).float()
+    box = torch.from_numpy(np.array(crop_face(img, (100, 100, 100, 100), 0.0, 32))).float()
     assert inner.min() > 240, "margin -0.25 is the box's central half: all white"
     assert box.min() < 10 and box.max() > 240, "margin 0 is the whole box: rim and centre"
     run = save_encoder_run(tmp_path / "enc")

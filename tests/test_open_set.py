@@ -193,6 +193,36 @@ def test_refused_locations_and_mixed_modes(gallery, collection, tmp_path):
     assert r.exit_code == 3 and "no photos under" in r.stderr
 
 
+def test_roundabout_locations_damaged_parts_and_a_failed_first_run(gallery, collection, tmp_path):
+    args = ["--gallery", gallery, "--workers", 1]
+    # a first run that finds no photos must not tie its output to the wrong --photos
+    r = invoke(identify_main, *args, "--photos", tmp_path / "typo", "--output", tmp_path / "real")
+    assert r.exit_code == 3 and "no photos under" in r.stderr, r.stderr
+    # the output given through a link, and the photos spelt another way, are the same folders
+    (tmp_path / "real").mkdir(exist_ok=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    r = invoke(identify_main, *args, "--photos", collection, "--output", tmp_path / "link")
+    assert r.exit_code == 0, r.output
+    total = len(read_jsonl(tmp_path / "real" / "results.jsonl"))
+    (tmp_path / "sub").mkdir()
+    r = invoke(identify_main, *args, "--photos", f"{collection}/", "--output", tmp_path / "sub" / ".." / "real")
+    assert r.exit_code == 0 and f"{total} photos, {total} already done" in r.output, r.output
+    # a part line that is JSON but not a result: a clear refusal, never a traceback
+    part = next((tmp_path / "real" / "parts").rglob("*.jsonl"))
+    good = part.read_text().splitlines()[0]
+    for bad in (
+        {"photo": 5, "faces": []},
+        {"photo": "zz.jpg", "faces": [{"box": [1, 2, 3, 4]}]},
+        {"photo": "zz.jpg", "faces": "abc"},
+    ):
+        part.write_text(f"{good}\n{json.dumps(bad)}\n")
+        r = invoke(identify_main, *args, "--photos", collection, "--output", tmp_path / "real")
+        assert r.exit_code == 3 and "line 2 is not a result line" in r.stderr, (bad, r.output)
+    # a device this machine does not have is the command's fault
+    r = invoke(identify_main, *args, "--photos", collection, "--output", tmp_path / "o", "--device", "garbage")
+    assert r.exit_code == 2 and "unknown device 'garbage'" in r.stderr, r.stderr
+
+
 def test_a_file_name_that_is_not_utf8_is_left_out_with_a_warning(gallery, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
