@@ -71,18 +71,20 @@ def file_sha256(location: str) -> str:
 
 
 def resolve_encoder_file(location: str) -> str:
-    """The weights file of ``--encoder``: the location itself when it names a ``.pt``/``.pth`` file, else the
-    ``encoder.pt`` (pretrain-simclr) or ``model.pt`` (train-classifier) in that run location.
+    """The weights file of ``--encoder``, absolute when local: the location itself when it names a ``.pt``/``.pth``
+    file, else the ``encoder.pt`` (pretrain-simclr) or ``model.pt`` (train-classifier) in that run location.
 
     Raises:
         BadInputError: a run location holding neither file.
     """
     if location.rstrip("/").endswith((".pt", ".pth")):
-        return location
+        storage, key = open_file_location(location)
+        # absolute: the gallery records it, and identify may run from another directory
+        return storage.url(key)
     run = open_storage(location)
     for name in ("encoder.pt", "model.pt"):
         if run.exists(name):
-            return join_location(location, name)
+            return run.url(name)
     raise BadInputError(
         f"{location} holds neither encoder.pt (a pretrain-simclr run) nor model.pt (a train-classifier run)"
     )

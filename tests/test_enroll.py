@@ -617,3 +617,13 @@ def test_a_negative_margin_crops_inside_the_box_and_the_gallery_keeps_it(people,
     # below a quarter of the box on each side, nothing would be left of a face
     r = invoke(enroll_main, "--people", people, "--encoder", run, "--output", tmp_path / "g2", "--margin", -0.3)
     assert r.exit_code == 2 and "-0.3" in r.stderr and not (tmp_path / "g2" / "gallery.pt").exists(), r.stderr
+
+
+def test_the_gallery_records_a_relative_encoder_at_its_absolute_path(people, encoder_run, tmp_path, monkeypatch):
+    # identify may run from another directory than enroll did
+    monkeypatch.chdir(encoder_run.parent)
+    r = invoke(
+        enroll_main, "--people", people, "--encoder", encoder_run.name, "--output", tmp_path / "g", "--workers", 1
+    )
+    assert r.exit_code == 0, r.output
+    assert load_gallery(str(tmp_path / "g")).encoder["location"] == str(encoder_run / "encoder.pt")
