@@ -357,13 +357,14 @@ def identify_collection(
         raise KeyboardInterrupt
     if stop.signal is not None:
         raise PreemptedError(f"stopped by SIGTERM; the results so far are in {out.uri}: run again to resume")
-    status["merged"] = complete and merge_if_complete(out, num_shards, done, log)
+    status["merged"] = complete and merge_if_complete(out, num_shards, done, listed, log)
     return status
 
 
-def merge_if_complete(out: Storage, num_shards: int, done: dict[str, dict], log=print) -> bool:
-    """When every shard of ``num_shards`` is complete, write ``results.jsonl`` (every result line, sorted by
-    photo) and ``summary.json`` (counts; ``seconds`` summed over the shards). Returns whether it wrote them."""
+def merge_if_complete(out: Storage, num_shards: int, done: dict[str, dict], listed: list[str], log=print) -> bool:
+    """When every shard of ``num_shards`` is complete and every photo of ``listed`` (the collection as this run
+    found it) has a result, write ``results.jsonl`` (the result lines of ``listed``, sorted by photo) and
+    ``summary.json`` (counts; ``seconds`` summed over the shards). Returns whether it wrote them."""
     statuses = []
     for i in range(num_shards):
         try:
@@ -374,8 +375,21 @@ def merge_if_complete(out: Storage, num_shards: int, done: dict[str, dict], log=
         complete = sum(isinstance(s, dict) and s.get("complete") is True for s in statuses)
         log(f"{complete} of {num_shards} shards complete: the last one to finish writes {RESULTS}")
         return False
+    # another shard's status predates photos added since: its results would be silently short
+    missing = [k for k in listed if k not in done]
+    if missing:
+        shards = sorted({shard_of(k, num_shards) for k in missing})
+        log(
+            f"warning: {len(missing)} photos (e.g. {missing[0]}) have no result although their shards {shards} "
+            f"finished: added since those ran? run those shards again; {RESULTS} is written then"
+        )
+        # an earlier merge describes the collection as it was
+        for key in (RESULTS, SUMMARY):
+            out.delete(key)
+        return False
     seconds = sum(float(s.get("seconds", 0)) for s in statuses)
-    rows = [done[k] for k in sorted(done)]
+    # (a photo deleted since it was identified is left out)
+    rows = [done[k] for k in sorted(listed)]
     out.write_text(RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     out.write_text(SUMMARY, json.dumps({**summarise(rows, seconds), "shards": num_shards}, indent=1))
     return True

@@ -126,6 +126,31 @@ def test_two_shards_cover_the_collection_exactly_once(gallery, collection, tmp_p
     assert r.exit_code == 2 and "--shard-index 2 is not in 0..1" in r.stderr
 
 
+def test_photos_added_after_a_sharded_run_hold_back_the_merge_until_their_shard_reruns(gallery, tmp_path):
+    from facessl.common.collection import shard_of
+
+    photos = copy_rows(probe_rows(("7201", "7203")), tmp_path / "photos", per_identity=3)
+    out = tmp_path / "results"
+    args = ["--gallery", gallery, "--photos", photos, "--output", out, "--num-shards", 2, "--workers", 1]
+    for index in (0, 1):
+        assert invoke(identify_main, *args, "--shard-index", index).exit_code == 0
+    assert len(read_jsonl(out / "results.jsonl")) == 6
+    copy_rows(probe_rows(("7206",)), photos / "more", per_identity=4)
+    gone = sorted(p for p in photos.rglob("*.jpg") if "more" not in p.parts)[0]
+    gone.unlink()
+    added = [p.relative_to(photos).as_posix() for p in (photos / "more").rglob("*.jpg")]
+    late = [k for k in added if shard_of(k, 2) == 1]
+    assert late and len(late) < len(added), "the test needs new photos in both shards"
+    r = invoke(identify_main, *args, "--shard-index", 0)
+    assert r.exit_code == 0 and f"{len(late)} photos" in r.output and "run those shards again" in r.output, r.output
+    assert not (out / "results.jsonl").exists(), "results of the collection as it was are not left to pass for it"
+    r = invoke(identify_main, *args, "--shard-index", 1)
+    assert r.exit_code == 0, r.output
+    photos_done = [row["photo"] for row in read_jsonl(out / "results.jsonl")]
+    assert len(photos_done) == 9 and gone.relative_to(photos).as_posix() not in photos_done
+    assert set(added) <= set(photos_done)
+
+
 def test_a_rerun_after_sigterm_resumes_and_skips_what_is_done(gallery, collection, tmp_path):
     photos = tmp_path / "photos"
     # (the 200 MiB sparse file would be copied whole)
