@@ -68,6 +68,10 @@ def list_photos(storage: Storage, log=print) -> list[str]:
             unnamed.append(key.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     if unnamed:
         log(f"warning: left out {len(unnamed)} files whose names are not valid UTF-8 (rename them): {unnamed[:5]}")
+    # (walking a link can loop or reach a folder twice; prepare-data and enroll skip them the same way)
+    links = [key for key in storage.folder_links() if not is_ignored(key)]
+    if links:
+        log(f"warning: left out {len(links)} links to folders (not followed; copy or move the photos in): {links[:5]}")
     if not keys:
         raise BadInputError(f"no photos under {storage.uri} (empty, or not there)")
     return keys

@@ -253,8 +253,11 @@ def test_a_file_name_that_is_not_utf8_is_left_out_with_a_warning(gallery, tmp_pa
     photos.mkdir()
     shutil.copyfile(CASES / "raw" / "Tom Hanks" / "plain.jpg", photos / "plain.jpg")
     shutil.copyfile(CASES / "raw" / "Tom Hanks" / "plain.jpg", photos / os.fsdecode(b"caf\xe9.jpg"))
+    # a link to a folder is not walked either, and says so
+    (photos / "album").symlink_to(CASES / "raw" / "Tom Hanks", target_is_directory=True)
     r = invoke(identify_main, "--gallery", gallery, "--photos", photos, "--output", tmp_path / "o", "--workers", 1)
     assert r.exit_code == 0 and "left out 1 files whose names are not valid UTF-8" in r.output, r.output
+    assert "left out 1 links to folders" in r.output and "album" in r.output
     assert [row["photo"] for row in read_jsonl(tmp_path / "o" / "results.jsonl")] == ["plain.jpg"]
 
 
