@@ -18,16 +18,18 @@ import hashlib
 import os
 import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import numpy as np
 
-from facessl.common.errors import BadInputError, StorageError
+from facessl.common.errors import BadInputError, PreemptedError, StorageError
 from facessl.common.faces import MAX_PHOTO_BYTES, DetectConfig, SkipImage, crop_face, decode_image, detect_faces
 from facessl.common.storage import open_storage
 
@@ -165,6 +167,33 @@ def _task(keys: list[str]) -> list[PhotoFaces]:
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _Sigterm(BaseException):
+    """SIGTERM, raised where the main thread is (as Ctrl-C raises KeyboardInterrupt); a BaseException, so no
+    ``except Exception`` on the way swallows it."""
+
+
+@contextmanager
+def sigterm_stops(message: str):
+    """Within the block, SIGTERM raises PreemptedError(``message``) (exit 4) where the main thread is, so that
+    the stack unwinds and :func:`detect_photos` shuts its workers down (they ignore SIGTERM: the parent
+    handles it). Without it, the default action kills the parent and leaves the workers running. Outside the
+    main thread, where signal handlers cannot be set, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_sigterm(signum, frame):
+        raise _Sigterm()
+
+    previous = signal.signal(signal.SIGTERM, raise_sigterm)
+    try:
+        yield
+    except _Sigterm:
+        raise PreemptedError(message) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def detect_photos(

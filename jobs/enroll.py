@@ -120,26 +120,28 @@ def main(
     """
     from facessl.common.faces import DetectConfig
     from facessl.common.gallery import enroll
+    from facessl.common.photos import sigterm_stops
 
-    gallery = enroll(
-        people_location,
-        encoder_location,
-        output_location,
-        image_size=image_size,
-        representation=representation,
-        flip=flip,
-        template=template,
-        far=far,
-        threshold=threshold,
-        threshold_from=threshold_from,
-        detect=DetectConfig(min_face=min_face),
-        margin=margin,
-        similar_face_ratio=similar_face_ratio,
-        align=align,
-        workers=workers,
-        device_name=device,
-        log=click.echo,
-    )
+    with sigterm_stops("stopped by SIGTERM before the gallery was written: run again to enrol"):
+        gallery = enroll(
+            people_location,
+            encoder_location,
+            output_location,
+            image_size=image_size,
+            representation=representation,
+            flip=flip,
+            template=template,
+            far=far,
+            threshold=threshold,
+            threshold_from=threshold_from,
+            detect=DetectConfig(min_face=min_face),
+            margin=margin,
+            similar_face_ratio=similar_face_ratio,
+            align=align,
+            workers=workers,
+            device_name=device,
+            log=click.echo,
+        )
     t = gallery.threshold
     rates = ""
     if t.get("genuine_acceptance") is not None:

@@ -627,3 +627,33 @@ def test_the_gallery_records_a_relative_encoder_at_its_absolute_path(people, enc
     )
     assert r.exit_code == 0, r.output
     assert load_gallery(str(tmp_path / "g")).encoder["location"] == str(encoder_run / "encoder.pt")
+
+
+def test_sigterm_stops_enroll_and_its_detection_workers(encoder_run, tmp_path):
+    import os
+    import signal
+    import time
+
+    people = copy_rows(enrolment_rows(("7201", "7206", "7209", "7222")), tmp_path / "people")
+    cmd = [BIN / "enroll", "--people", people, "--encoder", encoder_run, "--output", tmp_path / "g", "--workers", 2]
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the detection workers: this process's children that multiprocessing spawned (not its resource tracker)
+    deadline, children = time.time() + 120, []
+    while not children and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        found = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "spawn_main"], capture_output=True, text=True)
+        children = [int(pid) for pid in found.stdout.split()]
+    assert children, "enroll finished before its workers could be seen"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 4 and "stopped by SIGTERM before the gallery was written" in stderr, stderr
+    assert "Traceback" not in stderr and not (tmp_path / "g" / "gallery.pt").exists()
+    time.sleep(1)
+    alive = []
+    for pid in children:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    assert not alive, f"detection workers {alive} outlived enroll"
