@@ -470,7 +470,9 @@ def run_open_set(root: Path, s: dict, device: str, base: dict, log) -> list[dict
         m = open_set.run(
             str(encoder),
             root / f"open-set-{arm_slug(arm)}",
-            [],
+            # faces cut inside the box: the backbone's training crops (scale 0.6-1) showed them larger than the
+            # whole box does (docs/open-set.md, the crop margin)
+            ["--margin=-0.15"] if arm == "supervised" else [],
             device=device,
             faces=FACES,
             job=lambda name, *args: job(name, *args, log=log),
