@@ -169,9 +169,20 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class _Sigterm(BaseException):
-    """SIGTERM, raised where the main thread is (as Ctrl-C raises KeyboardInterrupt); a BaseException, so no
-    ``except Exception`` on the way swallows it."""
+class Sigterm(BaseException):
+    """SIGTERM, raised where the main thread is (as Ctrl-C raises KeyboardInterrupt) within
+    :func:`sigterm_stops`. A BaseException, so no ``except Exception`` on the way swallows it (botocore wraps
+    any Exception raised during a request in HTTPClientError and retries the request)."""
+
+
+# whether SIGTERM arrived within the current sigterm_stops block (a worker pool broken by a SIGTERM to the
+# whole process group is then a preemption, not a crash)
+_SIGTERM = {"received": False}
+
+
+def sigterm_received() -> bool:
+    """Whether SIGTERM arrived within the current (or last) :func:`sigterm_stops` block."""
+    return _SIGTERM["received"]
 
 
 @contextmanager
@@ -180,17 +191,19 @@ def sigterm_stops(message: str):
     the stack unwinds and :func:`detect_photos` shuts its workers down (they ignore SIGTERM: the parent
     handles it). Without it, the default action kills the parent and leaves the workers running. Outside the
     main thread, where signal handlers cannot be set, it does nothing."""
+    _SIGTERM["received"] = False
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def raise_sigterm(signum, frame):
-        raise _Sigterm()
+        _SIGTERM["received"] = True
+        raise Sigterm()
 
     previous = signal.signal(signal.SIGTERM, raise_sigterm)
     try:
         yield
-    except _Sigterm:
+    except Sigterm:
         raise PreemptedError(message) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

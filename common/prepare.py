@@ -19,7 +19,6 @@ import os
 import random
 import signal
 import sys
-import threading
 import time
 import unicodedata
 from collections import Counter
@@ -31,29 +30,13 @@ from multiprocessing import get_context
 from facessl.common.data import MANIFEST, SPLITS, UNLABELED, ShardWriter, dataset_id, remove_stale_shards
 from facessl.common.errors import BadInputError, PreemptedError, StorageError, UsageError
 from facessl.common.faces import MAX_PHOTO_BYTES, DetectConfig, process_photo
+from facessl.common.photos import Sigterm, sigterm_received, sigterm_stops
 from facessl.common.storage import Storage, UnsafeKeyError, claim_output, join_location, location_within, open_storage
 
 PREEMPTED = (
     "stopped by SIGTERM before a new manifest.json was written (it comes last; an earlier dataset "
     "there is kept until the first shard is rewritten): run again to start over"
 )
-_SIGTERM = {"received": False}
-
-
-class _Sigterm(BaseException):
-    """Raised by the SIGTERM handler where the main thread is, as Ctrl-C raises KeyboardInterrupt. Not an
-    Exception, so no library's ``except Exception`` can swallow it (botocore wraps any Exception raised
-    during a request in HTTPClientError and retries the request); :func:`prepare_dataset` turns it into
-    PreemptedError."""
-
-
-def _on_sigterm(signum, frame):
-    """SIGTERM (a preemption) stops the job at once: a wait for the detection workers or an S3 request is
-    cut short, and the job exits 4, which the Argo workflow retries."""
-    _SIGTERM["received"] = True
-    raise _Sigterm()
-
-
 OUTSIDE_LINK = "a symlink points outside the input (use a hard link or a copy)"
 BACKSLASH_NAME = "a backslash in the folder or file name (refused as a path separator: rename it)"
 FOLDER_LINK = (
@@ -174,7 +157,7 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     """Run decode + detection + crop over ``files`` with a worker per core; records in input order.
 
     Raises:
-        _Sigterm: SIGTERM arrived (:func:`prepare_dataset` reports it as PreemptedError); the workers are
+        Sigterm: SIGTERM arrived (:func:`prepare_dataset` reports it as PreemptedError); the workers are
             ended first, as on Ctrl-C. PreemptedError: SIGTERM to the whole process group ended the workers.
         StorageError: a worker died, or storage failed.
     """
@@ -201,7 +184,7 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
     ) as pool:
         try:
             return list(progress(pool.map(_process_one, files, chunksize=16)))
-        except (KeyboardInterrupt, _Sigterm):
+        except (KeyboardInterrupt, Sigterm):
             # Stop now: leaving the with-block would first detect every queued photo. The workers are
             # taken before shutdown(), which drops _processes (Python 3.14 has terminate_workers()).
             procs = list((pool._processes or {}).values())
@@ -211,7 +194,7 @@ def detect_all(location: str, files: list[tuple[str, int]], cfg: PrepareConfig) 
             raise
         except BrokenProcessPool:
             # SIGTERM to the whole process group ended the workers too
-            if _SIGTERM["received"]:
+            if sigterm_received():
                 raise PreemptedError(PREEMPTED) from None
             raise StorageError(
                 "a face-detection worker process died (out of memory?); nothing was written, "
@@ -364,17 +347,9 @@ def prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfi
         UsageError: bad split ratios, or an output at or inside the input. BadInputError: an unusable input
         or output (see the stages). StorageError: S3 unreachable.
     """
-    # (signal handlers live there)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    _SIGTERM["received"] = False
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
-    try:
+    # a wait for the detection workers or an S3 request is cut short; exit 4, which the Argo workflow retries
+    with sigterm_stops(PREEMPTED):
         return _prepare_dataset(input_location, output_location, cfg, log)
-    except _Sigterm:
-        raise PreemptedError(PREEMPTED) from None
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _prepare_dataset(input_location: str, output_location: str, cfg: PrepareConfig, log) -> dict:
