@@ -88,10 +88,11 @@ least_free_gb() {
   done
   echo "$least"
 }
-old_images() { podman images --format '{{.Repository}}:{{.Tag}}' | grep -E "^(localhost/)?(${tag%%:*}|facessl-deps):" || true; }
-if (( $(least_free_gb) < need_gb )) && [[ -n $(old_images) ]]; then
+# the local image tags whose repository matches the extended regex $1
+tags_of() { podman images --format '{{.Repository}}:{{.Tag}}' | grep -E "^(localhost/)?($1):" || true; }
+if (( $(least_free_gb) < need_gb )) && [[ -n $(tags_of "${tag%%:*}|facessl-deps") ]]; then
   log "less than $need_gb GB free: removing the previous images to make room (their cached layers go with them)"
-  old_images | xargs podman rmi -f >/dev/null
+  tags_of "${tag%%:*}|facessl-deps" | xargs podman rmi -f >/dev/null
   podman image prune -f >/dev/null
 fi
 free_gb=$(least_free_gb)
@@ -111,7 +112,6 @@ done
 log "podman build -t $tag"
 build -t "$tag"
 # one key tag at a time: an older one would keep its image, and its 6 GB of layers, alive
-podman images --format '{{.Repository}}:{{.Tag}}' | grep -E '^(localhost/)?facessl-deps:' \
-  | xargs -r podman rmi >/dev/null 2>&1 || true
+tags_of facessl-deps | xargs -r podman rmi >/dev/null 2>&1 || true
 podman tag "$tag" "facessl-deps:$key"
 echo "$tag"
