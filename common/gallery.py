@@ -809,7 +809,7 @@ def list_people(storage: Storage) -> tuple[dict[str, list[str]], list[dict]]:
     Raises:
         BadInputError: fewer than two person folders, or an empty person folder (named).
     """
-    from facessl.common.prepare import is_ignored, list_raw_files
+    from facessl.common.prepare import is_ignored, list_raw_files, shown_name
 
     try:
         files, skipped = list_raw_files(storage)
@@ -822,13 +822,18 @@ def list_people(storage: Storage) -> tuple[dict[str, list[str]], list[dict]]:
         people.setdefault(key.split("/", 1)[0], []).append(key)
     # an object store has no empty folders; a local one does, and that person would silently be missing
     if isinstance(storage, LocalStorage):
+        # a folder whose files were all left out says why (a name that is not UTF-8 leaves out every file in it)
+        why = {}
+        for r in skipped:
+            why.setdefault(r["source"].split("/", 1)[0], r["reason"])
         empty = sorted(
-            d.name
+            shown_name(d.name)
             for d in storage.root.iterdir()
             if d.is_dir() and not d.is_symlink() and not is_ignored(d.name) and d.name not in people
         )
         if empty:
-            raise BadInputError(f"person folder(s) with no photo: {', '.join(empty)} (add photos or remove the folder)")
+            named = ", ".join(f"{name} (every file left out: {why[name]})" if name in why else name for name in empty)
+            raise BadInputError(f"person folder(s) with no photo: {named} (add photos or remove the folder)")
     if len(people) < 2:
         found = f"only {next(iter(people))!r}" if people else "none"
         raise BadInputError(

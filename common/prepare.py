@@ -78,6 +78,12 @@ def is_ignored(rel: str) -> bool:
     return any(p.startswith(".") for p in parts) or parts[-1].lower() in IGNORED_NAMES
 
 
+def shown_name(name: str) -> str:
+    """A file name as messages print it: bytes that are not UTF-8 (kept by Python as surrogate escapes, which
+    cannot be printed) become U+FFFD, as the skip records show them."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def list_raw_files(storage: Storage) -> tuple[list[tuple[str, int]], list[dict]]:
     """Files of the raw input as ``(relative path, size)``, and records for files that are not in an
     identity folder (skipped). Raises BadInputError when the input holds nothing."""
@@ -94,8 +100,7 @@ def list_raw_files(storage: Storage) -> tuple[list[tuple[str, int]], list[dict]]
             rel.encode("utf-8")
         # undecodable bytes in a local file name
         except UnicodeEncodeError:
-            shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            skipped.append({"source": shown, "status": "skipped", "reason": "file name is not valid UTF-8"})
+            skipped.append({"source": shown_name(rel), "status": "skipped", "reason": "file name is not valid UTF-8"})
             continue
         if "/" not in rel:
             skipped.append({"source": rel, "status": "skipped", "reason": "not inside an identity folder"})

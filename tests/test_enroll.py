@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -238,6 +239,14 @@ def test_one_person_none_or_an_empty_person_folder_is_an_error(encoder_run, tmp_
     r = invoke(enroll_main, "--people", one, "--encoder", encoder_run, "--output", tmp_path / "g4")
     assert r.exit_code == 3 and "person folder(s) with no photo: Ada Lovelace" in r.stderr
     assert not (tmp_path / "g4" / "gallery.pt").exists()
+    # a folder named in Latin-1 bytes: every file in it is left out, and the message says why
+    os.rmdir(one / "Ada Lovelace")
+    latin1 = os.path.join(os.fsencode(one), b"Jos\xe9")
+    os.mkdir(latin1)
+    shutil.copyfile(CASES / "raw" / "Tom Hanks" / "plain.jpg", os.path.join(latin1, b"a.jpg"))
+    r = invoke(enroll_main, "--people", one, "--encoder", encoder_run, "--output", tmp_path / "g5")
+    assert r.exit_code == 3 and "Traceback" not in r.stderr, r.stderr
+    assert "Jos\ufffd (every file left out: file name is not valid UTF-8)" in r.stderr, r.stderr
 
 
 def test_a_person_left_with_no_usable_photo_is_named(encoder_run, tmp_path):
