@@ -79,7 +79,8 @@ def precision_field():
     return option(
         "auto",
         "Network arithmetic. auto: bf16 autocast in channels_last on CUDA and on CPUs with native bf16 "
-        "(avx512_bf16 or amx_bf16), fp32 elsewhere. Losses and softmaxes stay float32.",
+        "(avx512_bf16 or amx_bf16), fp32 elsewhere (in channels_last on a CPU). Losses and softmaxes stay "
+        "float32.",
         choices=PRECISIONS,
         envvar="FACESSL_PRECISION",
     )

@@ -80,15 +80,19 @@ class Precision:
     state and gradients of the weights in float32; Micikevicius et al., "Mixed Precision Training",
     arXiv:1710.03740, and Kalamkar et al., "A Study of BFLOAT16 for Deep Learning Training", arXiv:1905.12322),
     images and modules in channels_last, the layout oneDNN and cuDNN run bf16 convolutions in. ``fp32``: plain
-    float32 in the default layout. Losses and softmaxes stay float32 either way (the callers compute them on
-    ``.float()`` outputs or outside autocast).
+    float32, in channels_last on a CPU (oneDNN's fp32 convolutions run faster in it: 1.1x on Zen 4 at 64 px,
+    1.3x for the main job's fine-tuning on Zen 3; docs/benchmarks.md) and in the default layout on a GPU.
+    Losses and softmaxes stay float32 either way (the callers compute them on ``.float()`` outputs or outside
+    autocast).
 
     Attributes:
         name: ``bf16`` or ``fp32``. reason: why it was chosen, for the log and config.json.
+        channels_last: whether :meth:`layout` puts modules and images in channels_last.
     """
 
     name: str
     reason: str
+    channels_last: bool = True
 
     @property
     def bf16(self) -> bool:
@@ -99,8 +103,9 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def layout(self, x):
-        """``x`` (a module, or a 4-D float tensor (B, 3, H, W)) in channels_last for bf16; unchanged for fp32."""
-        if not self.bf16:
+        """``x`` (a module, or a 4-D float tensor (B, 3, H, W)) in channels_last where :attr:`channels_last` is
+        set; unchanged otherwise."""
+        if not self.channels_last:
             return x
         if isinstance(x, torch.nn.Module):
             return x.to(memory_format=torch.channels_last)
@@ -135,7 +140,8 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
 
 def resolve_precision(name: str, device: torch.device, cpu_flags: tuple[str, ...] | None = None) -> Precision:
     """``--precision`` for ``device``: ``auto`` is bf16 on a CUDA GPU with native bf16 (Ampere on) and on a CPU
-    with native bf16 (:func:`cpu_bf16_flags`), fp32 elsewhere; ``fp32`` and ``bf16`` are taken as asked.
+    with native bf16 (:func:`cpu_bf16_flags`), fp32 elsewhere; ``fp32`` and ``bf16`` are taken as asked. The
+    layout is channels_last except for fp32 on a GPU (:class:`Precision`).
 
     Args:
         cpu_flags: the CPU's native-bf16 flags (tests); None reads them from ``/proc/cpuinfo``.
@@ -147,12 +153,15 @@ def resolve_precision(name: str, device: torch.device, cpu_flags: tuple[str, ...
     if name not in ("auto", "fp32", "bf16"):
         raise UsageError(f"unknown precision {name!r}: use auto, fp32 or bf16")
     if name == "fp32":
-        return Precision("fp32", "asked")
+        return Precision("fp32", "asked", channels_last=device.type == "cpu")
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         if name == "bf16":
             return Precision("bf16", "asked" if native else "asked; this GPU has no native bf16: emulated, slower")
-        return Precision("bf16", "auto: GPU has bf16") if native else Precision("fp32", "auto: GPU has no bf16")
+        if native:
+            return Precision("bf16", "auto: GPU has bf16")
+        # cuDNN's fp32 kernels on GPUs without bf16 (before Ampere) are not measured in channels_last here
+        return Precision("fp32", "auto: GPU has no bf16", channels_last=False)
     flags = cpu_bf16_flags() if cpu_flags is None else tuple(cpu_flags)
     if name == "bf16":
         return Precision(
