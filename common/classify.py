@@ -16,7 +16,9 @@ ImageNet file (``init``), or random weights. Modes:
 
 Each epoch reports train top-1 and val top-1/top-3; the best-by-val weights are evaluated on the test
 split. Outputs under the run's location: ``model.pt``, ``metrics.json``, ``metrics.jsonl``,
-``classification_report.txt``, ``confusion_matrix.png``, ``training_curves.png``, ``config.json``.
+``classification_report.txt``, ``test_predictions.csv`` (each test image's true and predicted identity, in
+the split's order, so that two runs on one dataset can be compared image by image), ``confusion_matrix.png``,
+``training_curves.png``, ``config.json``.
 
 Reading order: :func:`train_classifier` sets a run up (:func:`open_output`, :func:`build_run`,
 :func:`start_writing`), then either votes (:func:`knn_classify`) or repeats :func:`train_one_epoch` and
@@ -26,6 +28,8 @@ Reading order: :func:`train_classifier` sets a run up (:func:`open_output`, :fun
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -79,6 +83,7 @@ RESULTS = (
     "model.pt",
     "metrics.jsonl",
     "classification_report.txt",
+    "test_predictions.csv",
     "confusion_matrix.png",
     "training_curves.png",
 )
@@ -649,10 +654,22 @@ def val_whitening(run: ClassifierRun) -> dict | None:
     return whitening
 
 
+def predictions_csv(targets: torch.Tensor, predicted: list[int], classes: list[str]) -> str:
+    """``test_predictions.csv``: a header, then ``index,true,predicted,correct`` for each test image (index: its
+    position in the split, in the manifest's shard order; true and predicted: identity names; correct: 1 or
+    0 for top-1)."""
+    text = io.StringIO()
+    rows = csv.writer(text, lineterminator="\n")
+    rows.writerow(["index", "true", "predicted", "correct"])
+    for i, (t, p) in enumerate(zip(targets.tolist(), predicted)):
+        rows.writerow([i, classes[t], classes[p], int(t == p)])
+    return text.getvalue()
+
+
 def write_results(run: ClassifierRun, metrics: dict, test: dict) -> None:
     """``model.pt`` (not for knn: a kNN classifier is the encoder plus the train embeddings), ``metrics.json``,
-    the test split's classification report and confusion matrix, and the training curves. ``model.pt`` holds
-    the val split's whitening (:func:`val_whitening`) when there is one."""
+    the test split's classification report, per-image predictions and confusion matrix, and the training
+    curves. ``model.pt`` holds the val split's whitening (:func:`val_whitening`) when there is one."""
     cfg, classes, writer = run.cfg, run.classes, run.writer
     if cfg.mode != "knn":
         whitening = val_whitening(run)
@@ -670,6 +687,7 @@ def write_results(run: ClassifierRun, metrics: dict, test: dict) -> None:
         )
     writer.write_json("metrics.json", metrics)
     run.out.write_text("classification_report.txt", test["report_text"])
+    run.out.write_text("test_predictions.csv", predictions_csv(run.evals["test"][1], test["predicted"], classes))
     writer.write_plot(
         "confusion_matrix.png",
         lambda p: plot_confusion_matrix(

@@ -2,6 +2,7 @@
 print_comparison from the metrics.json files of a tiny real run of both arms (SimCLR 1 epoch, 1 fine-tuning
 epoch each, 32 px, three identities)."""
 
+import csv
 import json
 import os
 import shutil
@@ -96,6 +97,49 @@ def test_comparison_json_and_table_hold_both_arms_metrics(tiny_run):
     gain = 100 * (metrics["simclr-fine-tune"]["test"]["top1"] - metrics["scratch"]["test"]["top1"])
     assert f"SimCLR + fine-tune - scratch: {gain:+.1f} points of top-1" in r.stdout
     assert "pipeline time 1 min 15 s" in r.stdout
+    # the lead image by image, from the arms' test_predictions.csv
+    correct = {arm: [int(r["correct"]) for r in read_predictions(tiny_run / arm)] for arm in metrics}
+    scratch_only = sum(a and not b for a, b in zip(correct["scratch"], correct["simclr-fine-tune"]))
+    simclr_only = sum(b and not a for a, b in zip(correct["scratch"], correct["simclr-fine-tune"]))
+    lead = written["lead_top1"]
+    assert (lead["scratch_only_correct"], lead["simclr_only_correct"]) == (scratch_only, simclr_only)
+    assert lead["points"] == pytest.approx(gain, abs=0.01)
+    low, high = lead["ci95_points"]
+    assert low <= lead["points"] <= high and 0 <= lead["mcnemar_p"] <= 1
+    assert f"95% interval over the test images: {low:+.1f} to {high:+.1f} points" in r.stdout
+
+
+def read_predictions(arm: Path) -> list[dict]:
+    with (arm / "test_predictions.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_arms_that_list_different_test_images_are_refused(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    for arm in ("scratch", "simclr-fine-tune"):
+        shutil.copytree(tiny_run / arm, out / arm)
+    rows = read_predictions(out / "scratch")
+    # the same count, another identity for the first image: another test set
+    rows[0]["true"] = next(r["true"] for r in rows if r["true"] != rows[0]["true"])
+    with (out / "scratch" / "test_predictions.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    r = print_comparison(out, "glint24-20", "20", "{}")
+    assert r.returncode != 0
+    assert "list different test images" in r.stderr
+    assert not (out / "comparison.json").exists()
+
+
+def test_an_arm_without_predictions_still_gets_its_table(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    for arm in ("scratch", "simclr-fine-tune"):
+        shutil.copytree(tiny_run / arm, out / arm)
+    (out / "scratch" / "test_predictions.csv").unlink()
+    r = print_comparison(out, "glint24-20", "20", "{}")
+    assert r.returncode == 0, r.stderr
+    assert "rerun it for the paired interval of the lead" in r.stdout
+    assert "lead_top1" not in json.loads((out / "comparison.json").read_text())
 
 
 def test_arms_scored_on_different_test_sets_are_refused(tiny_run, tmp_path):

@@ -4,7 +4,10 @@ Tiny settings (one epoch each at 32 px) so that it takes seconds: it checks that
 output to the next and writes what the README promises, not how well the model learns (the slow tier does).
 """
 
+import csv
 import json
+
+import pytest
 
 from conftest import run_script
 
@@ -59,3 +62,11 @@ def test_three_jobs_run_end_to_end_on_real_faces(glint_subset, tmp_path):
     assert 0.0 <= metrics["test"]["top1"] <= metrics["test"]["top3"] == 1.0
     for name in ("model.pt", "confusion_matrix.png", "classification_report.txt"):
         assert (classifier / name).is_file(), name
+    # one row per test image, its correct column agreeing with top-1
+    rows = list(csv.DictReader((classifier / "test_predictions.csv").open()))
+    assert len(rows) == metrics["test"]["n"]
+    assert all(r["true"] in metrics["classes"] and r["predicted"] in metrics["classes"] for r in rows)
+    assert [int(r["index"]) for r in rows] == list(range(len(rows)))
+    correct = [int(r["correct"]) for r in rows]
+    assert correct == [int(r["true"] == r["predicted"]) for r in rows]
+    assert sum(correct) / len(rows) == pytest.approx(metrics["test"]["top1"], abs=1e-6)

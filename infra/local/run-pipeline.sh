@@ -21,10 +21,13 @@ set -euo pipefail
 # with facessl on PATH.
 print_comparison() {
   python - "$@" <<'PY'
+import csv
+import io
 import json
 import sys
 
-from facessl.common.storage import open_storage
+from facessl.common.metrics import paired_top1_difference
+from facessl.common.storage import NotFoundError, open_storage
 
 out, benchmark, per_class, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 store = open_storage(out)
@@ -57,7 +60,26 @@ for r in rows:
         f"{r['labelled_images']:>15} {r['test_images']:>11}"
     )
 gain = rows[1]["top1"] - rows[0]["top1"]
-print(f"  SimCLR + fine-tune - scratch: {100 * gain:+.1f} points of top-1 (a {n}-image test set: about +-1.5 each)")
+print(f"  SimCLR + fine-tune - scratch: {100 * gain:+.1f} points of top-1")
+# both arms scored the same test images: the lead image by image, with a paired interval and McNemar's test
+lead = None
+try:
+    arms = [
+        list(csv.DictReader(io.StringIO(store.read_text(f"{arm}/test_predictions.csv"))))
+        for arm in ("scratch", "simclr-fine-tune")
+    ]
+except NotFoundError:
+    print("  (an arm has no test_predictions.csv: rerun it for the paired interval of the lead)")
+else:
+    if [r["true"] for r in arms[0]] != [r["true"] for r in arms[1]]:
+        sys.exit("error: the arms' test_predictions.csv list different test images: rerun both on one dataset")
+    lead = paired_top1_difference(*([r["correct"] == "1" for r in arm] for arm in arms))
+    low, high = (100 * x for x in lead["ci95"])
+    print(
+        f"  95% interval over the test images: {low:+.1f} to {high:+.1f} points (paired bootstrap; only scratch "
+        f"right on {lead['a_only']} images, only SimCLR on {lead['b_only']}: McNemar p = {lead['mcnemar_p']:.2g})"
+    )
+    print("  The interval covers the choice of test images, not training noise: a rerun moves an arm 1-3 points.")
 comparison = {
     "benchmark": benchmark,
     "labels_per_class": per_class,
@@ -65,6 +87,15 @@ comparison = {
     "rows": [{k: v for k, v in r.items() if k != "label"} for r in rows],
     "seconds": seconds,
 }
+if lead:
+    comparison["lead_top1"] = {
+        "points": round(100 * lead["difference"], 2),
+        "ci95_points": [round(100 * x, 2) for x in lead["ci95"]],
+        "scratch_only_correct": lead["a_only"],
+        "simclr_only_correct": lead["b_only"],
+        "mcnemar_p": lead["mcnemar_p"],
+        "method": "paired percentile bootstrap over the test images (10,000 resamples); exact McNemar test",
+    }
 store.write_text("comparison.json", json.dumps(comparison, indent=2) + "\n")
 total = int(seconds.get("total", 0))
 print(f"  pipeline time {total // 60} min {total % 60} s; wrote {store.url('comparison.json')}")
