@@ -259,6 +259,12 @@ class PrepareOptions:
         "(unless 2x would exceed --max-pixels).",
         min=0,
     )
+    detect_max_pixels: int = option(
+        2_000_000,
+        "Photos with more pixels are searched for faces on a copy scaled down to this many (much faster on phone "
+        "photos; the crop keeps full resolution); 0 searches at full size. At least 250000 unless 0.",
+        min=0,
+    )
     unlabeled_pool: bool = option(
         False, "Also write crops of the identities not selected as an 'unlabeled' split for pretraining."
     )

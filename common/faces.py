@@ -14,11 +14,18 @@ hit: the default frontal cascade; the ``alt2`` frontal cascade; the profile casc
 mirror image (OpenCV's profile cascade only finds faces turned one way); and, for photos whose longest side
 is under ``upscale_below`` pixels, the same chain on the photo upscaled 2x (Haar's 24x24 base window misses
 small faces). The detector that found the face is recorded with every crop.
+
+Photos of more than ``detect_max_pixels`` pixels (a phone's 12 to 48 megapixels) are searched on a copy
+scaled down to that many pixels, and the boxes mapped back: the cascade's cost grows with the pixels searched
+(docs/jobs.md gives the times), while the crop, cut from the full-size photo, keeps every pixel. The bound
+is on pixels, not on a side, so a long panorama keeps its height. Faces under about ``24 * sqrt(pixels /
+detect_max_pixels)`` pixels are then too small to find.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +41,10 @@ class SkipImage(Exception):
 
 # larger raw files are skipped (prepare-data) or refused (identify) unread
 MAX_PHOTO_BYTES = 100 * 1024 * 1024
+
+# the smallest search copy the jobs accept (about 580x430): smaller copies shrink ordinary faces below the
+# cascades' 24x24 window
+MIN_DETECT_PIXELS = 250_000
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,9 @@ class DetectConfig:
             nothing (``detect_face``); False reproduces the original single-cascade detector.
         upscale_below: photos whose longest side is shorter are also searched at 2x size (fallback only),
             unless the 2x copy would exceed ``max_pixels``.
+        detect_max_pixels: photos with more pixels are searched on a copy scaled down to this many (module
+            docstring); 0 searches every photo at full size. Below :data:`MIN_DETECT_PIXELS` (other than 0)
+            the jobs refuse it.
     """
 
     scale_factor: float = 1.1
@@ -64,6 +78,7 @@ class DetectConfig:
     max_pixels: int = 50_000_000
     fallback: bool = True
     upscale_below: int = 500
+    detect_max_pixels: int = 2_000_000
 
 
 @dataclass
@@ -163,13 +178,54 @@ def detect_largest_face(
 
     Only the largest detection is kept: the other faces in a photo are usually other people.
     """
-    return _largest(_gray(img), cfg, cascade)
+    gray, k = _search_gray(img, cfg)
+    box = _largest(gray, cfg, cascade, _min_side(cfg, k))
+    return _scale_box(box, k) if box else None
 
 
 def _gray(img: Image.Image) -> np.ndarray:
     import cv2
 
     return cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2GRAY)
+
+
+def _search_gray(img: Image.Image, cfg: DetectConfig) -> tuple[np.ndarray, float]:
+    """The grayscale array the cascades search, and the factor from its pixels to the photo's: the photo itself
+    (1.0) or, where it has more than ``cfg.detect_max_pixels`` pixels, a copy scaled down to that many."""
+    import cv2
+
+    gray = _gray(img)
+    pixels = gray.shape[0] * gray.shape[1]
+    if not cfg.detect_max_pixels or pixels <= cfg.detect_max_pixels:
+        return gray, 1.0
+    k = math.sqrt(pixels / cfg.detect_max_pixels)
+    size = (max(1, round(gray.shape[1] / k)), max(1, round(gray.shape[0] / k)))
+    # area averaging: the anti-aliased reduction, as the cascades' own image pyramid would see it
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA), k
+
+
+def check_detect_max_pixels(value: int) -> int:
+    """``value`` when it is a usable ``detect_max_pixels``: 0 (full size) or at least :data:`MIN_DETECT_PIXELS`.
+
+    Raises:
+        ValueError: another value, with the reason.
+    """
+    if value != 0 and value < MIN_DETECT_PIXELS:
+        raise ValueError(
+            f"{value} pixels would shrink ordinary faces below the cascades' 24x24 window: give 0 (search at "
+            f"full size) or at least {MIN_DETECT_PIXELS}"
+        )
+    return value
+
+
+def _min_side(cfg: DetectConfig, k: float) -> int:
+    """``cfg.min_face`` (photo pixels) in the pixels of a search copy ``k`` times smaller."""
+    return max(1, round(cfg.min_face / k))
+
+
+def _scale_box(box: tuple[int, int, int, int], k: float) -> tuple[int, int, int, int]:
+    """A box in a search copy's pixels, in the photo's (``k``: photo pixels per copy pixel)."""
+    return tuple(round(v * k) for v in box)
 
 
 def _detections(gray: np.ndarray, cfg: DetectConfig, cascade: str, min_face: int | None = None) -> list[tuple]:
@@ -192,34 +248,34 @@ def detect_face(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> tuple[t
     With ``cfg.fallback`` False only the default frontal cascade runs."""
     import cv2
 
-    gray = _gray(img)
+    gray, k = _search_gray(img, cfg)
+    min_side = _min_side(cfg, k)
     if not cfg.fallback:
-        box = _largest(gray, cfg, FRONTAL)
-        return (box, "frontal") if box else None
+        box = _largest(gray, cfg, FRONTAL, min_side)
+        return (_scale_box(box, k), "frontal") if box else None
     upscale = max(img.size) < cfg.upscale_below and 4 * img.size[0] * img.size[1] <= cfg.max_pixels
     # the 2x copy stays within the memory bound of max_pixels
     scales = [1] + ([2] if upscale else [])
     for scale in scales:
         g = gray if scale == 1 else cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
         for name, cascade, mirrored in CASCADE_CHAIN:
-            box = _largest(g[:, ::-1].copy() if mirrored else g, cfg, cascade, cfg.min_face * scale)
+            box = _largest(g[:, ::-1].copy() if mirrored else g, cfg, cascade, min_side * scale)
             if box is None:
                 continue
             x, y, w, h = box
             if mirrored:
                 x = g.shape[1] - x - w
-            return (round(x / scale), round(y / scale), round(w / scale), round(h / scale)), name + (
-                "_x2" if scale == 2 else ""
-            )
+            return _scale_box((x, y, w, h), k / scale), name + ("_x2" if scale == 2 else "")
     return None
 
 
 def detect_faces(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> list[tuple[tuple[int, int, int, int], str]]:
     """Every face the default frontal cascade finds, largest first, as ``((x, y, w, h), detector)``; when it
     finds none, the single face of :func:`detect_face`'s fallback chain (or an empty list)."""
-    boxes = _detections(_gray(img), cfg, FRONTAL)
+    gray, k = _search_gray(img, cfg)
+    boxes = _detections(gray, cfg, FRONTAL, _min_side(cfg, k))
     if boxes:
-        return [(b, "frontal") for b in boxes]
+        return [(_scale_box(b, k), "frontal") for b in boxes]
     found = detect_face(img, cfg)
     return [found] if found else []
 

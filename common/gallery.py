@@ -637,6 +637,7 @@ _DETECTION_BOUNDS = {
     "min_face": (8, 4096),
     "max_pixels": (1, 10**10),
     "upscale_below": (0, 10**6),
+    "detect_max_pixels": (0, 10**10),
 }
 
 

@@ -75,6 +75,13 @@ from facessl.common.config import MAX_CROP_MARGIN, MIN_CROP_MARGIN
 )
 @click.option("--min-face", type=click.IntRange(min=8, max=4096), default=30, help="Smallest face side, pixels.")
 @click.option(
+    "--detect-max-pixels",
+    type=click.IntRange(min=0),
+    default=2_000_000,
+    help="Photos with more pixels are searched for faces on a copy scaled down to this many, as in prepare-data; "
+    "0 searches at full size (group photos with small faces). identify detects as the gallery records.",
+)
+@click.option(
     "--similar-face-ratio",
     type=FiniteFloatRange(min=0, max=1, min_open=True),
     default=0.8,
@@ -109,6 +116,7 @@ def main(
     image_size,
     margin,
     min_face,
+    detect_max_pixels,
     similar_face_ratio,
     align,
     workers,
@@ -118,8 +126,13 @@ def main(
 
     Example: enroll --people known_people/ --encoder runs/glint24/classifier --output runs/gallery
     """
-    from facessl.common.faces import DetectConfig
+    from facessl.common.faces import DetectConfig, check_detect_max_pixels
     from facessl.common.gallery import enroll
+
+    try:
+        check_detect_max_pixels(detect_max_pixels)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--detect-max-pixels") from None
     from facessl.common.photos import sigterm_stops
 
     with sigterm_stops("stopped by SIGTERM before the gallery was written: run again to enrol"):
@@ -134,7 +147,7 @@ def main(
             far=far,
             threshold=threshold,
             threshold_from=threshold_from,
-            detect=DetectConfig(min_face=min_face),
+            detect=DetectConfig(min_face=min_face, detect_max_pixels=detect_max_pixels),
             margin=margin,
             similar_face_ratio=similar_face_ratio,
             align=align,

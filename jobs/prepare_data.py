@@ -36,6 +36,7 @@ from facessl.common.config import PrepareOptions
     "on_no_face",
     "detector_fallback",
     "upscale_below",
+    "detect_max_pixels",
     "unlabeled_pool",
     "max_pixels",
     "shard_size",
@@ -47,7 +48,7 @@ def main(input_location, output_location, **options):
 
     Example: prepare-data --input ../shared/data/faces/glint24 --output runs/prepared --classes "Tom Hanks,Keanu Reeves"
     """
-    from facessl.common.faces import DetectConfig
+    from facessl.common.faces import DetectConfig, check_detect_max_pixels
     from facessl.common.prepare import PrepareConfig, prepare_dataset
 
     opts = PrepareOptions(**options)
@@ -58,6 +59,10 @@ def main(input_location, output_location, **options):
         raise click.BadParameter("expected three comma-separated numbers, e.g. 0.8,0.1,0.1", param_hint="--split")
     if len(fractions) != 3:
         raise click.BadParameter("expected three comma-separated numbers, e.g. 0.8,0.1,0.1", param_hint="--split")
+    try:
+        check_detect_max_pixels(opts.detect_max_pixels)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--detect-max-pixels") from None
     detect = DetectConfig(
         scale_factor=opts.scale_factor,
         min_neighbors=opts.min_neighbors,
@@ -68,6 +73,7 @@ def main(input_location, output_location, **options):
         max_pixels=opts.max_pixels,
         fallback=opts.detector_fallback,
         upscale_below=opts.upscale_below,
+        detect_max_pixels=opts.detect_max_pixels,
     )
     cfg = PrepareConfig(
         detect=detect,

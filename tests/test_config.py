@@ -71,6 +71,7 @@ def test_prepare_options_agree_with_the_prepare_and_detect_defaults():
         "on_no_face",
         "max_pixels",
         "upscale_below",
+        "detect_max_pixels",
     ):
         assert getattr(opts, name) == getattr(detect, name), name
     assert opts.detector_fallback == detect.fallback

@@ -111,6 +111,9 @@ def test_enroll_writes_a_weights_only_gallery_with_a_calibrated_threshold(galler
     assert saved["encoder"]["sha256"] == hashlib.sha256(encoder_file.read_bytes()).hexdigest()
     assert saved["image_size"] == SIZE and saved["flip"] is True and saved["template"] == "best"
     assert saved["detection"]["margin"] == 0.2 and saved["detection"]["image_size"] == SIZE
+    # identify detects as the gallery records: phone-sized photos searched on a 2-megapixel copy
+    assert saved["detection"]["detect_max_pixels"] == 2_000_000
+    assert load_gallery(str(gallery)).detect_config.detect_max_pixels == 2_000_000
     threshold = saved["threshold"]
     assert threshold["method"] == "leave-one-person-out" and threshold["far"] == 0.01
     assert threshold["impostor_scores"] == 14 and threshold["genuine_scores"] == 14
@@ -125,6 +128,13 @@ def test_enroll_writes_a_weights_only_gallery_with_a_calibrated_threshold(galler
     assert reasons["loose.jpg"] == "not inside an identity folder"
     summary = json.loads((gallery / "enrolment.json").read_text())
     assert summary["photos_per_person"] == {"7201": 5, "7206": 5, "7209": 4} and summary["threshold"] == threshold
+
+
+def test_a_search_copy_too_small_for_any_face_is_refused_before_any_work(people, encoder_run, tmp_path):
+    out = tmp_path / "gallery"
+    r = invoke(enroll_main, "--people", people, "--encoder", encoder_run, "--output", out, "--detect-max-pixels", 9)
+    assert r.exit_code == 2 and "give 0 (search at full size) or at least 250000" in r.output
+    assert not out.exists()
 
 
 def test_leave_one_person_out_calibration_takes_each_photos_best_other_person():

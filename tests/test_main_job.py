@@ -166,3 +166,54 @@ def test_unknown_benchmark_is_refused_before_any_work(tmp_path):
     assert r.returncode == 2
     assert "BENCHMARK=glint7" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _damage(out: Path, name: str, text: str | bytes) -> None:
+    path = out / "scratch" / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("metrics.json", '{"test": ', "is not a train-classifier metrics.json (JSONDecodeError"),
+        ("metrics.json", '{"test": {}}', "is not a train-classifier metrics.json (KeyError"),
+        ("metrics.json", None, "metrics.json not found: run that arm's train-classifier first"),
+        ("test_predictions.csv", "", "does not hold one row with a 0/1 'correct' for each of the"),
+        ("test_predictions.csv", "index,true,predicted,correct\n", "does not hold one row with a 0/1 'correct'"),
+        ("test_predictions.csv", b"index,true\n\xff\xfe,\n", "cannot be read (UnicodeDecodeError"),
+        ("test_predictions.csv", "yes", "does not hold one row with a 0/1 'correct'"),
+    ],
+)
+def test_a_damaged_arm_file_stops_the_comparison_with_one_line(tiny_run, tmp_path, name, content, says):
+    out = tmp_path / "run"
+    for arm in ("scratch", "simclr-fine-tune"):
+        shutil.copytree(tiny_run / arm, out / arm)
+    if content is None:
+        (out / "scratch" / name).unlink()
+    else:
+        _damage(out, name, content)
+    r = print_comparison(out, "glint24-20", "20", "{}")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: ") and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # nothing half-done: no table and no comparison.json
+    assert "labels per identity" not in r.stdout
+    assert not (out / "comparison.json").exists()
+
+
+def test_predictions_whose_correct_column_is_not_0_or_1_are_refused(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    for arm in ("scratch", "simclr-fine-tune"):
+        shutil.copytree(tiny_run / arm, out / arm)
+    rows = read_predictions(out / "scratch")
+    rows[0]["correct"] = "yes"
+    with (out / "scratch" / "test_predictions.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    r = print_comparison(out, "glint24-20", "20", "{}")
+    assert r.returncode == 1 and "a 0/1 'correct' for each of the" in r.stderr

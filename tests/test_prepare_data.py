@@ -264,3 +264,66 @@ def test_empty_val_or_test_split_is_warned_about(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "warning: the val and test splits are empty: pretrain-simclr can use this dataset" in result.output
+
+
+def test_a_phone_sized_photo_is_searched_scaled_down_and_cropped_at_full_size():
+    """A real photo enlarged 6x (past a phone's 12 MP): the search runs on a copy scaled down to
+    detect_max_pixels, the box comes back in the photo's pixels where the face is, and the crop cut from the
+    full-size photo shows the face the original photo's crop shows."""
+    import io
+
+    import numpy as np
+
+    from facessl.common.faces import DetectConfig, decode_image, detect_face, detect_faces, process_photo
+
+    original = decode_image((CASES / "raw" / "Tom Hanks" / "plain.jpg").read_bytes())
+    factor = 6
+    big = original.resize((original.width * factor, original.height * factor), Image.Resampling.BICUBIC)
+    assert big.width * big.height > DetectConfig().detect_max_pixels
+    cfg = DetectConfig(image_size=96)
+    box, detector = detect_face(original, cfg)
+    big_box, big_detector = detect_face(big, cfg)
+    assert big_detector == detector == "frontal"
+    # the same face: the box's centre and side agree with the original's scaled up, to a few percent of the side
+    side = box[2] * factor
+    centre = np.array([box[0] + box[2] / 2, box[1] + box[3] / 2]) * factor
+    big_centre = np.array([big_box[0] + big_box[2] / 2, big_box[1] + big_box[3] / 2])
+    assert np.abs(big_centre - centre).max() < 0.1 * side and abs(big_box[2] - side) < 0.15 * side
+    assert detect_faces(big, cfg)[0][0] == big_box
+    # the crops agree to within JPEG and resampling differences (measured: 1.7 levels; the original's crop
+    # shifted by a fifth of the face differs by 40)
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=95)
+    crops = [
+        np.asarray(Image.open(io.BytesIO(process_photo(data, cfg).crop_jpeg)), dtype=float)
+        for data in ((CASES / "raw" / "Tom Hanks" / "plain.jpg").read_bytes(), buf.getvalue())
+    ]
+    assert np.abs(crops[0] - crops[1]).mean() < 8
+
+
+def test_a_panorama_keeps_its_height_in_the_search():
+    """A 20000x300 strip with a real face 150 px tall: the search copy is bounded in pixels, not in its longest
+    side, so the face stays large enough to find (measured: a copy 1600 px wide, 24 px tall, finds nothing)."""
+    from facessl.common.faces import DetectConfig, decode_image, detect_face
+
+    photo = decode_image((CASES / "raw" / "Tom Hanks" / "plain.jpg").read_bytes())
+    face = photo.crop((150, 80, 470, 400)).resize((150, 150), Image.Resampling.BICUBIC)
+    strip = Image.new("RGB", (20000, 300), (128, 128, 128))
+    strip.paste(face, (12000, 75))
+    cfg = DetectConfig()
+    assert strip.width * strip.height > cfg.detect_max_pixels
+    found = detect_face(strip, cfg)
+    assert found is not None
+    (x, y, w, h), _ = found
+    assert 12000 <= x + w / 2 <= 12150 and 75 <= y + h / 2 <= 225 and w > 75
+
+
+@pytest.mark.parametrize("value", ["1", "8", "249999"])
+def test_a_search_copy_too_small_for_any_face_is_refused(tmp_path, value):
+    result = CliRunner().invoke(
+        prepare_main,
+        ["--input", str(CASES / "raw"), "--output", str(tmp_path / "out"), "--detect-max-pixels", value],
+    )
+    assert result.exit_code == 2
+    assert "give 0 (search at full size) or at least 250000" in result.output
+    assert not (tmp_path / "out").exists()

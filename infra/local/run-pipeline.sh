@@ -16,9 +16,9 @@
 # EPOCHS_* and the image sizes (see docs/recipe.md for how the settings were chosen).
 set -euo pipefail
 
-# Print the two-arm table of a glint24-20 run and write OUT/comparison.json from OUT/scratch/metrics.json and
-# OUT/simclr-fine-tune/metrics.json. Args: OUT BENCHMARK LABELS_PER_CLASS STAGE_SECONDS_JSON. Needs `python`
-# with facessl on PATH.
+# Print the two-arm table of a glint24-20 run and write OUT/comparison.json from each arm's metrics.json and
+# test_predictions.csv (OUT/scratch, OUT/simclr-fine-tune). Args: OUT BENCHMARK LABELS_PER_CLASS
+# STAGE_SECONDS_JSON. Needs `python` with facessl on PATH. A missing or damaged arm file exits 1 with one line.
 print_comparison() {
   python - "$@" <<'PY'
 import csv
@@ -31,27 +31,59 @@ from facessl.common.storage import NotFoundError, open_storage
 
 out, benchmark, per_class, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 store = open_storage(out)
-rows = []
-for arm, label in (("scratch", "scratch"), ("simclr-fine-tune", "SimCLR + fine-tune")):
-    m = json.loads(store.read_text(f"{arm}/metrics.json"))
-    test = m["test"]
-    rows.append(
-        {
+
+
+def arm_row(arm: str, label: str) -> dict:
+    """The table row of an arm from its metrics.json; exits with one line when it is missing or damaged."""
+    key = f"{arm}/metrics.json"
+    try:
+        m = json.loads(store.read_text(key))
+        test = m["test"]
+        return {
             "arm": arm,
-            "top1": test["top1"],
-            "top3": test["top3"],
-            "macro_f1": test["macro_f1"],
-            "labelled_images": m["train_images"],
-            "test_images": test["n"],
+            "top1": float(test["top1"]),
+            "top3": float(test["top3"]),
+            "macro_f1": float(test["macro_f1"]),
+            "labelled_images": int(m["train_images"]),
+            "test_images": int(test["n"]),
             "best_epoch": m.get("best_epoch"),
             "label": label,
         }
-    )
+    except NotFoundError:
+        sys.exit(f"error: {store.url(key)} not found: run that arm's train-classifier first")
+    # ValueError covers a truncated file (JSONDecodeError) and bytes that are not UTF-8
+    except (ValueError, KeyError, TypeError) as exc:
+        sys.exit(f"error: {store.url(key)} is not a train-classifier metrics.json ({type(exc).__name__}: {exc})")
+
+
+def arm_predictions(arm: str, n: int) -> list[dict] | None:
+    """The arm's test_predictions.csv rows, checked to be one 0/1 result per test image; None when the arm has
+    no such file (a run of an older facessl); exits with one line when it is damaged."""
+    key = f"{arm}/test_predictions.csv"
+    try:
+        found = list(csv.DictReader(io.StringIO(store.read_text(key))))
+    except NotFoundError:
+        return None
+    except (ValueError, csv.Error) as exc:
+        sys.exit(f"error: {store.url(key)} cannot be read ({type(exc).__name__}: {exc})")
+    if len(found) != n or any(r.get("correct") not in ("0", "1") or r.get("true") is None for r in found):
+        sys.exit(
+            f"error: {store.url(key)} does not hold one row with a 0/1 'correct' for each of the {n} test images "
+            "its metrics.json counts: rerun the arm"
+        )
+    return found
+
+
+rows = [arm_row("scratch", "scratch"), arm_row("simclr-fine-tune", "SimCLR + fine-tune")]
 # both arms must have been scored on one split, or the table compares nothing
 for key in ("labelled_images", "test_images"):
     if rows[0][key] != rows[1][key]:
         sys.exit(f"error: the arms differ in {key} ({rows[0][key]} against {rows[1][key]}): rerun both on one dataset")
 n = rows[0]["test_images"]
+# checked before anything is printed: a damaged file stops the comparison with its one-line error
+arms = [arm_predictions(r["arm"], n) for r in rows]
+if None not in arms and [r["true"] for r in arms[0]] != [r["true"] for r in arms[1]]:
+    sys.exit("error: the arms' test_predictions.csv list different test images: rerun both on one dataset")
 print(f"\n{benchmark} test ({n} images), {per_class} labels per identity:")
 print(f"  {'arm':<20} {'top-1':>6} {'top-3':>6} {'macro-F1':>8} {'labelled images':>15} {'test images':>11}")
 for r in rows:
@@ -63,16 +95,9 @@ gain = rows[1]["top1"] - rows[0]["top1"]
 print(f"  SimCLR + fine-tune - scratch: {100 * gain:+.1f} points of top-1")
 # both arms scored the same test images: the lead image by image, with a paired interval and McNemar's test
 lead = None
-try:
-    arms = [
-        list(csv.DictReader(io.StringIO(store.read_text(f"{arm}/test_predictions.csv"))))
-        for arm in ("scratch", "simclr-fine-tune")
-    ]
-except NotFoundError:
+if None in arms:
     print("  (an arm has no test_predictions.csv: rerun it for the paired interval of the lead)")
 else:
-    if [r["true"] for r in arms[0]] != [r["true"] for r in arms[1]]:
-        sys.exit("error: the arms' test_predictions.csv list different test images: rerun both on one dataset")
     lead = paired_top1_difference(*([r["correct"] == "1" for r in arm] for arm in arms))
     low, high = (100 * x for x in lead["ci95"])
     print(
