@@ -246,9 +246,14 @@ def detect_face(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> tuple[t
     """The face of the photo by the fallback chain of the module docstring: ``((x, y, w, h), detector)`` in
     the photo's pixels, with ``detector`` naming the cascade (suffixed ``_x2`` when found upscaled), or None.
     With ``cfg.fallback`` False only the default frontal cascade runs."""
+    gray, k = _search_gray(img, cfg)
+    return _fallback_chain(img, gray, k, cfg)
+
+
+def _fallback_chain(img: Image.Image, gray: np.ndarray, k: float, cfg: DetectConfig):
+    """:func:`detect_face` on the search array ``gray`` of ``img`` (``k``: photo pixels per array pixel)."""
     import cv2
 
-    gray, k = _search_gray(img, cfg)
     min_side = _min_side(cfg, k)
     if not cfg.fallback:
         box = _largest(gray, cfg, FRONTAL, min_side)
@@ -276,7 +281,8 @@ def detect_faces(img: Image.Image, cfg: DetectConfig = DetectConfig()) -> list[t
     boxes = _detections(gray, cfg, FRONTAL, _min_side(cfg, k))
     if boxes:
         return [(_scale_box(b, k), "frontal") for b in boxes]
-    found = detect_face(img, cfg)
+    # the same search array: the photo is converted and scaled once
+    found = _fallback_chain(img, gray, k, cfg)
     return [found] if found else []
 
 

@@ -114,17 +114,27 @@ def read_predictions(arm: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_arms_that_list_different_test_images_are_refused(tiny_run, tmp_path):
-    out = tmp_path / "run"
-    for arm in ("scratch", "simclr-fine-tune"):
-        shutil.copytree(tiny_run / arm, out / arm)
-    rows = read_predictions(out / "scratch")
-    # the same count, another identity for the first image: another test set
-    rows[0]["true"] = next(r["true"] for r in rows if r["true"] != rows[0]["true"])
-    with (out / "scratch" / "test_predictions.csv").open("w", newline="") as f:
+def write_predictions(arm: Path, rows: list[dict]) -> None:
+    with (arm / "test_predictions.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def copy_arms(tiny_run: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny run's two arms, to damage without touching the module's run."""
+    out = tmp_path / "run"
+    for arm in ("scratch", "simclr-fine-tune"):
+        shutil.copytree(tiny_run / arm, out / arm)
+    return out
+
+
+def test_arms_that_list_different_test_images_are_refused(tiny_run, tmp_path):
+    out = copy_arms(tiny_run, tmp_path)
+    rows = read_predictions(out / "scratch")
+    # the same count, another identity for the first image: another test set
+    rows[0]["true"] = next(r["true"] for r in rows if r["true"] != rows[0]["true"])
+    write_predictions(out / "scratch", rows)
     r = print_comparison(out, "glint24-20", "20", "{}")
     assert r.returncode != 0
     assert "list different test images" in r.stderr
@@ -132,9 +142,7 @@ def test_arms_that_list_different_test_images_are_refused(tiny_run, tmp_path):
 
 
 def test_an_arm_without_predictions_still_gets_its_table(tiny_run, tmp_path):
-    out = tmp_path / "run"
-    for arm in ("scratch", "simclr-fine-tune"):
-        shutil.copytree(tiny_run / arm, out / arm)
+    out = copy_arms(tiny_run, tmp_path)
     (out / "scratch" / "test_predictions.csv").unlink()
     r = print_comparison(out, "glint24-20", "20", "{}")
     assert r.returncode == 0, r.stderr
@@ -143,9 +151,7 @@ def test_an_arm_without_predictions_still_gets_its_table(tiny_run, tmp_path):
 
 
 def test_arms_scored_on_different_test_sets_are_refused(tiny_run, tmp_path):
-    out = tmp_path / "run"
-    for arm in ("scratch", "simclr-fine-tune"):
-        shutil.copytree(tiny_run / arm, out / arm)
+    out = copy_arms(tiny_run, tmp_path)
     metrics = json.loads((out / "scratch" / "metrics.json").read_text())
     metrics["test"]["n"] += 1
     (out / "scratch" / "metrics.json").write_text(json.dumps(metrics))
@@ -168,14 +174,6 @@ def test_unknown_benchmark_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _damage(out: Path, name: str, text: str | bytes) -> None:
-    path = out / "scratch" / name
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text)
-
-
 @pytest.mark.parametrize(
     ("name", "content", "says"),
     [
@@ -189,13 +187,14 @@ def _damage(out: Path, name: str, text: str | bytes) -> None:
     ],
 )
 def test_a_damaged_arm_file_stops_the_comparison_with_one_line(tiny_run, tmp_path, name, content, says):
-    out = tmp_path / "run"
-    for arm in ("scratch", "simclr-fine-tune"):
-        shutil.copytree(tiny_run / arm, out / arm)
+    out = copy_arms(tiny_run, tmp_path)
+    path = out / "scratch" / name
     if content is None:
-        (out / "scratch" / name).unlink()
+        path.unlink()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
     else:
-        _damage(out, name, content)
+        path.write_text(content)
     r = print_comparison(out, "glint24-20", "20", "{}")
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and says in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -206,14 +205,9 @@ def test_a_damaged_arm_file_stops_the_comparison_with_one_line(tiny_run, tmp_pat
 
 
 def test_predictions_whose_correct_column_is_not_0_or_1_are_refused(tiny_run, tmp_path):
-    out = tmp_path / "run"
-    for arm in ("scratch", "simclr-fine-tune"):
-        shutil.copytree(tiny_run / arm, out / arm)
+    out = copy_arms(tiny_run, tmp_path)
     rows = read_predictions(out / "scratch")
     rows[0]["correct"] = "yes"
-    with (out / "scratch" / "test_predictions.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_predictions(out / "scratch", rows)
     r = print_comparison(out, "glint24-20", "20", "{}")
     assert r.returncode == 1 and "a 0/1 'correct' for each of the" in r.stderr
