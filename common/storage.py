@@ -258,7 +258,9 @@ class LocalStorage(Storage):
         """Regular files under ``prefix`` (links to files followed; links to folders are not walked, see
         :meth:`folder_links`; dangling links, FIFOs and other special files are left out). A file reached
         through a link that leaves the root is listed, and reading it raises UnsafeKeyError."""
-        base = self._path(prefix) if prefix else self.root
+        # resolved, as _path resolves a prefix: the keys are relative to the resolved root, so a root spelled
+        # with ".." or through a link lists its files too
+        base = self._path(prefix) if prefix else self.root.resolve()
         if not base.is_dir():
             return {}
         out = {}
@@ -270,7 +272,6 @@ class LocalStorage(Storage):
                 full = Path(dirpath) / name
                 if not full.is_file():
                     continue
-                # base is resolved: a root given through a link or with ".." is too
                 out[full.relative_to(self.root.resolve()).as_posix()] = full.stat().st_size
         return out
 
@@ -278,7 +279,7 @@ class LocalStorage(Storage):
     def folder_links(self, prefix=""):
         """Keys of the symbolic links to folders under ``prefix``, which :meth:`list` does not walk (walking
         them can loop, leave the root, or list a folder twice under another name)."""
-        base = self._path(prefix) if prefix else self.root
+        base = self._path(prefix) if prefix else self.root.resolve()
         links = []
         for dirpath, dirnames, _ in os.walk(base):
             for name in sorted(dirnames):

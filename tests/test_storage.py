@@ -101,6 +101,28 @@ def test_location_within_sees_through_links_and_dots(tmp_path):
     )
 
 
+@pytest.mark.parametrize("spelling", ["dots", "relative dots", "link"])
+def test_a_root_spelled_with_dots_or_through_a_link_lists_its_files(tmp_path, monkeypatch, spelling):
+    """The main job's default photo folder is the checkout's ../shared: a root written with '..', relative to
+    the working folder, or reached through a link lists, reads and finds its files as the plain path does."""
+    raw = tmp_path / "shared" / "raw"
+    (raw / "Tom Hanks").mkdir(parents=True)
+    (raw / "Tom Hanks" / "a.jpg").write_bytes(b"jpeg")
+    (tmp_path / "checkout").mkdir()
+    (tmp_path / "link").symlink_to(raw)
+    (raw / "Tom Hanks" / "more").symlink_to(raw / "Tom Hanks")
+    monkeypatch.chdir(tmp_path / "checkout")
+    root = {
+        "dots": str(tmp_path / "checkout" / ".." / "shared" / "raw"),
+        "relative dots": "../shared/raw",
+        "link": str(tmp_path / "link"),
+    }[spelling]
+    store = open_storage(root)
+    assert store.list() == {"Tom Hanks/a.jpg": 4}
+    assert store.folder_links() == ["Tom Hanks/more"]
+    assert store.read_bytes("Tom Hanks/a.jpg") == b"jpeg" and store.exists("Tom Hanks/a.jpg")
+
+
 @pytest.mark.real_s3
 def test_s3_folder_markers_are_not_listed_as_files(s3_env, s3_server):
     """Folders made in the S3 console are zero-byte keys ending in '/': prepare-data would record each as
