@@ -428,8 +428,9 @@ def plan_steps(run: ClassifierRun) -> StepPlan:
     batch = max(1, min(cfg.batch_size, n_step)) // world * world
     per_rank = batch // world
     labelled_batches = None
-    # the labelled subset, reshuffled whenever it runs out, beside every distillation batch
-    if unlabelled is not None:
+    # the labelled subset, reshuffled whenever it runs out, beside every distillation batch (none when its
+    # cross-entropy has no weight: distillation alone, which spares the labelled half of each step)
+    if unlabelled is not None and cfg.distill_label_weight > 0:
         labelled_per_rank = max(1, min(per_rank, len(train_pool)))
         labelled_batches = endless_batches(train_pool, labelled_per_rank, cfg.seed + 7919, run.rank)
     if run.distributed:
@@ -499,8 +500,13 @@ def batch_loss(run: ClassifierRun, plan: StepPlan, x: torch.Tensor, y: torch.Ten
     """``(logits, targets, loss)`` of one training batch: cross-entropy with label smoothing, of the margin
     logits (:func:`~facessl.common.losses.margin_logits`) under ``--loss cosface|arcface``; in distill, the
     distillation loss of the unlabelled batch ``x`` plus ``distill_label_weight`` times the cross-entropy of the
-    next labelled batch (whose logits and targets are returned)."""
+    next labelled batch (whose logits and targets are returned); with weight 0, the distillation loss alone, with
+    the unlabelled batch's logits and the teacher's top classes as targets."""
     cfg = run.cfg
+    if run.teacher is not None and plan.labelled_batches is None:
+        # distillation alone (--distill-label-weight 0): the train top-1 is the agreement with the teacher
+        logits, soft = predict(run, x, train=True, with_teacher=len(x))
+        return logits, soft.argmax(1), distillation_loss(logits, soft, cfg.distill_temperature)
     if plan.labelled_batches is None:
         logits = predict(run, x, train=True)
         target = y.to(run.device)

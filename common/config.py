@@ -198,7 +198,8 @@ class ClassifierConfig:
     )
     distill_label_weight: float = option(
         1.0,
-        "--mode distill: weight of the labelled images' cross-entropy beside the distillation loss.",
+        "--mode distill: weight of the labelled images' cross-entropy beside the distillation loss; 0 runs "
+        "distillation alone, without a labelled batch beside each unlabelled one.",
         min=0,
         max=100,
     )

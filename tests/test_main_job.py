@@ -1,6 +1,6 @@
 """The main job's comparison (infra/local/run-pipeline.sh): its table and comparison.json, made by the script's own
-print_comparison from the metrics.json files of a tiny real run of both arms (SimCLR 1 epoch, 1 fine-tuning
-epoch each, 32 px, three identities)."""
+print_comparison from the metrics.json files of a tiny real run of its three arms (SimCLR 1 epoch, 1 fine-tuning
+epoch for scratch and for SimCLR, 1 distillation epoch, 32 px, three identities)."""
 
 import csv
 import json
@@ -28,8 +28,8 @@ def invoke(cmd, *args):
 
 @pytest.fixture(scope="module")
 def tiny_run(prepared_subset, tmp_path_factory) -> Path:
-    """A run folder laid out as the main job leaves it: simclr/, scratch/ and simclr-fine-tune/, both arms on
-    20 labelled crops per identity."""
+    """A run folder laid out as the main job leaves it: simclr/, scratch/, simclr-fine-tune/ and simclr-distill/,
+    every arm on 20 labelled crops per identity."""
     out = tmp_path_factory.mktemp("main-job") / "run"
     invoke(
         pretrain_main,
@@ -48,6 +48,11 @@ def tiny_run(prepared_subset, tmp_path_factory) -> Path:
         out / "simclr",
         *arm,
     )
+    invoke(
+        classifier_main,
+        *("--data", prepared_subset, "--output", out / "simclr-distill", "--mode", "distill"),
+        *("--teacher", out / "simclr-fine-tune", "--encoder", out / "simclr", *arm),
+    )
     return out
 
 
@@ -64,49 +69,66 @@ def print_comparison(out: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_comparison_json_and_table_hold_both_arms_metrics(tiny_run):
+ARMS = ("scratch", "simclr-fine-tune", "simclr-distill")
+LABELS = ("scratch", "SimCLR + fine-tune", "SimCLR + distillation")
+
+
+def test_comparison_json_and_table_hold_every_arms_metrics(tiny_run):
     seconds = {"venv": 1, "prepare": 2, "simclr": 3, "scratch": 4, "simclr_fine_tune": 5, "total": 75}
-    r = print_comparison(tiny_run, "glint24-20", "20", json.dumps(seconds))
+    r = print_comparison(tiny_run, "glint24-20", "20", json.dumps(seconds), *ARMS)
     assert r.returncode == 0, r.stdout + r.stderr
     # sourced, the script ran no stage
     assert "== " not in r.stdout
     written = json.loads((tiny_run / "comparison.json").read_text())
-    metrics = {
-        arm: json.loads((tiny_run / arm / "metrics.json").read_text()) for arm in ("scratch", "simclr-fine-tune")
-    }
+    metrics = {arm: json.loads((tiny_run / arm / "metrics.json").read_text()) for arm in ARMS}
     n = metrics["scratch"]["test"]["n"]
     assert {k: written[k] for k in ("benchmark", "labels_per_class", "test_images")} == {
         "benchmark": "glint24-20",
         "labels_per_class": 20,
         "test_images": n,
     }
-    assert [row["arm"] for row in written["rows"]] == ["scratch", "simclr-fine-tune"]
+    assert [row["arm"] for row in written["rows"]] == list(ARMS)
     for row in written["rows"]:
         test = metrics[row["arm"]]["test"]
         assert (row["top1"], row["top3"], row["macro_f1"]) == (test["top1"], test["top3"], test["macro_f1"])
-        # three identities, 20 labels each: the same labelled images in both arms
+        # three identities, 20 labels each: the same labelled images in every arm (distillation's other train
+        # crops carry no label)
         assert (row["labelled_images"], row["test_images"]) == (60, n)
     assert written["seconds"] == seconds
     # the table: a header, then one line per arm with its figures as printed to 3 decimals
     lines = r.stdout.splitlines()
     assert f"glint24-20 test ({n} images), 20 labels per identity:" in lines
-    for label, arm in (("scratch", "scratch"), ("SimCLR + fine-tune", "simclr-fine-tune")):
+    for label, arm in zip(LABELS, ARMS):
         test = metrics[arm]["test"]
         row = next(line.split() for line in lines if line.strip().startswith(label))
         assert row[-5:] == [f"{test['top1']:.3f}", f"{test['top3']:.3f}", f"{test['macro_f1']:.3f}", "60", str(n)]
-    gain = 100 * (metrics["simclr-fine-tune"]["test"]["top1"] - metrics["scratch"]["test"]["top1"])
-    assert f"SimCLR + fine-tune - scratch: {gain:+.1f} points of top-1" in r.stdout
     assert "pipeline time 1 min 15 s" in r.stdout
-    # the lead image by image, from the arms' test_predictions.csv
-    correct = {arm: [int(r["correct"]) for r in read_predictions(tiny_run / arm)] for arm in metrics}
-    scratch_only = sum(a and not b for a, b in zip(correct["scratch"], correct["simclr-fine-tune"]))
-    simclr_only = sum(b and not a for a, b in zip(correct["scratch"], correct["simclr-fine-tune"]))
-    lead = written["lead_top1"]
-    assert (lead["scratch_only_correct"], lead["simclr_only_correct"]) == (scratch_only, simclr_only)
-    assert lead["points"] == pytest.approx(gain, abs=0.01)
-    low, high = lead["ci95_points"]
-    assert low <= lead["points"] <= high and 0 <= lead["mcnemar_p"] <= 1
-    assert f"95% interval over the test images: {low:+.1f} to {high:+.1f} points" in r.stdout
+    # each SimCLR arm's lead over scratch image by image, from the arms' test_predictions.csv
+    assert "lead_top1" not in written["rows"][0]
+    correct = {arm: [int(r["correct"]) for r in read_predictions(tiny_run / arm)] for arm in ARMS}
+    for label, row in zip(LABELS[1:], written["rows"][1:]):
+        gain = 100 * (metrics[row["arm"]]["test"]["top1"] - metrics["scratch"]["test"]["top1"])
+        assert f"{label} - scratch: {gain:+.1f} points of top-1" in r.stdout
+        pairs = list(zip(correct["scratch"], correct[row["arm"]]))
+        lead = row["lead_top1"]
+        assert lead["over"] == "scratch"
+        assert (lead["base_only_correct"], lead["arm_only_correct"]) == (
+            sum(a and not b for a, b in pairs),
+            sum(b and not a for a, b in pairs),
+        )
+        assert lead["points"] == pytest.approx(gain, abs=0.01)
+        low, high = lead["ci95_points"]
+        assert low <= lead["points"] <= high and 0 <= lead["mcnemar_p"] <= 1
+        assert f"95% interval over the test images: {low:+.1f} to {high:+.1f} points" in r.stdout
+
+
+def test_without_arms_named_the_comparison_holds_scratch_and_fine_tune(tiny_run, tmp_path):
+    out = copy_arms(tiny_run, tmp_path)
+    r = print_comparison(out, "glint24-20", "20", "{}")
+    assert r.returncode == 0, r.stderr
+    written = json.loads((out / "comparison.json").read_text())
+    assert [row["arm"] for row in written["rows"]] == ["scratch", "simclr-fine-tune"]
+    assert "SimCLR + distillation" not in r.stdout
 
 
 def read_predictions(arm: Path) -> list[dict]:
@@ -146,8 +168,8 @@ def test_an_arm_without_predictions_still_gets_its_table(tiny_run, tmp_path):
     (out / "scratch" / "test_predictions.csv").unlink()
     r = print_comparison(out, "glint24-20", "20", "{}")
     assert r.returncode == 0, r.stderr
-    assert "rerun it for the paired interval of the lead" in r.stdout
-    assert "lead_top1" not in json.loads((out / "comparison.json").read_text())
+    assert "no test_predictions.csv for scratch: rerun it for the paired interval of the lead" in r.stdout
+    assert not any("lead_top1" in row for row in json.loads((out / "comparison.json").read_text())["rows"])
 
 
 def test_arms_scored_on_different_test_sets_are_refused(tiny_run, tmp_path):

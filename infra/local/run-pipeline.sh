@@ -2,23 +2,26 @@
 # The main job, end to end on real faces. By default the glint24-20 benchmark (all 24 identities of glint24,
 # 20 labels per identity): prepare-data on every photo, SimCLR on every train crop (labels unused), then
 # fine-tuning on the 20 labelled crops per identity from the SimCLR encoder BESIDE the same fine-tuning from
-# scratch (same labelled images, same split); it prints both arms' test metrics as a table and writes them
-# to OUT_DIR/comparison.json. BENCHMARK=glint6 runs the original 6-identity job instead (every train crop
+# scratch (same labelled images, same split), then SimCLRv2's distillation of the SimCLR arm into a new network
+# over every train crop (the same labels, no others); it prints the arms' test metrics as a table and writes
+# them to OUT_DIR/comparison.json. BENCHMARK=glint6 runs the original 6-identity job instead (every train crop
 # labelled, one SimCLR + fine-tune classifier).
 #
 # Usage: infra/local/run-pipeline.sh [RAW_DIR] [OUT_DIR]
 #   RAW_DIR  raw photos, one folder per identity (default ../shared/data/faces/glint24, beside the repo)
 #   OUT_DIR  where prepared/, simclr/ and the classifiers go (default ./runs/$BENCHMARK); may be s3://bucket/prefix
 # Environment: BENCHMARK (glint24-20 or glint6), EPOCHS_SIMCLR, EPOCHS_CLASSIFIER, SEED (default 1337),
-#   IMAGE_SIZE_SIMCLR (glint24-20's SimCLR views, default 24 px; its fine-tuning is at 64 px).
+#   IMAGE_SIZE_SIMCLR (glint24-20's SimCLR views, default 24 px; its fine-tuning is at 64 px), EPOCHS_DISTILL
+#   (glint24-20's distillation epochs, default 3; 0 leaves that arm out).
 # The first run creates .venv with the package installed. Settings are sized for a 2-core CPU (glint24-20:
-# about 15 minutes on an idle 2-core CPU, a first venv set-up included; glint6 about 8); on a GPU raise
+# about 19 minutes on an idle 2-core Zen 4 CPU, about 70 on a Zen 3; glint6 about 8); on a GPU raise
 # EPOCHS_* and the image sizes (see docs/recipe.md for how the settings were chosen).
 set -euo pipefail
 
-# Print the two-arm table of a glint24-20 run and write OUT/comparison.json from each arm's metrics.json and
-# test_predictions.csv (OUT/scratch, OUT/simclr-fine-tune). Args: OUT BENCHMARK LABELS_PER_CLASS
-# STAGE_SECONDS_JSON. Needs `python` with facessl on PATH. A missing or damaged arm file exits 1 with one line.
+# Print the arms' table of a glint24-20 run and write OUT/comparison.json from each arm's metrics.json and
+# test_predictions.csv (OUT/ARM). Args: OUT BENCHMARK LABELS_PER_CLASS STAGE_SECONDS_JSON [ARM ...]; the arms
+# default to scratch simclr-fine-tune, and the first is the one the others' leads are measured against. Needs
+# `python` with facessl on PATH. A missing or damaged arm file exits 1 with one line.
 print_comparison() {
   python - "$@" <<'PY'
 import csv
@@ -30,7 +33,9 @@ from facessl.common.metrics import paired_top1_difference
 from facessl.common.storage import NotFoundError, open_storage
 
 out, benchmark, per_class, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+arm_names = sys.argv[5:] or ["scratch", "simclr-fine-tune"]
 store = open_storage(out)
+LABELS = {"scratch": "scratch", "simclr-fine-tune": "SimCLR + fine-tune", "simclr-distill": "SimCLR + distillation"}
 
 
 def arm_row(arm: str, label: str) -> dict:
@@ -74,37 +79,53 @@ def arm_predictions(arm: str, n: int) -> list[dict] | None:
     return found
 
 
-rows = [arm_row("scratch", "scratch"), arm_row("simclr-fine-tune", "SimCLR + fine-tune")]
-# both arms must have been scored on one split, or the table compares nothing
+rows = [arm_row(arm, LABELS.get(arm, arm)) for arm in arm_names]
+# every arm must have been scored on one split, or the table compares nothing
 for key in ("labelled_images", "test_images"):
-    if rows[0][key] != rows[1][key]:
-        sys.exit(f"error: the arms differ in {key} ({rows[0][key]} against {rows[1][key]}): rerun both on one dataset")
+    for r in rows[1:]:
+        if r[key] != rows[0][key]:
+            sys.exit(
+                f"error: the arms differ in {key} ({rows[0][key]} in {rows[0]['arm']} against {r[key]} in "
+                f"{r['arm']}): rerun them on one dataset"
+            )
 n = rows[0]["test_images"]
 # checked before anything is printed: a damaged file stops the comparison with its one-line error
 arms = [arm_predictions(r["arm"], n) for r in rows]
-if None not in arms and [r["true"] for r in arms[0]] != [r["true"] for r in arms[1]]:
-    sys.exit("error: the arms' test_predictions.csv list different test images: rerun both on one dataset")
+found = [a for a in arms if a is not None]
+if any([r["true"] for r in a] != [r["true"] for r in found[0]] for a in found[1:]):
+    sys.exit("error: the arms' test_predictions.csv list different test images: rerun them on one dataset")
 print(f"\n{benchmark} test ({n} images), {per_class} labels per identity:")
-print(f"  {'arm':<20} {'top-1':>6} {'top-3':>6} {'macro-F1':>8} {'labelled images':>15} {'test images':>11}")
+print(f"  {'arm':<22} {'top-1':>6} {'top-3':>6} {'macro-F1':>8} {'labelled images':>15} {'test images':>11}")
 for r in rows:
     print(
-        f"  {r['label']:<20} {r['top1']:>6.3f} {r['top3']:>6.3f} {r['macro_f1']:>8.3f} "
+        f"  {r['label']:<22} {r['top1']:>6.3f} {r['top3']:>6.3f} {r['macro_f1']:>8.3f} "
         f"{r['labelled_images']:>15} {r['test_images']:>11}"
     )
-gain = rows[1]["top1"] - rows[0]["top1"]
-print(f"  SimCLR + fine-tune - scratch: {100 * gain:+.1f} points of top-1")
-# both arms scored the same test images: the lead image by image, with a paired interval and McNemar's test
-lead = None
-if None in arms:
-    print("  (an arm has no test_predictions.csv: rerun it for the paired interval of the lead)")
-else:
-    lead = paired_top1_difference(*([r["correct"] == "1" for r in arm] for arm in arms))
+base = rows[0]
+for r, predictions in zip(rows[1:], arms[1:]):
+    print(f"  {r['label']} - {base['label']}: {100 * (r['top1'] - base['top1']):+.1f} points of top-1")
+    if arms[0] is None or predictions is None:
+        missing = base["arm"] if arms[0] is None else r["arm"]
+        print(f"    (no test_predictions.csv for {missing}: rerun it for the paired interval of the lead)")
+        continue
+    # both arms scored the same test images: the lead image by image, with a paired interval and McNemar's test
+    lead = paired_top1_difference(*([p["correct"] == "1" for p in arm] for arm in (arms[0], predictions)))
     low, high = (100 * x for x in lead["ci95"])
     print(
-        f"  95% interval over the test images: {low:+.1f} to {high:+.1f} points (paired bootstrap; only scratch "
-        f"right on {lead['a_only']} images, only SimCLR on {lead['b_only']}: McNemar p = {lead['mcnemar_p']:.2g})"
+        f"    95% interval over the test images: {low:+.1f} to {high:+.1f} points (paired bootstrap; only "
+        f"{base['label']} right on {lead['a_only']} images, only {r['label']} on {lead['b_only']}: McNemar "
+        f"p = {lead['mcnemar_p']:.2g})"
     )
-    print("  The interval covers the choice of test images, not training noise: a rerun moves an arm 1-3 points.")
+    r["lead_top1"] = {
+        "over": base["arm"],
+        "points": round(100 * lead["difference"], 2),
+        "ci95_points": [round(100 * x, 2) for x in lead["ci95"]],
+        "base_only_correct": lead["a_only"],
+        "arm_only_correct": lead["b_only"],
+        "mcnemar_p": lead["mcnemar_p"],
+        "method": "paired percentile bootstrap over the test images (10,000 resamples); exact McNemar test",
+    }
+print("  The intervals cover the choice of test images, not training noise: a rerun moves an arm 1-3 points.")
 comparison = {
     "benchmark": benchmark,
     "labels_per_class": per_class,
@@ -112,15 +133,6 @@ comparison = {
     "rows": [{k: v for k, v in r.items() if k != "label"} for r in rows],
     "seconds": seconds,
 }
-if lead:
-    comparison["lead_top1"] = {
-        "points": round(100 * lead["difference"], 2),
-        "ci95_points": [round(100 * x, 2) for x in lead["ci95"]],
-        "scratch_only_correct": lead["a_only"],
-        "simclr_only_correct": lead["b_only"],
-        "mcnemar_p": lead["mcnemar_p"],
-        "method": "paired percentile bootstrap over the test images (10,000 resamples); exact McNemar test",
-    }
 store.write_text("comparison.json", json.dumps(comparison, indent=2) + "\n")
 total = int(seconds.get("total", 0))
 print(f"  pipeline time {total // 60} min {total % 60} s; wrote {store.url('comparison.json')}")
@@ -189,16 +201,17 @@ run_glint6() {
 }
 
 run_glint24_20() {
-  local raw=$1 out=$2 venv_s=$3 start=$SECONDS t prepare_s simclr_s scratch_s finetune_s
-  local per_class=20
+  local raw=$1 out=$2 venv_s=$3 start=$SECONDS t prepare_s simclr_s scratch_s finetune_s distill_s=0
+  local per_class=20 arms=(scratch simclr-fine-tune)
   # SimCLR at 24 px: several times the epochs of 64 px in the same time, the largest lever measured for the
   # fine-tuning at 64 px (docs/recipe.md: 24 px beat 32 px on two seeds)
   EPOCHS_SIMCLR=${EPOCHS_SIMCLR:-35}
   local simclr_size=${IMAGE_SIZE_SIMCLR:-24}
   EPOCHS_CLASSIFIER=${EPOCHS_CLASSIFIER:-40}
-  # one fine-tuning recipe for both arms: only the starting weights differ
-  local finetune=(--labels-per-class "$per_class" --epochs "$EPOCHS_CLASSIFIER" --image-size 64 --optimizer adamw
-    --lr 1e-3 --weight-decay 0.05 --label-smoothing 0.1 --warmup-epochs 1 --seed "$SEED")
+  EPOCHS_DISTILL=${EPOCHS_DISTILL:-3}
+  # one training recipe for every arm: only the starting weights (and distillation's targets) differ
+  local recipe=(--labels-per-class "$per_class" --image-size 64 --optimizer adamw --lr 1e-3 --weight-decay 0.05
+    --label-smoothing 0.1 --warmup-epochs 1 --seed "$SEED")
   t=$SECONDS
   echo "== prepare-data: $raw (all identities) -> $out/prepared"
   prepare-data --input "$raw" --output "$out/prepared" --image-size 112 --on-no-face keep-full --seed "$SEED"
@@ -209,14 +222,24 @@ run_glint24_20() {
     --seed "$SEED"
   simclr_s=$(( SECONDS - t )); t=$SECONDS
   echo "== train-classifier from scratch, $per_class labels per identity: $out/scratch"
-  train-classifier --data "$out/prepared" --output "$out/scratch" "${finetune[@]}"
+  train-classifier --data "$out/prepared" --output "$out/scratch" --epochs "$EPOCHS_CLASSIFIER" "${recipe[@]}"
   scratch_s=$(( SECONDS - t )); t=$SECONDS
   echo "== train-classifier from the SimCLR encoder, $per_class labels per identity: $out/simclr-fine-tune"
-  train-classifier --data "$out/prepared" --output "$out/simclr-fine-tune" --encoder "$out/simclr" "${finetune[@]}"
-  finetune_s=$(( SECONDS - t ))
+  train-classifier --data "$out/prepared" --output "$out/simclr-fine-tune" --encoder "$out/simclr" \
+    --epochs "$EPOCHS_CLASSIFIER" "${recipe[@]}"
+  finetune_s=$(( SECONDS - t )); t=$SECONDS
+  # SimCLRv2's third step: the unlabelled train crops a second time, as the fine-tuned arm's soft labels
+  # (docs/recipe.md: +1.1 to +1.9 points of top-1 over the fine-tuned arm on three splits)
+  if (( EPOCHS_DISTILL > 0 )); then
+    echo "== train-classifier --mode distill: the SimCLR arm's predictions on every train crop: $out/simclr-distill"
+    train-classifier --data "$out/prepared" --output "$out/simclr-distill" --mode distill \
+      --teacher "$out/simclr-fine-tune" --encoder "$out/simclr" --epochs "$EPOCHS_DISTILL" "${recipe[@]}"
+    distill_s=$(( SECONDS - t ))
+    arms+=(simclr-distill)
+  fi
   print_comparison "$out" glint24-20 "$per_class" "{\"venv\": $venv_s, \"prepare\": $prepare_s, \
-\"simclr\": $simclr_s, \"scratch\": $scratch_s, \"simclr_fine_tune\": $finetune_s, \
-\"total\": $(( venv_s + SECONDS - start ))}"
+\"simclr\": $simclr_s, \"scratch\": $scratch_s, \"simclr_fine_tune\": $finetune_s, \"simclr_distill\": $distill_s, \
+\"total\": $(( venv_s + SECONDS - start ))}" "${arms[@]}"
 }
 
 # sourced (the tests call print_comparison), it only defines the functions
