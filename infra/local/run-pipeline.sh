@@ -168,7 +168,8 @@ main() {
   out=${2:-$repo/runs/$benchmark}
   out=${out%/}
   if [[ "$raw" != s3://* && ! -d "$raw" ]]; then
-    echo "error: raw photo folder $raw not found (pass it as the first argument)" >&2
+    echo "error: raw photo folder $raw not found: pass it as the first argument, or set FACESSL_SHARED to" \
+      "the shared folder that holds data/faces/glint24" >&2
     exit 2
   fi
   start=$SECONDS
