@@ -260,7 +260,8 @@ class LocalStorage(Storage):
         through a link that leaves the root is listed, and reading it raises UnsafeKeyError."""
         # resolved, as _path resolves a prefix: the keys are relative to the resolved root, so a root spelled
         # with ".." or through a link lists its files too
-        base = self._path(prefix) if prefix else self.root.resolve()
+        root = self.root.resolve()
+        base = self._path(prefix) if prefix else root
         if not base.is_dir():
             return {}
         out = {}
@@ -272,20 +273,21 @@ class LocalStorage(Storage):
                 full = Path(dirpath) / name
                 if not full.is_file():
                     continue
-                out[full.relative_to(self.root.resolve()).as_posix()] = full.stat().st_size
+                out[full.relative_to(root).as_posix()] = full.stat().st_size
         return out
 
     @_local_errors
     def folder_links(self, prefix=""):
         """Keys of the symbolic links to folders under ``prefix``, which :meth:`list` does not walk (walking
         them can loop, leave the root, or list a folder twice under another name)."""
-        base = self._path(prefix) if prefix else self.root.resolve()
+        root = self.root.resolve()
+        base = self._path(prefix) if prefix else root
         links = []
         for dirpath, dirnames, _ in os.walk(base):
             for name in sorted(dirnames):
                 full = Path(dirpath) / name
                 if full.is_symlink():
-                    links.append(full.relative_to(self.root.resolve()).as_posix())
+                    links.append(full.relative_to(root).as_posix())
         return links
 
     @_local_errors

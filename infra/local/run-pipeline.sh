@@ -38,7 +38,7 @@ store = open_storage(out)
 LABELS = {"scratch": "scratch", "simclr-fine-tune": "SimCLR + fine-tune", "simclr-distill": "SimCLR + distillation"}
 
 
-def arm_row(arm: str, label: str) -> dict:
+def arm_row(arm: str) -> dict:
     """The table row of an arm from its metrics.json; exits with one line when it is missing or damaged."""
     key = f"{arm}/metrics.json"
     try:
@@ -52,7 +52,7 @@ def arm_row(arm: str, label: str) -> dict:
             "labelled_images": int(m["train_images"]),
             "test_images": int(test["n"]),
             "best_epoch": m.get("best_epoch"),
-            "label": label,
+            "label": LABELS.get(arm, arm),
         }
     except NotFoundError:
         sys.exit(f"error: {store.url(key)} not found: run that arm's train-classifier first")
@@ -79,7 +79,7 @@ def arm_predictions(arm: str, n: int) -> list[dict] | None:
     return found
 
 
-rows = [arm_row(arm, LABELS.get(arm, arm)) for arm in arm_names]
+rows = [arm_row(arm) for arm in arm_names]
 # every arm must have been scored on one split, or the table compares nothing
 for key in ("labelled_images", "test_images"):
     for r in rows[1:]:
