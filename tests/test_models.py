@@ -1,0 +1,95 @@
+"""The encoder's convolutions: OnePixelConv2d computes a 1x1 output as a matrix product, and must stay the same
+function (outputs and every gradient) as nn.Conv2d and torchvision's ResNet18, with the same state-dict keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from facessl.common.models import OnePixelConv2d, build_encoder
+
+# (in, out, kernel, stride, padding, input size, bias): the first four have a 1x1 output (the matrix-product
+# path), the rest take nn.Conv2d's own path
+SHAPES = [
+    (16, 24, 3, 1, 1, 1, False),
+    (16, 24, 3, 2, 1, 2, True),
+    (3, 8, 7, 2, 3, 1, False),
+    (16, 24, 1, 1, 0, 1, True),
+    (16, 24, 3, 1, 1, 2, False),
+    (16, 24, 1, 2, 0, 2, False),
+    (16, 24, 3, 2, 1, 3, False),
+    (3, 8, 7, 2, 3, 24, True),
+]
+
+
+def pair(cin, cout, k, stride, padding, bias):
+    """An nn.Conv2d and a OnePixelConv2d that shares its parameters."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias)
+    return conv, OnePixelConv2d.from_conv(conv)
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "stride", "padding", "size", "bias"), SHAPES)
+def test_one_pixel_conv_is_the_same_function_as_conv2d(cin, cout, k, stride, padding, size, bias):
+    conv, fast = pair(cin, cout, k, stride, padding, bias)
+    assert fast.weight is conv.weight and fast.bias is conv.bias
+    one_output = (size + 2 * padding - k) // stride == 0 and padding + size <= k
+    assert (fast._window(size, size) is not None) == one_output
+    conv.double()
+    x = torch.randn(5, cin, size, size, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn_like(conv(x))
+    results = []
+    for layer in (conv, fast):
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        y.backward(grad_out)
+        grads = [x.grad, layer.weight.grad] + ([layer.bias.grad] if bias else [])
+        results.append((y.detach(), [g.clone() for g in grads]))
+    (y_ref, grads_ref), (y_fast, grads_fast) = results
+    assert y_fast.shape == y_ref.shape
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
+    for g_fast, g_ref in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_one_pixel_conv_follows_bf16_autocast_like_conv2d():
+    conv, fast = pair(16, 24, 3, 1, 1, False)
+    x = torch.randn(4, 16, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y_fast = conv(x), fast(x)
+    assert y_fast.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y_fast.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_convolution_the_fast_path_does_not_cover_keeps_conv2d_errors():
+    _, fast = pair(16, 24, 3, 1, 0, False)
+    with pytest.raises(RuntimeError):
+        # a 3x3 kernel without padding on a 1x1 input has no output at all
+        fast(torch.randn(2, 16, 1, 1))
+
+
+@pytest.mark.parametrize("size", [24, 32, 64])
+def test_the_encoder_is_torchvisions_resnet18_with_the_same_keys(size):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18()
+    reference.fc = nn.Identity()
+    encoder = build_encoder()
+    assert list(encoder.state_dict()) == list(reference.state_dict())
+    encoder.load_state_dict(reference.state_dict(), strict=True)
+    assert sum(isinstance(m, OnePixelConv2d) for m in encoder.modules()) == 20
+    # float64, so that the summation order of the two paths cannot hide a wrong gradient in rounding
+    reference, encoder = reference.double(), encoder.double()
+    x = torch.randn(4, 3, size, size, dtype=torch.float64)
+    outputs = []
+    for net in (reference, encoder):
+        net.zero_grad()
+        y = net(x)
+        y.square().mean().backward()
+        outputs.append((y.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (y_ref, grads_ref), (y_enc, grads_enc) = outputs
+    torch.testing.assert_close(y_enc, y_ref, rtol=1e-9, atol=1e-9)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads_enc[name], grad, rtol=1e-9, atol=1e-9, msg=name)
