@@ -90,12 +90,13 @@ def ceiling_step(image_size: int, batch_size: int, device: torch.device, precisi
     """One model-only SimCLR step on fixed random views, as a function."""
     from facessl.common.losses import NTXentLoss
     from facessl.common.models import ProjectionHead, SimCLRModel, build_encoder
-    from facessl.common.simclr import simclr_loss
+    from facessl.common.simclr import build_optimizer, simclr_loss
 
     torch.manual_seed(0)
     model = precision.layout(SimCLRModel(build_encoder(), ProjectionHead()).to(device))
     forward = torch.compile(model) if compile_ else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # the job's own optimizer
+    optimizer = build_optimizer(model.parameters(), "adamw", 1e-4, 1e-6)
     loss_fn = NTXentLoss(0.2)
     shape = (batch_size, 3, image_size, image_size)
     v1, v2 = (precision.layout(torch.randn(shape, device=device)) for _ in range(2))

@@ -457,10 +457,11 @@ def build_optimizer(run: ClassifierRun, steps_per_epoch: int):
     groups = [{"params": model.fc.parameters(), "lr": lr}]
     if cfg.mode in ("finetune", "distill"):
         groups.append({"params": model.encoder.parameters(), "lr": lr * cfg.encoder_lr_scale})
+    # fused: one kernel over every parameter (common.simclr.build_optimizer says why)
     if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay, fused=True)
     elif cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, fused=True)
     elif cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     else:

@@ -1,44 +1,54 @@
-"""The encoder's convolutions: OnePixelConv2d computes a 1x1 output as a matrix product, and must stay the same
-function (outputs and every gradient) as nn.Conv2d and torchvision's ResNet18, with the same state-dict keys."""
+"""The encoder's convolutions: SmallMapConv2d computes an output of at most 2x2 pixels as matrix products, and
+must stay the same function (outputs and every gradient) as nn.Conv2d and torchvision's ResNet18, with the same
+state-dict keys."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from facessl.common.models import OnePixelConv2d, build_encoder
+from facessl.common.models import SmallMapConv2d, build_encoder
 
-# (in, out, kernel, stride, padding, input size, bias): the first four have a 1x1 output (the matrix-product
-# path), the rest take nn.Conv2d's own path
+# (in, out, kernel, stride, padding, input size, bias, matrix-product path): the path is taken where the output
+# has at most 4 pixels and the input fits in the kernel
 SHAPES = [
-    (16, 24, 3, 1, 1, 1, False),
-    (16, 24, 3, 2, 1, 2, True),
-    (3, 8, 7, 2, 3, 1, False),
-    (16, 24, 1, 1, 0, 1, True),
-    (16, 24, 3, 1, 1, 2, False),
-    (16, 24, 1, 2, 0, 2, False),
-    (16, 24, 3, 2, 1, 3, False),
-    (3, 8, 7, 2, 3, 24, True),
+    (16, 24, 3, 1, 1, 1, False, True),
+    (16, 24, 3, 2, 1, 2, True, True),
+    (3, 8, 7, 2, 3, 1, False, True),
+    (16, 24, 1, 1, 0, 1, True, True),
+    (16, 24, 3, 1, 1, 2, False, True),
+    (16, 24, 3, 2, 1, 3, True, True),
+    (16, 24, 3, 2, 0, 3, False, True),
+    (16, 24, 3, 1, 0, 3, False, True),
+    # a 1x1 kernel whose padding gives output pixels that read only zeros (the bias alone)
+    (16, 24, 1, 2, 1, 1, True, True),
+    (16, 24, 3, 1, 1, 3, False, False),
+    (16, 24, 1, 2, 0, 2, False, False),
+    (16, 24, 3, 2, 1, 4, False, False),
+    (3, 8, 7, 2, 3, 24, True, False),
 ]
 
 
 def pair(cin, cout, k, stride, padding, bias):
-    """An nn.Conv2d and a OnePixelConv2d that shares its parameters."""
+    """An nn.Conv2d and a SmallMapConv2d copy of it (the same weights)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias)
-    return conv, OnePixelConv2d.from_conv(conv)
+    return conv, SmallMapConv2d.from_conv(copy.deepcopy(conv))
 
 
-@pytest.mark.parametrize(("cin", "cout", "k", "stride", "padding", "size", "bias"), SHAPES)
-def test_one_pixel_conv_is_the_same_function_as_conv2d(cin, cout, k, stride, padding, size, bias):
+@pytest.mark.parametrize(("cin", "cout", "k", "stride", "padding", "size", "bias", "matmul"), SHAPES)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_small_map_conv_is_the_same_function_as_conv2d(cin, cout, k, stride, padding, size, bias, matmul, layout):
     conv, fast = pair(cin, cout, k, stride, padding, bias)
-    assert fast.weight is conv.weight and fast.bias is conv.bias
-    one_output = (size + 2 * padding - k) // stride == 0 and padding + size <= k
-    assert (fast._window(size, size) is not None) == one_output
+    assert type(fast) is SmallMapConv2d and list(fast.state_dict()) == list(conv.state_dict())
+    assert (fast._windows(size, size) is not None) == matmul
     conv.double()
-    x = torch.randn(5, cin, size, size, dtype=torch.float64, requires_grad=True)
+    fast.double()
+    x = torch.randn(5, cin, size, size, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
     grad_out = torch.randn_like(conv(x))
     results = []
     for layer in (conv, fast):
@@ -50,14 +60,16 @@ def test_one_pixel_conv_is_the_same_function_as_conv2d(cin, cout, k, stride, pad
         results.append((y.detach(), [g.clone() for g in grads]))
     (y_ref, grads_ref), (y_fast, grads_fast) = results
     assert y_fast.shape == y_ref.shape
+    # a 1x1 input is both layouts at once: its output is NCHW
+    assert y_fast.is_contiguous(memory_format=layout if size > 1 else torch.contiguous_format)
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
     for g_fast, g_ref in zip(grads_fast, grads_ref):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-10)
 
 
-def test_one_pixel_conv_follows_bf16_autocast_like_conv2d():
+def test_small_map_conv_follows_bf16_autocast_like_conv2d():
     conv, fast = pair(16, 24, 3, 1, 1, False)
-    x = torch.randn(4, 16, 1, 1)
+    x = torch.randn(4, 16, 2, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ref, y_fast = conv(x), fast(x)
     assert y_fast.dtype == y_ref.dtype == torch.bfloat16
@@ -79,7 +91,7 @@ def test_the_encoder_is_torchvisions_resnet18_with_the_same_keys(size):
     encoder = build_encoder()
     assert list(encoder.state_dict()) == list(reference.state_dict())
     encoder.load_state_dict(reference.state_dict(), strict=True)
-    assert sum(isinstance(m, OnePixelConv2d) for m in encoder.modules()) == 20
+    assert sum(isinstance(m, SmallMapConv2d) for m in encoder.modules()) == 20
     # float64, so that the summation order of the two paths cannot hide a wrong gradient in rounding
     reference, encoder = reference.double(), encoder.double()
     x = torch.randn(4, 3, size, size, dtype=torch.float64)
