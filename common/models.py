@@ -31,9 +31,9 @@ class SmallMapConv2d(nn.Conv2d):
     on a 2-core Zen 3, against 80-140 for the same layers' forward); measured there, fp32, forward and backward
     of one layer: 121 -> 5.5 ms for a 512-channel 1x1 map (batch 256), 33 -> 19 ms for a 256-channel 2x2 map
     (batch 256), 62 -> 42 ms for a 512-channel 2x2 map (batch 64). It is used where the output has at most
-    4 pixels and the input fits in the kernel (so no input pixel is read by more windows than the kernel has
-    taps); every other shape (and groups or dilation other than 1, or a padding mode other than zeros) takes
-    ``nn.Conv2d``'s own path, which was faster on 3x3 outputs.
+    4 pixels and the input is no larger than the kernel, the shapes where it measured faster
+    (``benchmarks/small_map_convs.py``); every other shape (and groups or dilation other than 1, or a padding
+    mode other than zeros) takes ``nn.Conv2d``'s own path, which was faster on 3x3 outputs.
 
     Input float (B, C_in, H, W), output float (B, C_out, H_out, W_out), as ``nn.Conv2d``.
     """
@@ -77,7 +77,7 @@ class SmallMapConv2d(nn.Conv2d):
             pixels.append(F.linear(x[:, :, row0:row1, col0:col1].flatten(1), taps.flatten(1), bias))
         # (B, pixels, C_out) -> (B, C_out, H_out, W_out), strided as channels_last; copied to NCHW unless the
         # input is channels_last (a 1x1 input is both: NCHW)
-        y = torch.stack(pixels, 1).view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
+        y = torch.stack(pixels, 1).view(x.shape[0], out_h, out_w, weight.shape[0]).permute(0, 3, 1, 2)
         return y if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else y.contiguous()
 
 

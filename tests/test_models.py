@@ -76,6 +76,12 @@ def test_small_map_conv_follows_bf16_autocast_like_conv2d():
     torch.testing.assert_close(y_fast.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_small_map_conv_takes_an_empty_batch_like_conv2d():
+    conv, fast = pair(16, 24, 3, 1, 1, True)
+    x = torch.randn(0, 16, 2, 2)
+    assert fast(x).shape == conv(x).shape == (0, 24, 2, 2)
+
+
 def test_a_convolution_the_fast_path_does_not_cover_keeps_conv2d_errors():
     _, fast = pair(16, 24, 3, 1, 0, False)
     with pytest.raises(RuntimeError):
