@@ -35,7 +35,8 @@ class SmallMapConv2d(nn.Conv2d):
     (``benchmarks/small_map_convs.py``); every other shape (and groups or dilation other than 1, or a padding
     mode other than zeros) takes ``nn.Conv2d``'s own path, which was faster on 3x3 outputs.
 
-    Input float (B, C_in, H, W), output float (B, C_out, H_out, W_out), as ``nn.Conv2d``.
+    Input float (B, C_in, H, W), output float (B, C_out, H_out, W_out), as ``nn.Conv2d`` (an unbatched input
+    takes ``nn.Conv2d``'s path). ``torch.compile`` handles it; TorchScript does not (nothing here uses it).
     """
 
     @classmethod
@@ -56,17 +57,16 @@ class SmallMapConv2d(nn.Conv2d):
             return None
         windows = []
         for i in range(out_h):
-            top = i * sh - ph
-            rows = max(0, top), min(height, top + kh)
+            rows = _overlap(i * sh - ph, kh, height)
             for j in range(out_w):
-                left = j * sw - pw
-                cols = max(0, left), min(width, left + kw)
-                windows.append((*rows, *cols, rows[0] - top, cols[0] - left))
+                cols = _overlap(j * sw - pw, kw, width)
+                windows.append((*rows[:2], *cols[:2], rows[2], cols[2]))
         return windows
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         height, width = x.shape[-2:]
-        windows = self._windows(height, width)
+        # an unbatched (C, H, W) input, or a wrong rank, gets nn.Conv2d's handling and errors
+        windows = self._windows(height, width) if x.dim() == 4 else None
         if windows is None:
             return super()._conv_forward(x, weight, bias)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -79,6 +79,15 @@ class SmallMapConv2d(nn.Conv2d):
         # input is channels_last (a 1x1 input is both: NCHW)
         y = torch.stack(pixels, 1).view(x.shape[0], out_h, out_w, weight.shape[0]).permute(0, 3, 1, 2)
         return y if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else y.contiguous()
+
+
+def _overlap(start: int, kernel: int, size: int) -> tuple[int, int, int]:
+    """``(first, end, tap)``: the input indices ``first:end`` that a kernel window starting at ``start`` (negative
+    in the padding) covers on an axis of ``size``, and the kernel tap at ``first``; an empty range when the window
+    lies wholly in the padding."""
+    first = min(max(0, start), size)
+    end = max(first, min(size, start + kernel))
+    return first, end, first - start
 
 
 def build_encoder() -> nn.Module:

@@ -76,6 +76,28 @@ def test_small_map_conv_follows_bf16_autocast_like_conv2d():
     torch.testing.assert_close(y_fast.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "size"),
+    # windows wholly in the padding: above, and (stride 3) below the input
+    [((2, 2), (3, 1), (3, 0), (2, 2)), ((1, 3), (3, 1), (2, 1), (1, 2)), ((3, 3), (5, 1), (4, 1), (2, 2))],
+)
+def test_small_map_conv_with_padding_beyond_the_kernel(kernel, stride, padding, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=padding).double()
+    fast = SmallMapConv2d.from_conv(copy.deepcopy(conv))
+    x = torch.randn(2, 2, *size, dtype=torch.float64)
+    assert fast._windows(*size) is not None
+    torch.testing.assert_close(fast(x), conv(x), rtol=1e-10, atol=1e-10)
+
+
+def test_small_map_conv_takes_unbatched_input_and_refuses_other_ranks_like_conv2d():
+    conv, fast = pair(16, 24, 3, 1, 1, True)
+    x = torch.randn(16, 2, 2)
+    torch.testing.assert_close(fast(x), conv(x))
+    with pytest.raises(RuntimeError, match="4D"):
+        fast(torch.randn(1, 16, 4, 2, 2))
+
+
 def test_small_map_conv_takes_an_empty_batch_like_conv2d():
     conv, fast = pair(16, 24, 3, 1, 1, True)
     x = torch.randn(0, 16, 2, 2)
