@@ -9,7 +9,7 @@ spec="$repo"
 [ -n "$extras" ] && spec="$repo[$extras]"
 stamp="$venv/.facessl-installed${extras:+-$extras}"
 if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
-  echo "setting up $venv (first run: a few minutes)" >&2
+  echo "installing facessl${extras:+[$extras]} into $venv (a first set-up takes a few minutes)" >&2
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec" >&2
   touch "$stamp"

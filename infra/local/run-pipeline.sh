@@ -8,8 +8,8 @@
 # labelled, one SimCLR + fine-tune classifier).
 #
 # Usage: infra/local/run-pipeline.sh [RAW_DIR] [OUT_DIR]
-#   RAW_DIR  raw photos, one folder per identity (default ../shared/data/faces/glint24, beside the repo)
-#   OUT_DIR  where prepared/, simclr/ and the classifiers go (default ./runs/$BENCHMARK); may be s3://bucket/prefix
+#   RAW_DIR  raw photos, one folder per identity (default, or "": ../shared/data/faces/glint24 beside the repo)
+#   OUT_DIR  where prepared/, simclr/ and the classifiers go (default runs/$BENCHMARK in the checkout); may be s3://bucket/prefix
 # Environment: BENCHMARK (glint24-20 or glint6), EPOCHS_SIMCLR, EPOCHS_CLASSIFIER, SEED (default 1337),
 #   IMAGE_SIZE_SIMCLR (glint24-20's SimCLR views, default 24 px; its fine-tuning is at 64 px), EPOCHS_DISTILL
 #   (glint24-20's distillation epochs: default 0, that arm left out; 3 adds it, about 9 minutes on a Zen 3).
