@@ -45,34 +45,32 @@ class SmallMapConv2d(nn.Conv2d):
         conv.__class__ = cls
         return conv
 
-    def _windows(self, height: int, width: int) -> list[tuple[int, int, int, int, int, int]] | None:
-        """For each output pixel in row-major order, ``(row0, row1, col0, col1, tap_y, tap_x)``: the input
-        rows and columns it reads and the kernel tap that meets ``(row0, col0)``. None when the layer takes
-        ``nn.Conv2d``'s path."""
+    def _windows(self, height: int, width: int) -> tuple[int, int, list] | None:
+        """``(H_out, W_out, windows)``: for each output pixel in row-major order, the :func:`_overlap` of its
+        window on the rows and on the columns, ``((row0, row1, tap_y), (col0, col1, tap_x))``. None when the
+        layer takes ``nn.Conv2d``'s path."""
         if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return None
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
         if not (out_h >= 1 and out_w >= 1 and out_h * out_w <= 4 and height <= kh and width <= kw):
             return None
-        windows = []
-        for i in range(out_h):
-            rows = _overlap(i * sh - ph, kh, height)
-            for j in range(out_w):
-                cols = _overlap(j * sw - pw, kw, width)
-                windows.append((*rows[:2], *cols[:2], rows[2], cols[2]))
-        return windows
+        windows = [
+            (_overlap(i * sh - ph, kh, height), _overlap(j * sw - pw, kw, width))
+            for i in range(out_h)
+            for j in range(out_w)
+        ]
+        return out_h, out_w, windows
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         height, width = x.shape[-2:]
         # an unbatched (C, H, W) input, or a wrong rank, gets nn.Conv2d's handling and errors
-        windows = self._windows(height, width) if x.dim() == 4 else None
-        if windows is None:
+        plan = self._windows(height, width) if x.dim() == 4 else None
+        if plan is None:
             return super()._conv_forward(x, weight, bias)
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        out_h, out_w, windows = plan
         pixels = []
-        for row0, row1, col0, col1, tap_y, tap_x in windows:
+        for (row0, row1, tap_y), (col0, col1, tap_x) in windows:
             taps = weight[:, :, tap_y : tap_y + row1 - row0, tap_x : tap_x + col1 - col0]
             pixels.append(F.linear(x[:, :, row0:row1, col0:col1].flatten(1), taps.flatten(1), bias))
         # (B, pixels, C_out) -> (B, C_out, H_out, W_out), strided as channels_last; copied to NCHW unless the
