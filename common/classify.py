@@ -566,8 +566,9 @@ def evaluate(run: ClassifierRun, split: str) -> torch.Tensor:
 
 
 def fit(run: ClassifierRun, plan: StepPlan, stop: StopRequest) -> tuple[int, float]:
-    """Train every epoch, record and log it, keep the weights of the best epoch by val top-1 (then val loss)
-    and load them at the end. Returns ``(best epoch, 1-based; start time)``.
+    """Train every epoch, record and log it; score the val split every ``val_every`` epochs and after the last,
+    keep the weights of the best scored epoch by val top-1 (then val loss) and load them at the end. Returns
+    ``(best epoch, 1-based; start time)``.
 
     Raises:
         DivergedError: a NaN/inf train or val loss. PreemptedError: SIGTERM.
@@ -575,27 +576,23 @@ def fit(run: ClassifierRun, plan: StepPlan, stop: StopRequest) -> tuple[int, flo
     cfg, labels = run.cfg, run.evals["val"][1]
     best, best_key, started = {"epoch": None, "state": run.model.state_dict()}, None, time.time()
     for epoch in range(cfg.epochs):
-        train = train_one_epoch(run, plan, epoch, stop)
-        val_logits = evaluate(run, "val")
-        val_acc = topk_accuracy(val_logits, labels, (1, 3))
-        val_loss = F.cross_entropy(val_logits, labels).item()
-        # e.g. weights that overflow in eval mode: no metrics worth writing
-        if not math.isfinite(val_loss):
-            raise DivergedError(f"val loss became {val_loss} at epoch {epoch + 1}; lower --lr or check the weights")
-        record = {
-            "epoch": epoch + 1,
-            **train,
-            "val_loss": val_loss,
-            "val_top1": val_acc[1],
-            "val_top3": val_acc[3],
-            "lr": last_step_lr(plan.scheduler, epoch, plan.steps_per_epoch),
-            "elapsed_s": round(time.time() - started, 1),
-        }
+        record = {"epoch": epoch + 1, **train_one_epoch(run, plan, epoch, stop)}
+        scored = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+        if scored:
+            val_logits = evaluate(run, "val")
+            val_acc = topk_accuracy(val_logits, labels, (1, 3))
+            val_loss = F.cross_entropy(val_logits, labels).item()
+            # e.g. weights that overflow in eval mode: no metrics worth writing
+            if not math.isfinite(val_loss):
+                raise DivergedError(f"val loss became {val_loss} at epoch {epoch + 1}; lower --lr or check the weights")
+            record.update(val_loss=val_loss, val_top1=val_acc[1], val_top3=val_acc[3])
+            key = (val_acc[1], -val_loss)
+        record["lr"] = last_step_lr(plan.scheduler, epoch, plan.steps_per_epoch)
+        record["elapsed_s"] = round(time.time() - started, 1)
         if run.info.is_main:
             run.writer.log_epoch(record)
         run.log(format_record(record))
-        key = (val_acc[1], -val_loss)
-        if best_key is None or key > best_key:
+        if scored and (best_key is None or key > best_key):
             best_key, best = key, {"epoch": epoch + 1, "state": copy.deepcopy(run.model.state_dict())}
     run.model.load_state_dict(best["state"])
     return best["epoch"], started

@@ -158,6 +158,12 @@ class ClassifierConfig:
         "scratch", "Without --encoder: 'scratch' or a ResNet18 weights file such as torchvision's ImageNet file."
     )
     epochs: int = option(10, "Training epochs.", min=1)
+    val_every: int = option(
+        1,
+        "Score the val split every N epochs and after the last; the best of the scored epochs is kept. Above 1 "
+        "it saves time where the val split is large beside the labelled one.",
+        min=1,
+    )
     batch_size: int = option(64, "Images per step; capped at the number of training images.", min=2)
     image_size: int = image_size_field("Side of the images fed to the network, pixels.")
     optimizer: str = option("adam", "Optimizer.", choices=("adam", "adamw", "sgd"))

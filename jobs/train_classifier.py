@@ -22,7 +22,7 @@ from facessl.common.config import ClassifierConfig
 @click.command(context_settings=COMMAND_SETTINGS)
 @data_option("Prepared dataset (output of prepare-data): path or s3:// URI.")
 @output_option("Run location for model.pt and metrics.json: path or s3:// URI.")
-@config_options(ClassifierConfig, "encoder", "init", "mode", "knn_k", "epochs", "batch_size")
+@config_options(ClassifierConfig, "encoder", "init", "mode", "knn_k", "epochs", "val_every", "batch_size")
 @image_size_option(ClassifierConfig)
 @config_options(
     ClassifierConfig,

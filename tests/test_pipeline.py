@@ -188,6 +188,17 @@ def test_batch_larger_than_dataset_works(prepared_subset, tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_val_every_scores_the_val_split_on_its_epochs_and_the_last(prepared_subset, tmp_path):
+    args = ["--data", str(prepared_subset), "--output", str(tmp_path / "c"), "--epochs", 5, "--val-every", 2]
+    result = CliRunner().invoke(classifier_main, [*args, "--image-size", 32, "--labels-per-class", 6])
+    assert result.exit_code == 0, result.output
+    history = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert all("train_loss" in h for h in history)
+    assert [h["epoch"] for h in history if "val_top1" in h] == [2, 4, 5]
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["best_epoch"] in (2, 4, 5)
+
+
 def test_pickled_encoder_is_refused_with_exit_code_3(prepared_subset, tmp_path):
     evil = tmp_path / "encoder.pt"
     torch.save({"conv1.weight": torch.zeros(1), "x": Path("/")}, evil)
