@@ -14,7 +14,7 @@
 #   IMAGE_SIZE_SIMCLR (glint24-20's SimCLR views, default 24 px; its fine-tuning is at 64 px), EPOCHS_DISTILL
 #   (glint24-20's distillation epochs: default 0, that arm left out; 3 adds it, about 9 minutes on a Zen 3).
 # The first run creates .venv with the package installed. Settings are sized for a 2-core CPU (glint24-20:
-# 36 minutes on an idle 2-core Zen 3, a fresh venv included; glint6 about 8 minutes on a Zen 4); on a GPU raise
+# 35 minutes on an idle 2-core Zen 3, a fresh venv included; glint6 about 8 minutes on a Zen 4); on a GPU raise
 # EPOCHS_* and the image sizes (see docs/recipe.md for how the settings were chosen).
 set -euo pipefail
 
@@ -211,7 +211,7 @@ run_glint24_20() {
   local simclr_size=${IMAGE_SIZE_SIMCLR:-24}
   EPOCHS_CLASSIFIER=${EPOCHS_CLASSIFIER:-40}
   # distillation is off by default: +3.6 points over the fine-tuned arm on the Zen 3 host, for a fifth of the
-  # job's time there (docs/recipe.md), a cost the 20-minute budget of the main job cannot carry
+  # job's time there, and it gains as much from the scratch arm (docs/recipe.md): not SimCLR's gain
   EPOCHS_DISTILL=${EPOCHS_DISTILL:-0}
   # one training recipe for every arm: only the starting weights (and distillation's targets) differ; the val
   # split (twice the labelled images) scored every 4th epoch and after the last, not each (docs/recipe.md)
