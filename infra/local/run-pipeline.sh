@@ -11,7 +11,7 @@
 #   RAW_DIR  raw photos, one folder per identity (default, or "": ../shared/data/faces/glint24 beside the repo)
 #   OUT_DIR  where prepared/, simclr/ and the classifiers go (default runs/$BENCHMARK in the checkout); may be s3://bucket/prefix
 # Environment: BENCHMARK (glint24-20 or glint6), EPOCHS_SIMCLR, EPOCHS_CLASSIFIER, SEED (default 1337),
-#   IMAGE_SIZE_SIMCLR (glint24-20's SimCLR views, default 24 px; its fine-tuning is at 64 px), EPOCHS_DISTILL
+#   IMAGE_SIZE_SIMCLR (glint24-20's SimCLR views, default 20 px; its fine-tuning is at 64 px), EPOCHS_DISTILL
 #   (glint24-20's distillation epochs: default 0, that arm left out; 3 adds it, about 9 minutes on a Zen 3).
 # The first run creates .venv with the package installed. Settings are sized for a 2-core CPU (glint24-20:
 # 35 minutes on an idle 2-core Zen 3, a fresh venv included; glint6 about 8 minutes on a Zen 4); on a GPU raise
@@ -204,11 +204,11 @@ run_glint6() {
 run_glint24_20() {
   local raw=$1 out=$2 venv_s=$3 start=$SECONDS t prepare_s simclr_s scratch_s finetune_s distill_s=0
   local per_class=20 arms=(scratch simclr-fine-tune)
-  # SimCLR at 24 px: several times the epochs of 64 px in the same time, the largest lever measured for the
-  # fine-tuning at 64 px (docs/recipe.md: 24 px beat 32 px on two seeds); 60 epochs beat 35 on four labelled
-  # subsets (+0.7 to +2.1 points), in less time than 35 took before the encoder's one-pixel convolutions
+  # SimCLR at 20 px: several times the epochs of 64 px in the same time, the largest lever measured for the
+  # fine-tuning at 64 px (docs/recipe.md: 24 px beat 32 px on two seeds, and 20 px matched 24 px in 23% less
+  # time, where 16 px lost 2 to 4 points even at 100 epochs); 60 epochs beat 35 on four labelled subsets
   EPOCHS_SIMCLR=${EPOCHS_SIMCLR:-60}
-  local simclr_size=${IMAGE_SIZE_SIMCLR:-24}
+  local simclr_size=${IMAGE_SIZE_SIMCLR:-20}
   EPOCHS_CLASSIFIER=${EPOCHS_CLASSIFIER:-40}
   # distillation is off by default: +3.6 points over the fine-tuned arm on the Zen 3 host, for a fifth of the
   # job's time there, and it gains as much from the scratch arm (docs/recipe.md): not SimCLR's gain
