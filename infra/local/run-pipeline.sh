@@ -14,7 +14,7 @@
 #   IMAGE_SIZE_SIMCLR (glint24-20's SimCLR views, default 20 px; its fine-tuning is at 64 px), EPOCHS_DISTILL
 #   (glint24-20's distillation epochs: default 0, that arm left out; 3 adds it, about 9 minutes on a Zen 3).
 # The first run creates .venv with the package installed. Settings are sized for a 2-core CPU (glint24-20:
-# 35 minutes on an idle 2-core Zen 3, a fresh venv included; glint6 about 8 minutes on a Zen 4); on a GPU raise
+# 33 minutes on an idle 2-core Zen 3, a fresh venv included; glint6 about 8 minutes on a Zen 4); on a GPU raise
 # EPOCHS_* and the image sizes (see docs/recipe.md for how the settings were chosen).
 set -euo pipefail
 
