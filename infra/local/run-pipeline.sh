@@ -205,7 +205,7 @@ run_glint24_20() {
   local raw=$1 out=$2 venv_s=$3 start=$SECONDS t prepare_s simclr_s scratch_s finetune_s distill_s=0
   local per_class=20 arms=(scratch simclr-fine-tune)
   # SimCLR at 20 px: several times the epochs of 64 px in the same time, the largest lever measured for the
-  # fine-tuning at 64 px (docs/recipe.md: 24 px beat 32 px on two seeds, and 20 px matched 24 px in 23% less
+  # fine-tuning at 64 px (docs/recipe.md: 24 px beat 32 px on two seeds, and 20 px matched 24 px in 14% less
   # time, where 16 px lost 2 to 4 points even at 100 epochs); 60 epochs beat 35 on four labelled subsets
   EPOCHS_SIMCLR=${EPOCHS_SIMCLR:-60}
   local simclr_size=${IMAGE_SIZE_SIMCLR:-20}
