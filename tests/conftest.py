@@ -166,6 +166,10 @@ def _start_weed(root: Path) -> tuple[subprocess.Popen, str]:
         # the default sockets are /tmp/seaweedfs-*-<port>.sock, and one is left behind at exit
         f"-s3.localSocket={root / 's3.sock'}",
         f"-filer.localSocket={root / 'filer.sock'}",
+        # each bucket is a collection with a volume of its own, and the default cap on volumes is free disk / 128 MB:
+        # on a CI host with a few GB free, writes to later buckets failed with InternalError ("no free volumes
+        # left"). Volumes are not preallocated, so a fixed cap costs only what is written.
+        "-volume.max=500",
     ]
     (root / "data").mkdir(exist_ok=True)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ADMIN[0], "AWS_SECRET_ACCESS_KEY": S3_ADMIN[1]}
@@ -258,6 +262,21 @@ def s3_env(s3_server, monkeypatch):
     s3_client(s3_server).create_bucket(Bucket=bucket)
     yield bucket
     storage._CLIENTS.clear()
+    _delete_bucket(s3_server, bucket)
+
+
+def _delete_bucket(endpoint: str, bucket: str) -> None:
+    """Empty and delete ``bucket``, unfinished multipart uploads included: SeaweedFS frees a bucket's volume only
+    when the bucket is deleted, and a session makes dozens."""
+    client = s3_client(endpoint)
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+        for upload in page.get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+    client.delete_bucket(Bucket=bucket)
 
 
 @pytest.fixture(scope="session")
